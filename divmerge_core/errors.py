@@ -1,0 +1,74 @@
+"""Engine errors. Each carries a stable ``code`` and a message written for the person who sent the config."""
+
+from __future__ import annotations
+
+
+class DivMergeError(Exception):
+    """Base class: ``code`` is stable (the service returns it), ``str(err)`` is the human reason."""
+
+    code = "merge_failed"
+    #: Whether retrying the same job could succeed (network hiccup, Hub 5xx). Validation errors never are.
+    transient = False
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class ConfigError(DivMergeError):
+    """The merge config itself is invalid (the field path is in ``field``)."""
+
+    code = "invalid_config"
+
+
+class PathNotAllowedError(ConfigError):
+    code = "path_not_allowed"
+
+
+class ModelNotFoundError(DivMergeError):
+    code = "model_not_found"
+
+
+class DatasetError(DivMergeError):
+    """A dataset could not be found, read, or yielded no usable text."""
+
+    code = "invalid_dataset"
+
+
+class UnsafeCheckpointError(DivMergeError):
+    """Only pickle weights, or quantized weights, or anything else we refuse to load."""
+
+    code = "unsafe_checkpoint"
+
+
+class IncompatibleModelsError(DivMergeError):
+    """The models cannot be merged; ``problems`` lists every mismatch found."""
+
+    code = "incompatible_models"
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        shown = "; ".join(problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        super().__init__(f"models cannot be merged: {shown}{more}")
+
+
+class NumericalError(DivMergeError):
+    """The optimisation or the merge produced NaN or inf."""
+
+    code = "numerical_error"
+
+
+class TransientError(DivMergeError):
+    """A network or Hub failure that may succeed on retry."""
+
+    code = "hub_unavailable"
+    transient = True
+
+
+class MergeCancelled(DivMergeError):
+    code = "cancelled"
+
+    def __init__(self, message: str = "the merge was cancelled"):
+        super().__init__(message)

@@ -1,0 +1,155 @@
+"""Lazy, safe access to a checkpoint's tensors.
+
+safetensors files are opened with ``safe_open`` and tensors are read one at a time, so a streaming merge
+holds only the tensors it is working on. Pickle checkpoints (``*.bin``) are refused unless the caller
+allows them, and then loaded with ``torch.load(weights_only=True)``. Quantized checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import ModelNotFoundError, UnsafeCheckpointError
+from .options import EngineOptions
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map", ".SCB")
+
+
+class Checkpoint:
+    """The weights of one model folder, read lazily. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, folder: str | Path, options: EngineOptions | None = None):
+        self.folder = Path(folder)
+        self.options = options or EngineOptions()
+        self.config = read_model_config(self.folder)
+        if self.config.get("quantization_config"):
+            method = self.config["quantization_config"].get("quant_method", "unknown")
+            raise UnsafeCheckpointError(
+                f"model {str(self.folder)!r} is quantized ({method}); merge the full-precision checkpoints instead"
+            )
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}  # tensor name -> file name
+        self._pickled: dict[str, torch.Tensor] | None = None
+        files = _safetensors_files(self.folder)
+        if files:
+            for fname in files:
+                handle = safe_open(str(self.folder / fname), framework="pt")
+                self._handles[fname] = handle
+                for name in handle.keys():
+                    self._where[name] = fname
+        else:
+            self._pickled = self._load_pickle()
+            self._where = {name: "pickle" for name in self._pickled}
+        bad = [n for n in self._where if n.endswith(_QUANT_SUFFIXES)]
+        if bad:
+            raise UnsafeCheckpointError(
+                f"model {str(self.folder)!r} holds quantized tensors (e.g. {bad[0]!r}); merge full-precision weights"
+            )
+
+    # --- tensor access -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._pickled is not None:
+            return self._pickled[name].dtype
+        return _ST_DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        if self._pickled is not None:
+            t = self._pickled[name]
+        else:
+            t = self._handles[self._where[name]].get_tensor(name)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    def state_dict(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return {n: self.get(n, dtype, device) for n in self.names}
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- pickle ----------------------------------------------------------------------------------
+    def _load_pickle(self) -> dict[str, torch.Tensor]:
+        bins = _pickle_files(self.folder)
+        if not bins:
+            raise ModelNotFoundError(f"no weights found in {str(self.folder)!r} (expected *.safetensors)")
+        if not self.options.allow_pickle:
+            raise UnsafeCheckpointError(
+                f"model {str(self.folder)!r} has only pickle weights ({bins[0]}); pickle files can run code when "
+                "loaded, so they are refused. Convert the model to safetensors, or enable allow_pickle "
+                "(then loaded with torch.load(weights_only=True))"
+            )
+        state: dict[str, torch.Tensor] = {}
+        for fname in bins:
+            try:
+                part = torch.load(self.folder / fname, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - torch raises many types for a bad pickle
+                raise UnsafeCheckpointError(f"cannot load {fname!r} safely: {err}") from None
+            state.update(part)
+        return state
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{str(folder)!r} is not a Hugging Face model folder (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot read {str(path)!r}: {err}") from None
+
+
+def _safetensors_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{str(folder)!r}: shard {missing[0]!r} named in the index is missing")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    return sorted(p.name for p in folder.glob("*.safetensors"))
+
+
+def _pickle_files(folder: Path) -> list[str]:
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    return sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")

@@ -1,0 +1,82 @@
+"""The data passed between the engine's stages: a resolved plan, learned coefficients, and the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MergeConfig, ModelSpec
+from .options import EngineOptions
+from .refs import ResolvedModel
+
+
+@dataclass
+class MergePlan:
+    """A validated config whose model references are resolved to local folders and commits."""
+
+    config: MergeConfig
+    options: EngineOptions
+    #: The base model (None only for linear/multislerp without a base).
+    base: ResolvedModel | None
+    #: The task models, in the order of ``config.task_models()``.
+    models: list[ResolvedModel]
+    specs: list[ModelSpec]
+    #: The model whose config.json and tokenizer the output copies: the base, else the first model.
+    reference: ResolvedModel
+    #: The reference model's config.json.
+    model_config: dict[str, Any]
+    #: Tensor names of the merge, in checkpoint order.
+    tensor_names: list[str]
+
+    @property
+    def resolved(self) -> dict[str, str | None]:
+        """Model reference -> resolved commit SHA (None for local folders)."""
+        out = {} if self.base is None else {self.base.ref.raw: self.base.commit}
+        out.update({m.ref.raw: m.commit for m in self.models})
+        return out
+
+
+@dataclass
+class LearnedCoefficients:
+    """Coefficients learned by divmerge/adamerging: one per (group, task)."""
+
+    method: str
+    granularity: str
+    groups: list[str]
+    tasks: list[str]
+    #: values[g][t]: coefficient of task t in group g.
+    values: list[list[float]]
+    #: tensor name -> group name, for every tensor of the model.
+    group_of: dict[str, str]
+    #: mean loss per optimisation step, in order.
+    losses: list[float]
+    #: dataset reference -> resolved commit SHA (None for local files and inline texts).
+    resolved_datasets: dict[str, str | None] = field(default_factory=dict)
+
+    def for_tensor(self, name: str) -> list[float]:
+        return self.values[self.groups.index(self.group_of[name])]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "granularity": self.granularity,
+            "tasks": self.tasks,
+            "groups": self.groups,
+            "coefficients": {g: dict(zip(self.tasks, row, strict=True)) for g, row in zip(self.groups, self.values, strict=True)},
+            "group_of": self.group_of,
+            "losses": self.losses,
+        }
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    #: Files written, relative to out_dir.
+    files: list[str]
+    #: Model and dataset reference -> resolved commit SHA.
+    resolved: dict[str, str | None]
+    #: ``LearnedCoefficients.to_json()`` without group_of/losses, for learned methods.
+    coefficients: dict[str, Any] | None
+    #: wall_s, peak_rss_mb, final_loss, steps, ...
+    metrics: dict[str, Any]

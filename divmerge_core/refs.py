@@ -1,0 +1,124 @@
+"""Model references: a Hub id with optional revision, or a local directory; resolved to a folder and a commit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import is_local_ref
+from .errors import ModelNotFoundError, PathNotAllowedError, TransientError
+from .options import EngineOptions
+
+#: Files a merge needs from a model repo. Pickle weights are fetched only when allowed.
+_SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.md"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    raw: str
+    repo_id: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    ref: ModelRef
+    path: Path
+    #: The Hub commit SHA the revision resolved to (None for local directories).
+    commit: str | None
+
+
+def parse_model_ref(raw: str) -> ModelRef:
+    raw = raw.strip()
+    if is_local_ref(raw):
+        text = raw[len("file://") :] if raw.startswith("file://") else raw
+        return ModelRef(raw=raw, path=Path(os.path.expanduser(text)))
+    repo_id, _, revision = raw.partition("@")
+    return ModelRef(raw=raw, repo_id=repo_id, revision=revision or None)
+
+
+def check_local_path(path: Path, options: EngineOptions, what: str) -> Path:
+    """Resolve symlinks and ``..``; refuse anything outside the allow-listed roots."""
+    real = Path(os.path.realpath(path))
+    if options.local_roots is not None:
+        roots = [Path(os.path.realpath(r)) for r in options.local_roots]
+        if not any(real == r or r in real.parents for r in roots):
+            raise PathNotAllowedError(f"{what} {str(path)!r} is outside the allowed local roots")
+    return real
+
+
+def resolve_model(raw: str, options: EngineOptions) -> ResolvedModel:
+    """Find the model's folder: a local directory, or a Hub snapshot (HF_ENDPOINT, offline mode and cache apply)."""
+    ref = parse_model_ref(raw)
+    if ref.is_local:
+        assert ref.path is not None
+        path = check_local_path(ref.path, options, "model path")
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model directory {ref.raw!r} does not exist")
+        return ResolvedModel(ref=ref, path=path, commit=None)
+    return ResolvedModel(ref=ref, **_snapshot(ref.repo_id or "", ref.revision, options, "model"))
+
+
+def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_type: str) -> dict:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = list(_SAFE_PATTERNS)
+    if repo_type == "model" and options.allow_pickle:
+        patterns.append("*.bin")
+    if repo_type == "dataset":
+        patterns = None  # a dataset repo's files are all data
+    name = f"{repo_type} {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        folder = snapshot_download(
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            allow_patterns=patterns,
+            token=options.hf_token,
+            cache_dir=str(options.cache_dir) if options.cache_dir else None,
+        )
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{name} is gated: the server's Hub token has no access to it") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{name}: revision not found") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{name} was not found on the Hub (or is private)") from None
+    except (LocalEntryNotFoundError, EntryNotFoundError):
+        raise ModelNotFoundError(f"{name} is not in the local cache and the Hub cannot be reached") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status is not None and status < 500 and status != 429:
+            raise ModelNotFoundError(f"{name}: the Hub answered HTTP {status}") from None
+        raise TransientError(f"{name}: the Hub is unavailable (HTTP {status})") from None
+    except (OSError, ConnectionError) as err:
+        raise TransientError(f"{name}: cannot reach the Hub ({type(err).__name__})") from None
+    path = Path(folder)
+    # snapshot folders are named after the commit they hold: .../snapshots/<sha>
+    commit = path.name if len(path.name) == 40 else None
+    return {"path": path, "commit": commit}
+
+
+def resolve_dataset_repo(repo_ref: str, options: EngineOptions) -> tuple[Path, str | None]:
+    """Download a Hub dataset repo snapshot; return its folder and commit SHA."""
+    repo_id, _, revision = repo_ref.partition("@")
+    from .errors import DatasetError
+
+    try:
+        snap = _snapshot(repo_id, revision or None, options, "dataset")
+    except ModelNotFoundError as err:
+        raise DatasetError(str(err)) from None
+    return snap["path"], snap["commit"]
