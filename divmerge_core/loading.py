@@ -52,7 +52,7 @@ class Checkpoint:
             for fname in files:
                 handle = safe_open(str(self.folder / fname), framework="pt")
                 self._handles[fname] = handle
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     self._where[name] = fname
         else:
             self._pickled = self._load_pickle()
