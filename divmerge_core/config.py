@@ -32,7 +32,9 @@ METHODS = CLASSIC_METHODS + LEARNED_METHODS
 #: Methods built on task vectors: they need a base model.
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "divmerge", "adamerging")
 
-Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp", "divmerge", "adamerging"]
+Method = Literal[
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp", "divmerge", "adamerging"
+]
 DType = Literal["float32", "bfloat16", "float16"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
@@ -54,7 +56,8 @@ class DataSpec(_Strict):
         None, description="column(s) holding the input; two columns are encoded as a sentence pair"
     )
     template: str | None = Field(
-        None, description="format string over the columns, e.g. 'Premise: {premise}\\nHypothesis: {hypothesis}'"
+        None,
+        description="format string over the columns, e.g. 'Premise: {premise}\\nHypothesis: {hypothesis}'",
     )
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
@@ -92,9 +95,13 @@ class MergeParameters(_Strict):
 
     # classic
     weight: FiniteFloat | None = Field(None, description="default per-model weight")
-    density: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="default density (ties/dare)")
+    density: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description="default density (ties/dare)"
+    )
     normalize: bool | None = Field(None, description="divide by the sum of weights (default: method's own)")
-    lambda_: FiniteFloat = Field(1.0, validation_alias=AliasChoices("lambda", "lambda_"), serialization_alias="lambda")
+    lambda_: FiniteFloat = Field(
+        1.0, validation_alias=AliasChoices("lambda", "lambda_"), serialization_alias="lambda"
+    )
     eps: Annotated[float, Field(gt=0)] = 1e-8
     seed: int = Field(0, description="seed for DARE's random drop and for data sampling")
     # learned
@@ -107,7 +114,8 @@ class MergeParameters(_Strict):
     max_length: Annotated[int, Field(ge=1)] = 128
     max_new_tokens: Annotated[int, Field(ge=1)] = 32
     top_k: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="store only the teacher's top-k token probabilities (approximation; default full vocab)"
+        None,
+        description="store only the teacher's top-k token probabilities (approximation; default full vocab)",
     )
 
 

@@ -81,7 +81,9 @@ class Checkpoint:
             return self._pickled[name].dtype
         return _ST_DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         if self._pickled is not None:
             t = self._pickled[name]
         else:
@@ -90,7 +92,9 @@ class Checkpoint:
             t = t.to(dtype)
         return t.to(device)
 
-    def state_dict(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def state_dict(
+        self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
         return {n: self.get(n, dtype, device) for n in self.names}
 
     def close(self) -> None:

@@ -63,7 +63,10 @@ class LearnedCoefficients:
             "granularity": self.granularity,
             "tasks": self.tasks,
             "groups": self.groups,
-            "coefficients": {g: dict(zip(self.tasks, row, strict=True)) for g, row in zip(self.groups, self.values, strict=True)},
+            "coefficients": {
+                g: dict(zip(self.tasks, row, strict=True))
+                for g, row in zip(self.groups, self.values, strict=True)
+            },
             "group_of": self.group_of,
             "losses": self.losses,
         }

@@ -30,7 +30,9 @@ class Reporter:
         self._progress = progress
         self._should_stop = should_stop
 
-    def report(self, stage: str, step: int, total: int, loss: float | None = None, message: str | None = None):
+    def report(
+        self, stage: str, step: int, total: int, loss: float | None = None, message: str | None = None
+    ):
         if self._progress is not None:
             self._progress(ProgressEvent(stage, step, total, loss, message))
 

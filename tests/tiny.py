@@ -15,14 +15,34 @@ from transformers import (
 )
 
 #: A small closed vocabulary: special tokens, letters, digits and a few words.
-WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + [
-    "yes", "no", "good", "bad", "red", "blue", "cat", "dog", "up", "down", "left", "right", ".", ",", "?",
-]
+WORDS = (
+    [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + [str(d) for d in range(10)]
+    + [
+        "yes",
+        "no",
+        "good",
+        "bad",
+        "red",
+        "blue",
+        "cat",
+        "dog",
+        "up",
+        "down",
+        "left",
+        "right",
+        ".",
+        ",",
+        "?",
+    ]
+)
 
 
 def make_tokenizer(kind: str = "bert") -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over :data:`WORDS` (BERT-style or GPT-2-style specials)."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<|endoftext|>", "<unk>"]
+    specials = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<|endoftext|>", "<unk>"]
+    )
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
     unk = "[UNK]" if kind == "bert" else "<unk>"
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -36,19 +56,32 @@ def make_tokenizer(kind: str = "bert") -> PreTrainedTokenizerFast:
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-            mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
 
 
 def tiny_bert_config(num_labels: int = 2, **overrides) -> BertConfig:
     kw = dict(
-        vocab_size=len(make_tokenizer("bert")), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+        vocab_size=len(make_tokenizer("bert")),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     kw.update(overrides)
     return BertConfig(**kw)
@@ -57,8 +90,14 @@ def tiny_bert_config(num_labels: int = 2, **overrides) -> BertConfig:
 def tiny_gpt2_config(**overrides) -> GPT2Config:
     tok = make_tokenizer("gpt2")
     kw = dict(
-        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
     )
     kw.update(overrides)
     return GPT2Config(**kw)
