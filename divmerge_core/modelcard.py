@@ -1,0 +1,113 @@
+"""The output's README.md: a Hugging Face model card with YAML front matter describing the merge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .plan import LearnedCoefficients, MergePlan
+from .refs import ResolvedModel
+
+#: Learned coefficient tables longer than this are cut (coefficients.json holds them all).
+_MAX_ROWS = 60
+
+
+def _hub_id(model: ResolvedModel) -> str | None:
+    return None if model.ref.is_local else model.ref.repo_id
+
+
+def _model_entry(model: ResolvedModel) -> dict[str, Any]:
+    entry: dict[str, Any] = {"model": model.ref.repo_id if not model.ref.is_local else model.ref.raw}
+    if model.commit:
+        entry["revision"] = model.commit
+    return entry
+
+
+def front_matter(plan: MergePlan) -> dict[str, Any]:
+    config = plan.config
+    meta: dict[str, Any] = {}
+    # The Hub checks base_model against existing repos, so only Hub ids go there.
+    if plan.base is not None:
+        if _hub_id(plan.base):
+            meta["base_model"] = _hub_id(plan.base)
+    else:
+        parents = [h for h in (_hub_id(m) for m in plan.models) if h]
+        if parents:
+            meta["base_model"] = parents
+            meta["base_model_relation"] = "merge"
+    meta["library_name"] = "transformers"
+    meta["tags"] = ["merge", "divmerge"]
+    meta["merge_method"] = config.merge_method
+    if plan.base is not None:
+        meta["base_model_resolved"] = _model_entry(plan.base)
+    models = []
+    for model, spec in zip(plan.models, plan.specs, strict=True):
+        entry = _model_entry(model)
+        entry.update(spec.parameters.model_dump(exclude_none=True))
+        models.append(entry)
+    meta["models"] = models
+    meta["parameters"] = config.parameters.model_dump(mode="json", by_alias=True, exclude_none=True)
+    meta["dtype"] = config.dtype
+    meta["out_dtype"] = config.output_dtype
+    return meta
+
+
+def _table(coeffs: LearnedCoefficients) -> str:
+    head = "| group | " + " | ".join(coeffs.tasks) + " |"
+    sep = "|---|" + "---:|" * len(coeffs.tasks)
+    rows = [
+        f"| {g} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+        for g, row in zip(coeffs.groups[:_MAX_ROWS], coeffs.values[:_MAX_ROWS], strict=True)
+    ]
+    more = len(coeffs.groups) - _MAX_ROWS
+    if more > 0:
+        rows.append(f"| ... {more} more groups (see coefficients.json) |" + " |" * len(coeffs.tasks))
+    return "\n".join([head, sep, *rows])
+
+
+def render_model_card(plan: MergePlan, coeffs: LearnedCoefficients | None = None) -> str:
+    config = plan.config
+    meta = yaml.safe_dump(front_matter(plan), sort_keys=False, allow_unicode=True)
+    lines = [
+        "---",
+        meta.rstrip(),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was produced with [divmerge](https://arxiv.org/abs/2509.02108) using the "
+        f"`{config.merge_method}` merge method.",
+        "",
+    ]
+    if plan.base is not None:
+        lines += [f"Base model: `{_model_entry(plan.base)['model']}`", ""]
+    lines += ["## Merged models", ""]
+    for model in plan.models:
+        entry = _model_entry(model)
+        rev = f" @ `{entry['revision']}`" if "revision" in entry else ""
+        lines.append(f"- `{entry['model']}`{rev}")
+    lines.append("")
+    if coeffs is not None:
+        final = f"{coeffs.losses[-1]:.6g}" if coeffs.losses else "n/a"
+        lines += [
+            "## Learned coefficients",
+            "",
+            f"Granularity `{coeffs.granularity}`, {len(coeffs.losses)} optimisation steps, final loss {final}. "
+            "Each entry is the coefficient of a task vector in a parameter group "
+            "(all of them are in `coefficients.json`).",
+            "",
+            _table(coeffs),
+            "",
+        ]
+    lines += [
+        "## Configuration",
+        "",
+        "The merge configuration (also in `merge_config.yaml`):",
+        "",
+        "```yaml",
+        config.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""The engine's entry points: :func:`prepare` (resolve + validate) and :func:`run_merge` (the whole merge).
+
+Classic methods stream tensor by tensor: for each tensor the base and the K task models' copies are read,
+combined on the device, cast to the output dtype, checked for NaN/inf and handed to the streaming writer,
+so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
+(``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LEARNED_METHODS, MergeConfig, ModelSpec
+from .errors import ConfigError, DivMergeError, NumericalError
+from .loading import Checkpoint
+from .methods.classic import merge_tensor
+from .modelcard import render_model_card
+from .options import EngineOptions
+from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
+from .plan import LearnedCoefficients, MergePlan, MergeResult
+from .progress import ProgressCallback, Reporter, StopCheck
+from .refs import ResolvedModel, resolve_model
+from .safetensors_writer import ShardedSafetensorsWriter, TensorSpec
+from .validation import validate_models
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def task_specs(config: MergeConfig) -> list[ModelSpec]:
+    """The models merged into the base: mergekit drops the base from the list for task-vector methods
+    and for multislerp with a base (the base is then the sphere's origin)."""
+    specs = config.task_models()
+    if config.merge_method == "multislerp" and config.base_model is not None:
+        specs = [s for s in specs if s.model != config.base_model]
+    return specs
+
+
+def _check_parameters(config: MergeConfig, specs: list[ModelSpec]) -> None:
+    if not specs:
+        raise ConfigError("'models' lists no model to merge other than the base model", field="models")
+    method, normalize = config.merge_method, config.parameters.normalize
+    if method in ("linear", "multislerp") and normalize is not False:
+        total = sum(config.weight_of(s) for s in specs)
+        if abs(total) < 1e-12:
+            raise ConfigError(
+                f"merge_method {method!r} normalizes by the sum of the model weights, which is 0 "
+                "(set normalize: false or change the weights)",
+                field="models",
+            )
+
+
+def prepare(
+    config: MergeConfig, options: EngineOptions | None = None, reporter: Reporter | None = None
+) -> MergePlan:
+    """Resolve every model reference (local folder or Hub snapshot) and check the models are compatible."""
+    options = options or EngineOptions()
+    reporter = reporter or Reporter()
+    specs = task_specs(config)
+    _check_parameters(config, specs)
+    raws = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [s.model for s in specs]))
+    resolved: dict[str, ResolvedModel] = {}
+    for i, raw in enumerate(raws):
+        reporter.check()
+        reporter.report("resolve", i, len(raws), message=raw)
+        resolved[raw] = resolve_model(raw, options)
+    reporter.report("resolve", len(raws), len(raws))
+
+    reporter.check()
+    reporter.report("validate", 0, 1)
+    base = resolved[config.base_model] if config.base_model else None
+    models = [resolved[s.model] for s in specs]
+    reference = base or models[0]
+    labelled: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for role, model in ([("base model", base)] if base else []) + [("model", m) for m in models]:
+        if model.ref.raw not in seen:  # the reference comes first: it is what the others are checked against
+            seen.add(model.ref.raw)
+            labelled.append((f"{role} {model.ref.raw!r}", model.path))
+    report = validate_models(labelled, options)
+    reporter.report("validate", 1, 1)
+    return MergePlan(
+        config=config,
+        options=options,
+        base=base,
+        models=models,
+        specs=specs,
+        reference=reference,
+        model_config=report.model_config,
+        tensor_names=report.tensor_names,
+    )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
+    return dev
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so DARE's masks do not depend on which other tensors are merged or in what order."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+class _Merger:
+    """Produces the merged tensors one at a time from open checkpoints."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        stack: contextlib.ExitStack,
+        device: torch.device,
+        coeffs: LearnedCoefficients | None,
+    ):
+        opts = plan.options
+        self.plan, self.device, self.coeffs = plan, device, coeffs
+        self.config = plan.config
+        self.base = stack.enter_context(Checkpoint(plan.base.path, opts)) if plan.base else None
+        self.models = [stack.enter_context(Checkpoint(m.path, opts)) for m in plan.models]
+        self.reference = self.base or self.models[0]
+        self.cdtype = DTYPES[self.config.dtype]
+        self.odtype = DTYPES[self.config.output_dtype]
+        self.weights = [self.config.weight_of(s) for s in plan.specs]
+        self.densities = [self.config.density_of(s) for s in plan.specs]
+
+    def spec(self, name: str) -> TensorSpec:
+        dtype = self.reference.dtype(name)
+        return TensorSpec(name, self.reference.shape(name), self.odtype if dtype.is_floating_point else dtype)
+
+    def merge(self, name: str) -> torch.Tensor:
+        if not self.reference.dtype(name).is_floating_point:
+            return self.reference.get(name)  # integer/bool buffers are copied, never merged
+        base = self.base.get(name, self.cdtype, self.device) if self.base else None
+        tensors = [m.get(name, self.cdtype, self.device) for m in self.models]
+        if self.coeffs is not None:
+            return self._learned(name, base, tensors)
+        params = self.config.parameters
+        generator = None
+        if self.config.merge_method.startswith("dare"):
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params.seed, name))
+        return merge_tensor(
+            self.config.merge_method,
+            base,
+            tensors,
+            self.weights,
+            self.densities,
+            lambda_=params.lambda_,
+            normalize=params.normalize,
+            eps=params.eps,
+            generator=generator,
+        )
+
+    def _learned(self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+        assert self.coeffs is not None and base is not None
+        if name not in self.coeffs.group_of:
+            raise DivMergeError(f"the learned coefficients assign no group to tensor {name!r}")
+        out = base.clone()
+        for t, c in zip(tensors, self.coeffs.for_tensor(name), strict=True):
+            out.add_(t - base, alpha=float(c))
+        return out
+
+
+def write_weights(
+    plan: MergePlan,
+    folder: Path,
+    device: torch.device,
+    reporter: Reporter,
+    coeffs: LearnedCoefficients | None = None,
+) -> list[str]:
+    """Stream the merged tensors into sharded safetensors in ``folder``; return the files written."""
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        merger = _Merger(plan, stack, device, coeffs)
+        names = plan.tensor_names
+        writer = stack.enter_context(
+            ShardedSafetensorsWriter(folder, [merger.spec(n) for n in names], plan.options.max_shard_size)
+        )
+        total = len(names)
+        reporter.report("write", 0, total)
+        for i, name in enumerate(names):
+            reporter.check()
+            out = merger.merge(name).to(merger.spec(name).dtype)
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                what = "overflows the output dtype" if merger.odtype != merger.cdtype else "is not finite"
+                raise NumericalError(f"merged tensor {name!r} has NaN or inf values (the merge {what})")
+            writer.write(name, out)
+            del out
+            reporter.report("write", i + 1, total, message=name)
+        return writer.close()
+
+
+def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:
+    """config.json, tokenizer files, README.md model card, merge_config.yaml and coefficients.json."""
+    files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
+    files += copy_tokenizer_files(plan.reference.path, folder)
+    (folder / "README.md").write_text(render_model_card(plan, coeffs), encoding="utf-8")
+    (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
+    files += ["README.md", "merge_config.yaml"]
+    if coeffs is not None:
+        text = json.dumps(coeffs.to_json(), indent=2) + "\n"
+        (folder / "coefficients.json").write_text(text, encoding="utf-8")
+        files.append("coefficients.json")
+    return files
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_merge(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    options: EngineOptions | None = None,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    force: bool = False,
+) -> MergeResult:
+    """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
+
+    ``force`` replaces an existing non-empty ``out_dir``. Raises a :class:`DivMergeError` on any failure,
+    leaving nothing at ``out_dir``.
+    """
+    start = time.perf_counter()
+    options = options or EngineOptions()
+    reporter = Reporter(progress, should_stop)
+    out = check_output_dir(out_dir, force)  # fail fast, before any download or optimisation
+    dev = resolve_device(device)
+    plan = prepare(config, options, reporter)
+    coeffs: LearnedCoefficients | None = None
+    if config.merge_method in LEARNED_METHODS:
+        from .learned import learn_coefficients
+
+        coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
+        bad = [v for row in coeffs.values for v in row if not math.isfinite(v)]
+        if bad:
+            raise NumericalError("the learned merge coefficients contain NaN or inf")
+    reporter.check()
+    with staged_output(out, force) as tmp:
+        files = write_weights(plan, tmp, dev, reporter, coeffs)
+        files += write_metadata(plan, tmp, coeffs)
+        reporter.check()
+    resolved = dict(plan.resolved)
+    coefficients: dict[str, Any] | None = None
+    metrics: dict[str, Any] = {
+        "wall_s": round(time.perf_counter() - start, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "device": str(dev),
+        "tensors": len(plan.tensor_names),
+        "final_loss": None,
+        "steps": 0,
+    }
+    if coeffs is not None:
+        resolved.update(coeffs.resolved_datasets)
+        coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
+        metrics["final_loss"] = coeffs.losses[-1] if coeffs.losses else None
+        metrics["steps"] = len(coeffs.losses)
+    reporter.report("done", 1, 1)
+    return MergeResult(
+        out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics
+    )
