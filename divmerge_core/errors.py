@@ -72,3 +72,9 @@ class MergeCancelled(DivMergeError):
 
     def __init__(self, message: str = "the merge was cancelled"):
         super().__init__(message)
+
+
+class OutputExistsError(ConfigError):
+    """The output path exists and is not an empty directory (and replacing it was not asked for)."""
+
+    code = "output_exists"
