@@ -1,0 +1,276 @@
+"""Model kinds, input encoding, teacher outputs, and the batches the merged (student) model is scored on.
+
+Teacher outputs are computed once, one expert at a time, on that expert's own task inputs only, with
+a single module whose weights are overwritten in place (never K live models).
+
+* Sequence classification: the teacher's class log-probabilities.
+* Causal LM: each prompt is greedily continued by its teacher (left-padded batches, ``do_sample=False``,
+  up to EOS or ``max_new_tokens``); the sequence prompt + continuation is then scored teacher-forced in the
+  exact right-padded layout the student will see, and the teacher's next-token log-probabilities over the
+  generated positions are stored (full vocabulary, or with ``top_k`` the teacher's k most likely tokens,
+  renormalised over those k). With ``top_k`` the student is also renormalised over the teacher's k tokens,
+  so the divergence is computed on that shared support only: an approximation that ignores the mass both
+  models put outside it (exact when the teacher's top-k mass is ~1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import TaskInputs
+from .errors import ConfigError
+
+CLASSIFICATION, CAUSAL = "classification", "causal"
+
+
+def model_kind(model_config: dict[str, Any]) -> str:
+    """``classification`` or ``causal`` from config.json ``architectures``; ConfigError otherwise."""
+    archs = model_config.get("architectures") or []
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return CLASSIFICATION
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return CAUSAL
+    raise ConfigError(
+        "learned methods support sequence-classification and causal-LM checkpoints "
+        f"(config.json architectures: {archs or 'none'})",
+        field="base_model",
+    )
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - tokenizers fail with many types
+        raise ConfigError(
+            f"cannot load the tokenizer of {str(folder)!r}: {err}", field="base_model"
+        ) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token", field="base_model")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_module(folder: Path, kind: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """One module from the reference config.json (never remote code), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    auto = AutoModelForSequenceClassification if kind == CLASSIFICATION else AutoModelForCausalLM
+    try:
+        module = auto.from_config(config, trust_remote_code=False)
+    except ValueError as err:
+        raise ConfigError(f"cannot build the model from config.json: {err}", field="base_model") from None
+    module.to(device=device, dtype=dtype).eval()
+    module.requires_grad_(False)
+    return module
+
+
+@dataclass
+class Example:
+    """One encoded input and, for divmerge, its teacher's target distribution(s)."""
+
+    task: int
+    #: classification: the tokenizer's fields (input_ids, attention_mask, token_type_ids ...) unpadded.
+    #: causal: {"input_ids": prompt + teacher continuation}.
+    fields: dict[str, list[int]]
+    #: causal: sequence positions whose next-token prediction is scored.
+    start: int = 0
+    stop: int = 0
+    #: teacher log-probs: [C] (classification), [stop - start, V or k] (causal).
+    target: torch.Tensor | None = None
+    #: top-k token ids of ``target`` ([stop - start, k]); None for the full vocabulary.
+    target_index: torch.Tensor | None = None
+
+
+def encode(
+    kind: str,
+    tokenizer: Any,
+    inputs: TaskInputs,
+    task: int,
+    max_length: int,
+    max_new_tokens: int,
+    model_config: dict[str, Any],
+) -> list[Example]:
+    """Tokenize a task's inputs (truncated so prompt + continuation fits the model's positions)."""
+    if kind == CLASSIFICATION:
+        out = []
+        for x in inputs.texts:
+            enc = tokenizer(*((x,) if isinstance(x, str) else x), truncation=True, max_length=max_length)
+            out.append(Example(task, {k: list(v) for k, v in enc.items()}))
+        return out
+    limit = max_length
+    n_pos = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    if n_pos:
+        limit = max(1, min(limit, int(n_pos) - max_new_tokens))
+    out = []
+    for x in inputs.texts:
+        text = x if isinstance(x, str) else "\n".join(x)
+        ids = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+        if not ids:
+            ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        # adamerging scores the predictions after every prompt token; divmerge overrides start/stop
+        out.append(Example(task, {"input_ids": list(ids)}, start=0, stop=len(ids)))
+    return out
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    #: causal: (row, position) of every scored prediction and the example (0..B-1) it belongs to.
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+
+
+def collate(kind: str, examples: Sequence[Example], tokenizer: Any, device: torch.device) -> Batch:
+    """Right-padded batch (positions 0..L-1 for every sequence, as in left-padded generation)."""
+    if kind == CLASSIFICATION:
+        padded = tokenizer.pad([e.fields for e in examples], padding=True, return_tensors="pt")
+        return Batch({k: v.to(device) for k, v in padded.items()})
+    seqs = [e.fields["input_ids"] for e in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, owner = [], [], []
+    for b, (s, e) in enumerate(zip(seqs, examples, strict=True)):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+        rows += [b] * (e.stop - e.start)
+        cols += range(e.start, e.stop)
+        owner += [b] * (e.stop - e.start)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return Batch(
+        {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+        as_long(rows),
+        as_long(cols),
+        as_long(owner),
+    )
+
+
+def scored_logits(kind: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The logits that are scored: [B, C] (classification) or [T, V] (causal, flattened positions)."""
+    if kind == CLASSIFICATION:
+        return logits
+    return logits[batch.rows, batch.cols]
+
+
+def per_example_mean(values: torch.Tensor, batch: Batch, n_examples: int) -> torch.Tensor:
+    """Average per-token values over each example's scored positions (identity for classification)."""
+    if batch.owner is None:
+        return values
+    sums = torch.zeros(n_examples, dtype=values.dtype, device=values.device).index_add(0, batch.owner, values)
+    counts = torch.bincount(batch.owner, minlength=n_examples).clamp_min(1).to(values.dtype)
+    return sums / counts
+
+
+# --- teachers --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def annotate_teacher(
+    module: torch.nn.Module,
+    kind: str,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    top_k: int | None,
+    store_dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Fill ``target`` (and ``target_index``) of ``examples`` with the current module's outputs (a teacher)."""
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        if kind == CAUSAL:
+            _generate(module, tokenizer, chunk, max_new_tokens, device)
+        batch = collate(kind, chunk, tokenizer, device)
+        logits = scored_logits(kind, module(**batch.inputs).logits, batch)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if kind == CLASSIFICATION:
+            for e, row in zip(chunk, logp, strict=True):
+                e.target = row.to(store_dtype).cpu()
+            continue
+        index = None
+        if top_k is not None and top_k < logp.shape[-1]:
+            logp, index = logp.topk(top_k, dim=-1)
+            logp = F.log_softmax(logp, dim=-1)  # renormalise over the kept support
+        assert batch.owner is not None
+        counts = torch.bincount(batch.owner, minlength=len(chunk)).tolist()
+        for e, part, ipart in zip(
+            chunk,
+            logp.split(counts),
+            index.split(counts) if index is not None else [None] * len(chunk),
+            strict=True,
+        ):
+            e.target = part.to(store_dtype).cpu()
+            e.target_index = None if ipart is None else ipart.cpu()
+
+
+def _generate(
+    module: torch.nn.Module, tokenizer: Any, chunk: list[Example], max_new_tokens: int, device: torch.device
+) -> None:
+    """Greedy continuation of each prompt (left-padded); sets input_ids/start/stop to the generated span."""
+    prompts = [e.fields["input_ids"] for e in chunk]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    eos = getattr(module.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+    out = module.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=None,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos_ids) or None,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    for e, p, row in zip(chunk, prompts, out[:, width:].tolist(), strict=True):
+        gen: list[int] = []
+        for tok in row:
+            gen.append(tok)
+            if tok in eos_ids:
+                break
+        e.fields = {"input_ids": p + gen}
+        e.start, e.stop = len(p) - 1, len(p) - 1 + len(gen)
+
+
+def teacher_batch_size(batch_size_per_task: int) -> int:
+    return max(1, min(32, 4 * batch_size_per_task))
+
+
+__all__ = [
+    "CAUSAL",
+    "CLASSIFICATION",
+    "Batch",
+    "Example",
+    "annotate_teacher",
+    "build_module",
+    "collate",
+    "encode",
+    "load_tokenizer",
+    "model_kind",
+    "per_example_mean",
+    "scored_logits",
+    "teacher_batch_size",
+]
