@@ -20,14 +20,15 @@ from .refs import check_local_path, resolve_dataset_repo
 
 TaskInput = str | tuple[str, str]
 
-#: Column choices tried in order when ``text_columns`` is not given.
+#: Column choices tried in order when ``text_columns`` is not given (the pair ``question``/``sentence``
+#: comes before the single ``sentence`` so QNLI-style data is read as pairs).
 _AUTO_COLUMNS: tuple[tuple[str, ...], ...] = (
     ("text",),
     ("text_a", "text_b"),
+    ("question", "sentence"),
     ("sentence",),
     ("sentence1", "sentence2"),
     ("premise", "hypothesis"),
-    ("question", "sentence"),
 )
 _SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 
