@@ -1,0 +1,103 @@
+"""``divmerge serve`` and ``divmerge token create|revoke`` (registered as ``divmerge.commands`` plugins)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .core.config import Settings, get_settings
+from .db import migrate, session_scope
+from .security import create_token, revoke_token
+
+
+def _prepare_db(settings: Settings) -> None:
+    """The embedded SQLite database is created and migrated on first use; PostgreSQL is migrated by
+    ``alembic upgrade head`` (the compose file's ``migrate`` service)."""
+    if settings.db_url.startswith("sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+        migrate(settings.db_url)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .main import create_app
+
+    settings = get_settings()
+    _prepare_db(settings)
+    worker = None
+    if settings.embedded and not args.no_worker:
+        # a separate process, launched by module name: the API process never imports torch or worker code
+        worker = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env=os.environ.copy())
+        print(f"divmerge: embedded worker started (pid {worker.pid}); database {settings.db_url}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _prepare_db(settings)
+    with session_scope(settings.db_url) as s:
+        row, plaintext = create_token(s, args.team)
+        token_id = row.id
+    print(f"team: {args.team}")
+    print(f"token id: {token_id} (use it to revoke; the token below is shown only once)")
+    print(plaintext)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _prepare_db(settings)
+    with session_scope(settings.db_url) as s:
+        row = revoke_token(s, args.token)
+        token_id = row.id if row else None
+    if token_id is None:
+        print("divmerge: no such token", file=sys.stderr)
+        return 1
+    print(f"revoked {token_id}")
+    return 0
+
+
+def register_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the merge service (API + embedded worker by default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--no-worker", action="store_true", help="embedded mode: do not start the embedded worker")
+    p.set_defaults(func=cmd_serve)
+
+
+def register_token(subparsers) -> None:
+    p = subparsers.add_parser("token", help="create or revoke API tokens (admin)")
+    sub = p.add_subparsers(dest="token_command", required=True)
+    c = sub.add_parser("create", help="create a token for a team (the team is created if new)")
+    c.add_argument("--team", required=True)
+    c.set_defaults(func=cmd_token_create)
+    r = sub.add_parser("revoke", help="revoke a token, given the token itself or its id")
+    r.add_argument("token", metavar="TOKEN_OR_ID")
+    r.set_defaults(func=cmd_token_revoke)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m api.cli ...``: the same commands without the engine's CLI."""
+    parser = argparse.ArgumentParser(prog="divmerge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_serve(sub)
+    register_token(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

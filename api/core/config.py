@@ -1,0 +1,130 @@
+"""Service settings: every knob is an environment variable with the ``DIVMERGE_`` prefix.
+
+With no configuration the service runs embedded (SQLite in ``DIVMERGE_HOME`` and a worker process polling
+it). Setting ``DIVMERGE_DATABASE_URL`` (PostgreSQL) and ``DIVMERGE_BROKER_URL`` (Redis) selects the
+production topology: API replicas, Celery workers, Postgres as the source of truth.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore")
+
+    # --- where things live
+    home: Path = Field(Path("~/.divmerge"), description="embedded DB, local outputs and temp files")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///$DIVMERGE_HOME/divmerge.db (embedded)"
+    )
+    broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = embedded worker")
+    local_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="os.pathsep-separated directories specs may name; DIVMERGE_HOME is always included",
+    )
+
+    # --- engine
+    allow_pickle: bool = Field(False, description="allow pickle .bin checkpoints (weights_only load)")
+    hf_token: SecretStr | None = Field(None, description="Hub read token for downloads")
+    hub_token: SecretStr | None = Field(None, description="deployment-wide Hub write token for uploads")
+    team_hub_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict, description='per-team Hub write tokens, JSON: {"team": "hf_..."}'
+    )
+    hf_cache_dir: Path | None = Field(None, description="HF cache for workers (default: HF_HOME's)")
+    device: str = Field("auto", description="worker device: auto (cuda if present), cpu, cuda, cuda:N")
+    hub_uploader: str = Field(
+        "worker.upload:HubUploader", description="'module:Class' of the Hub uploader (tests swap a double)"
+    )
+
+    # --- limits (413 for the body, 422 for the rest)
+    max_body_bytes: int = 1_000_000
+    max_models: int = 16
+    max_num_samples: int = 5000
+    max_new_tokens: int = 512
+    max_inline_texts: int = 5000
+    max_inline_text_bytes: int = 500_000
+    list_limit_max: int = 100
+
+    # --- jobs, leases, queues
+    max_attempts: int = Field(3, description="runs per job (worker loss and transient errors count)")
+    lease_s: float = Field(60.0, description="a running job's lease; renewed every heartbeat_s")
+    heartbeat_s: float = Field(10.0, description="lease renewal and cancel poll interval")
+    progress_interval_s: float = Field(2.0, description="minimum seconds between progress writes")
+    retry_backoff_s: float = Field(10.0, description="first retry delay for transient errors (doubles)")
+    reconcile_interval_s: float = Field(30.0, description="how often workers look for lost jobs")
+    queued_stale_s: float = Field(300.0, description="re-enqueue a job still queued after this long")
+    visibility_timeout_s: int = Field(
+        6 * 3600, description="Redis visibility timeout; must exceed the longest job"
+    )
+    embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
+    gpu_queue: str = "gpu"
+    cpu_queue: str = "cpu"
+    cpu_methods: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "linear",
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "multislerp",
+        ],
+        description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue",
+    )
+    step_delay_s: float = Field(0.0, description="testing only: sleep this long at each progress event")
+
+    @field_validator("local_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [Path(p) for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("cpu_methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return Path(os.path.expanduser(value)).absolute()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'divmerge.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: jobs are picked up by the embedded worker polling the database."""
+        return not self.broker_url
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
+        out: list[Path] = []
+        for p in [self.home, *self.local_roots]:
+            real = Path(os.path.realpath(os.path.expanduser(p)))
+            if real not in out:
+                out.append(real)
+        return tuple(out)
+
+    def hub_write_token(self, team: str) -> str | None:
+        tok = self.team_hub_tokens.get(team) or self.hub_token
+        return tok.get_secret_value() if tok is not None else None
+
+    def queue_for(self, method: str) -> str:
+        return self.cpu_queue if method in self.cpu_methods else self.gpu_queue
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
