@@ -1,0 +1,33 @@
+"""The Celery worker app: ``celery -A worker.celery_app worker -Q gpu,cpu --concurrency 1``.
+
+Broker options come from :func:`api.queue.celery_config` (acks late, reject on worker lost, prefetch 1,
+visibility timeout longer than the longest job). Each worker process also runs the reconciler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
+
+from api.core.config import get_settings
+from api.queue import celery_config
+
+from . import reconciler
+
+settings = get_settings()
+app = Celery("divmerge-worker", include=["worker.tasks"])
+app.conf.update(celery_config(settings))
+
+log = logging.getLogger("divmerge.worker")
+
+
+@worker_ready.connect
+def _start_reconciler(**_kw) -> None:
+    reconciler.start(settings, app)
+
+
+@worker_shutting_down.connect
+def _stop_reconciler(**_kw) -> None:
+    reconciler.stop()

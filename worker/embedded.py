@@ -1,0 +1,48 @@
+"""The embedded worker (``divmerge serve`` with no broker): one process polling the database for jobs,
+running them one at a time with the same runner as the Celery task. ``python -m worker.embedded``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from api import crud
+from api.core.config import Settings, get_settings
+from api.db import session_scope
+
+from .runner import new_worker_id, run_job
+
+log = logging.getLogger("divmerge.embedded")
+
+
+def serve_forever(settings: Settings, stop: threading.Event) -> None:
+    worker_id = new_worker_id()
+    parent = os.getppid()
+    log.info("embedded worker %s polling %s", worker_id, settings.db_url)
+    while not stop.is_set():
+        if os.getppid() != parent:  # the server that started us is gone
+            return
+        try:
+            with session_scope(settings.db_url) as s:
+                crud.expire_lost(s, settings.max_attempts)
+                job_id = crud.next_claimable(s)
+            if job_id is not None:
+                run_job(job_id, settings, worker_id)
+                continue
+        except Exception as err:  # noqa: BLE001 - keep polling
+            log.warning("embedded worker round failed: %s", type(err).__name__)
+        stop.wait(settings.embedded_poll_s)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve_forever(get_settings(), stop)
+
+
+if __name__ == "__main__":
+    main()
