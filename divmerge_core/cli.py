@@ -1,0 +1,169 @@
+"""The ``divmerge`` command line: ``merge`` and ``validate``, plus subcommands from installed plugins.
+
+Plugins (e.g. the service's ``serve``/``token``) register through the ``divmerge.commands`` entry-point
+group: each entry point is loaded and its ``register(subparsers)`` called (or the object itself, if it is
+a function). Subcommands set ``func`` (a callable taking the parsed namespace, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+from .config import load_config
+from .errors import (
+    ConfigError,
+    DatasetError,
+    DivMergeError,
+    IncompatibleModelsError,
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+)
+from .options import EngineOptions
+from .progress import ProgressEvent
+
+PROG = "divmerge"
+PLUGIN_GROUP = "divmerge.commands"
+#: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
+USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
+
+
+class _Progress:
+    """A tqdm bar that restarts at each stage and shows the loss while optimising."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.stage: str | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(
+                total=event.total or None, desc=event.stage, unit="step", leave=False, file=sys.stderr
+            )
+        bar = self.bar
+        if event.total and bar.total != event.total:
+            bar.total = event.total
+        bar.n = event.step
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _options(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .pipeline import run_merge
+
+    config = load_config(args.config)
+    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        result = run_merge(
+            config, args.out, options=_options(args), device=args.device, progress=progress, force=args.force
+        )
+    finally:
+        progress.close()
+    metrics = result.metrics
+    loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
+    print(
+        f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
+        f"({len(result.files)} files, {metrics['wall_s']:.1f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB{loss})"
+    )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .pipeline import prepare
+
+    config = load_config(args.config)
+    plan = prepare(config, _options(args))
+    models = ([plan.base] if plan.base else []) + plan.models
+    arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
+    print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
+    for m in models:
+        role = "base " if m is plan.base else "model"
+        where = f"@{m.commit}" if m.commit else f"({m.path})"
+        print(f"  {role} {m.ref.raw} {where}")
+    print(f"  {len(plan.tensor_names)} tensors, all compatible")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Merge fine-tuned models of one base model.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    merge = sub.add_parser("merge", help="run a merge described by a YAML config")
+    merge.add_argument("config", help="merge config (YAML)")
+    merge.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    merge.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    merge.add_argument(
+        "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
+    )
+    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=cmd_merge)
+
+    validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
+    validate.add_argument("config", help="merge config (YAML)")
+    validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    validate.set_defaults(func=cmd_validate)
+
+    load_plugins(sub)
+    return parser
+
+
+def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
+    """Let installed packages add subcommands. A broken plugin is reported and skipped."""
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            register = getattr(obj, "register", obj)
+            register(subparsers)
+            loaded.append(ep.name)
+        except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands
+            print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
+    return loaded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except DivMergeError as err:
+        print(f"{PROG}: error: {_one_line(str(err))}", file=sys.stderr)
+        code = 2 if isinstance(err, USER_ERRORS) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:  # noqa: BLE001 - one line for the user; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"{PROG}: error: unexpected {type(err).__name__}: {_one_line(str(err))}", file=sys.stderr)
+        code = 1
+    return int(code or 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
