@@ -1,0 +1,167 @@
+"""Classic merge methods: identities, mergekit formulas, and exact agreement with peft's TIES/DARE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils as peft_merge
+from safetensors.torch import load_file
+
+from divmerge_core import parse_config, run_merge
+from divmerge_core.errors import ConfigError
+from divmerge_core.methods import classic
+from divmerge_core.methods.classic import merge_tensor
+from divmerge_core.pipeline import prepare
+
+from .merge_models import bert_family, config_dict
+
+METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp"]
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 12, generator=gen)
+    models = [base + 0.1 * torch.randn(16, 12, generator=gen) for _ in range(3)]
+    return base, models
+
+
+# --- identities --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_zero_weights_give_the_base(tensors, method):
+    base, models = tensors
+    out = merge_tensor(method, base, models, [0.0] * 3, [0.5] * 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_single_model_with_weight_one_is_that_model(tensors, method):
+    base, models = tensors
+    out = merge_tensor(method, base, models[:1], [1.0], [1.0])
+    torch.testing.assert_close(out, models[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear", "multislerp"])
+def test_merging_identical_models_gives_the_model(tensors, method):
+    _, models = tensors
+    out = merge_tensor(method, None, [models[0]] * 3, [0.2, 0.3, 0.5], [1.0] * 3)
+    torch.testing.assert_close(out, models[0], rtol=1e-5, atol=1e-5)
+
+
+# --- mergekit formulas --------------------------------------------------------------------------------
+def test_linear_formula(tensors):
+    _, (a, b, c) = tensors
+    w = [1.0, 2.0, 3.0]
+    torch.testing.assert_close(classic.linear([a, b, c], w), (a + 2 * b + 3 * c) / 6)
+    torch.testing.assert_close(classic.linear([a, b, c], w, normalize=False), a + 2 * b + 3 * c)
+
+
+def test_task_arithmetic_formula(tensors):
+    base, (a, b, _) = tensors
+    w = [0.5, 1.5]
+    expected = base + 0.7 * (0.5 * (a - base) + 1.5 * (b - base))
+    torch.testing.assert_close(classic.task_arithmetic(base, [a, b], w, lambda_=0.7), expected)
+    normalized = base + 0.7 * (0.5 * (a - base) + 1.5 * (b - base)) / 2.0
+    torch.testing.assert_close(
+        classic.task_arithmetic(base, [a, b], w, lambda_=0.7, normalize=True), normalized
+    )
+
+
+def test_base_listed_among_models(tmp_path):
+    """mergekit drops the base from the task models of task-vector methods; linear averages it in."""
+    fam = bert_family(tmp_path, n=1)
+    ta = parse_config(config_dict("task_arithmetic", fam["base"], [fam["base"], fam["t1"]]))
+    assert [m.ref.raw for m in prepare(ta).models] == [str(fam["t1"])]
+    lin = parse_config(config_dict("linear", fam["base"], [fam["base"], fam["t1"]]))
+    assert len(prepare(lin).models) == 2
+
+
+def test_pipeline_matches_formula(tmp_path):
+    fam = bert_family(tmp_path, n=2)
+    cfg = config_dict("task_arithmetic", fam["base"], [fam["t1"], fam["t2"]], **{"lambda": 0.5})
+    cfg["models"][0]["parameters"] = {"weight": 0.3}
+    result = run_merge(parse_config(cfg), tmp_path / "out")
+    merged = load_file(result.out_dir / "model.safetensors")
+    base, t1, t2 = (load_file(fam[k] / "model.safetensors") for k in ("base", "t1", "t2"))
+    for name, value in merged.items():
+        expected = base[name] + 0.5 * (0.3 * (t1[name] - base[name]) + (t2[name] - base[name]))
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_weights_summing_to_zero_is_a_config_error(tmp_path):
+    fam = bert_family(tmp_path, n=2)
+    cfg = config_dict("linear", None, [fam["t1"], fam["t2"]])
+    cfg["models"][0]["parameters"] = {"weight": 1.0}
+    cfg["models"][1]["parameters"] = {"weight": -1.0}
+    with pytest.raises(ConfigError, match="sum of the model weights"):
+        prepare(parse_config(cfg))
+
+
+# --- peft agreement ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_equals_peft(tensors, density):
+    base, models = tensors
+    deltas = [m - base for m in models]
+    w = [0.5, 1.0, 0.8]
+    ours = classic.ties_deltas(deltas, w, [density] * 3)
+    theirs = peft_merge.ties(deltas, torch.tensor(w), density)
+    assert torch.equal(ours, theirs)
+    for d in deltas:
+        assert torch.equal(
+            classic.magnitude_prune(d, density), peft_merge.magnitude_based_pruning(d, density)
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_dare_equals_peft(tensors, seed):
+    base, models = tensors
+    deltas = [m - base for m in models]
+    w = [0.5, 1.0, 0.8]
+    torch.manual_seed(seed)
+    theirs_linear = peft_merge.dare_linear(deltas, torch.tensor(w), 0.3)
+    torch.manual_seed(seed)
+    theirs_ties = peft_merge.dare_ties(deltas, torch.tensor(w), 0.3)
+    torch.manual_seed(seed)
+    theirs_prune = peft_merge.random_pruning(deltas[0], 0.3, rescale=True)
+    ours_linear = classic.dare_linear_deltas(
+        deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed)
+    )
+    ours_ties = classic.dare_ties_deltas(deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed))
+    ours_prune = classic.random_prune(deltas[0], 0.3, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(ours_linear, theirs_linear)
+    assert torch.equal(ours_ties, theirs_ties)
+    assert torch.equal(ours_prune, theirs_prune)
+
+
+def test_dare_keeps_density_and_rescales(tensors):
+    base, models = tensors
+    delta = models[0] - base
+    pruned = classic.random_prune(delta, 0.25, generator=torch.Generator().manual_seed(0))
+    kept = pruned != 0
+    assert 0.1 < kept.float().mean().item() < 0.4
+    torch.testing.assert_close(pruned[kept], delta[kept] / 0.25)
+
+
+def test_per_model_density_applies_per_task(tensors):
+    base, models = tensors
+    deltas = [m - base for m in models[:2]]
+    mixed = classic.ties_deltas(deltas, [1.0, 0.0], [0.1, 1.0])
+    assert (mixed != 0).sum().item() <= int(0.1 * deltas[0].numel())
+
+
+# --- multislerp ---------------------------------------------------------------------------------------
+def test_multislerp_two_orthogonal_vectors_stays_on_the_sphere():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    out = classic.multislerp([a, b], [0.5, 0.5])
+    torch.testing.assert_close(out, torch.tensor([2**-0.5, 2**-0.5]), rtol=1e-4, atol=1e-4)
+    assert abs(out.norm().item() - 1.0) < 1e-4
+
+
+def test_multislerp_relative_to_base(tensors):
+    base, models = tensors
+    out = classic.multislerp(models, [1.0, 1.0, 1.0], base=base)
+    norms = torch.stack([(m - base).norm() for m in models])
+    assert out.shape == base.shape
+    assert abs((out - base).norm().item() - norms.mean().item()) < 1e-3
+    untouched = classic.multislerp([base, base, base], [1.0, 1.0, 1.0], base=base)
+    assert torch.equal(untouched, base)
