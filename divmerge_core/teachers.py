@@ -126,7 +126,8 @@ def encode(
 # --- batches ---------------------------------------------------------------------------------------------
 @dataclass
 class Batch:
-    inputs: dict[str, torch.Tensor]
+    #: keyword arguments of the model's forward
+    inputs: dict[str, Any]
     #: causal: (row, position) of every scored prediction and the example (0..B-1) it belongs to.
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
@@ -151,7 +152,7 @@ def collate(kind: str, examples: Sequence[Example], tokenizer: Any, device: torc
         owner += [b] * (e.stop - e.start)
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return Batch(
-        {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+        {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False},
         as_long(rows),
         as_long(cols),
         as_long(owner),

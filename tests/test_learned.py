@@ -256,3 +256,60 @@ def test_unsupported_architecture(tmp_path, gpt2_setup):
     plan.model_config = {**plan.model_config, "architectures": ["GPT2Model"]}
     with pytest.raises(ConfigError, match="sequence-classification and causal-LM"):
         learn_coefficients(plan, device=CPU, reporter=Reporter())
+
+
+def test_run_merge_writes_learned_merge(gpt2_setup, tmp_path):
+    """Through the pipeline: the written tensors are base + sum_t coeff_t * tau_t with the learned coefficients."""
+    from divmerge_core.pipeline import run_merge
+
+    base, experts, data = gpt2_setup
+    plan = make_plan(
+        base, experts, data, granularity="layer", epochs=2, batch_size_per_task=4, max_new_tokens=4
+    )
+    result = run_merge(plan.config, tmp_path / "out", device="cpu")
+    saved = json.loads((tmp_path / "out" / "coefficients.json").read_text())
+    assert saved["method"] == "divmerge" and result.metrics["steps"] == 4
+    coeffs = LearnedCoefficients(
+        method="divmerge",
+        granularity="layer",
+        groups=saved["groups"],
+        tasks=saved["tasks"],
+        values=[[saved["coefficients"][g][t] for t in saved["tasks"]] for g in saved["groups"]],
+        group_of=saved["group_of"],
+        losses=saved["losses"],
+    )
+    expected = merged_state(base, experts, coeffs)
+    with Checkpoint(tmp_path / "out") as out:
+        for name in ("transformer.wte.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.bias"):
+            assert torch.allclose(out.get(name), expected[name], atol=1e-6)
+
+
+def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
+    """The stored distribution at each generated position predicts exactly the token the teacher generated."""
+    from divmerge_core.data import TaskInputs
+    from divmerge_core.teachers import CAUSAL, annotate_teacher, build_module, encode, load_tokenizer
+
+    base, experts, data = gpt2_setup
+    tok = load_tokenizer(experts[0])
+    module = build_module(experts[0], CAUSAL, torch.float32, CPU)
+    with Checkpoint(experts[0]) as ck:
+        module.load_state_dict(ck.state_dict(), strict=False)
+    config = json.loads((experts[0] / "config.json").read_text())
+    examples = encode(CAUSAL, tok, TaskInputs(data[0]["texts"], "inline"), 0, 16, 5, config)
+    prompts = [list(e.fields["input_ids"]) for e in examples]
+    kw = dict(batch_size=3, max_new_tokens=5, store_dtype=torch.float32, device=CPU)
+    annotate_teacher(module, CAUSAL, tok, examples, top_k=None, **kw)
+    for e, prompt in zip(examples, prompts, strict=True):
+        ids = e.fields["input_ids"]
+        assert ids[: len(prompt)] == prompt and e.start == len(prompt) - 1
+        generated = ids[len(prompt) :]
+        assert 1 <= len(generated) <= 5 and (len(generated) == 5 or generated[-1] == tok.eos_token_id)
+        assert e.target.shape == (len(generated), len(tok))
+        assert e.target.argmax(-1).tolist() == generated
+        assert torch.allclose(e.target.exp().sum(-1), torch.ones(len(generated)), atol=1e-5)
+    top = encode(CAUSAL, tok, TaskInputs(data[0]["texts"], "inline"), 0, 16, 5, config)
+    annotate_teacher(module, CAUSAL, tok, top, top_k=3, **kw)
+    for e, full in zip(top, examples, strict=True):
+        assert e.fields == full.fields and e.target.shape == e.target_index.shape == (e.stop - e.start, 3)
+        assert torch.allclose(e.target.exp().sum(-1), torch.ones(e.stop - e.start), atol=1e-5)
+        assert e.target_index[:, 0].tolist() == full.target.argmax(-1).tolist()
