@@ -1,0 +1,182 @@
+"""The generic loop: for each (combination, method) merge with the engine, evaluate, cache a JSON.
+
+Work is ordered combination-slot first (slot 0 of every k, then slot 1, ...), so a run cut short by its
+deadline still covers every k. Finished items are cached per (method, combination) and skipped on rerun;
+failed ones are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from .methods import MethodSpec, Mode
+from .metrics import anp
+
+
+class Track(Protocol):
+    """What the harness needs from a benchmark track (classification or causal LM)."""
+
+    name: str
+    base: Path
+    experts: dict[str, Path]
+
+    def data_spec(self, task: str, num_samples: int) -> dict[str, Any]: ...
+
+    def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def merge_config(track: Track, spec: MethodSpec, combo: tuple[str, ...], mode: Mode) -> dict[str, Any]:
+    """The engine config (a dict for :func:`divmerge_core.config.parse_config`) of one merge."""
+    models = []
+    for t in combo:
+        m: dict[str, Any] = {"model": str(track.experts[t])}
+        if spec.learned:
+            m["data"] = track.data_spec(t, mode.num_samples)
+        models.append(m)
+    cfg: dict[str, Any] = {
+        "merge_method": spec.merge_method,
+        "models": models,
+        "parameters": dict(spec.parameters),
+    }
+    if spec.with_base:
+        cfg["base_model"] = str(track.base)
+    return cfg
+
+
+def expert_accuracies(track: Track, mode: Mode, cache: Path) -> dict[str, dict[str, Any]]:
+    """Each expert's accuracy (and correctness vector) on its own eval split, cached."""
+    out = {}
+    for t in mode.tasks:
+        path = cache / "evals" / f"{track.experts[t].name}-n{mode.eval_n}-s{mode.seed}.json"
+        if path.is_file():
+            out[t] = json.loads(path.read_text())
+            continue
+        t0 = time.time()
+        correct = track.evaluate(track.experts[t], [t])[t]
+        rec = {
+            "acc": sum(correct) / len(correct),
+            "n": len(correct),
+            "correct": [int(c) for c in correct],
+            "eval_s": round(time.time() - t0, 1),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+        out[t] = rec
+    return out
+
+
+def run_key(track: Track, mode: Mode) -> str:
+    blob = json.dumps(
+        [track.fingerprint(), mode.eval_n, mode.num_samples, mode.learned, mode.seed], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_items(
+    track: Track,
+    mode: Mode,
+    specs: list[MethodSpec],
+    cache: Path,
+    *,
+    deadline: float | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every (combination, method) not cached yet; return all item records (cached and new)."""
+    from divmerge_core.config import parse_config
+    from divmerge_core.pipeline import run_merge
+
+    experts = expert_accuracies(track, mode, cache)
+    expert_acc = {t: r["acc"] for t, r in experts.items()}
+    run_dir = cache / "runs" / f"{track.name}-{run_key(track, mode)}"
+    per_k = {k: mode.combos(k) for k in mode.ks}
+    n_slots = max(len(c) for c in per_k.values())
+    records = []
+    stopped = False
+    for slot in range(n_slots):
+        for k in mode.ks:
+            if slot >= len(per_k[k]):
+                continue
+            combo = per_k[k][slot]
+            for spec in specs:
+                path = run_dir / spec.name / ("+".join(combo) + ".json")
+                if path.is_file():
+                    rec = json.loads(path.read_text())
+                    if rec.get("status") == "ok":
+                        records.append(rec)
+                        continue
+                if stopped or (deadline is not None and time.time() > deadline):
+                    stopped = True
+                    continue
+                rec = run_one(track, mode, spec, combo, run_dir / "tmp", expert_acc, run_merge, parse_config)
+                rec["slot"] = slot
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(rec))
+                if rec["status"] == "ok":
+                    records.append(rec)
+                    log(
+                        f"k={k} {'+'.join(combo)} {spec.name}: ANP {rec['anp']:.1f} "
+                        f"(merge {rec['merge_s']:.0f}s, eval {rec['eval_s']:.0f}s)"
+                    )
+                else:
+                    log(f"k={k} {'+'.join(combo)} {spec.name}: FAILED {rec['error'].splitlines()[-1]}")
+    if stopped:
+        log("deadline reached: remaining items were not run")
+    return records
+
+
+def run_one(
+    track: Track,
+    mode: Mode,
+    spec: MethodSpec,
+    combo: tuple[str, ...],
+    tmp: Path,
+    expert_acc: dict[str, float],
+    run_merge: Callable[..., Any],
+    parse_config: Callable[[Any], Any],
+) -> dict[str, Any]:
+    """Merge one combination with one method, evaluate it, and return the item record."""
+    rec: dict[str, Any] = {"method": spec.name, "combo": list(combo), "k": len(combo), "spec": asdict(spec)}
+    out = tmp / f"{spec.name}-{'+'.join(combo)}"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        t0 = time.time()
+        config = parse_config(merge_config(track, spec, combo, mode))
+        result = run_merge(config, out, device="cpu")
+        rec["merge_s"] = round(time.time() - t0, 2)
+        t1 = time.time()
+        correct = track.evaluate(out, list(combo))
+        rec["eval_s"] = round(time.time() - t1, 2)
+        rec["acc"] = {t: sum(c) / len(c) for t, c in correct.items()}
+        rec["correct"] = {t: [int(x) for x in c] for t, c in correct.items()}
+        rec["anp"] = anp(rec["acc"], expert_acc)
+        rec["coefficients"] = result.coefficients
+        rec["engine_metrics"] = _jsonable(result.metrics)
+        rec["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 - one failed merge must not stop the table
+        rec["status"] = "failed"
+        rec["error"] = f"{type(err).__name__}: {err}\n" + traceback.format_exc(limit=3)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return rec
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        if isinstance(obj, dict):
+            return {str(k): _jsonable(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [_jsonable(v) for v in obj]
+        return repr(obj)

@@ -1,0 +1,69 @@
+"""The merge methods of the table and the benchmark modes (sizes of each run)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the table: an engine ``merge_method`` with fixed parameters."""
+
+    name: str
+    merge_method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    learned: bool = False
+    #: pass the base model (task-vector methods); averaging and multislerp merge the experts only
+    with_base: bool = True
+
+
+def method_specs(learned: dict[str, Any]) -> list[MethodSpec]:
+    """The table's rows. ``learned`` holds the shared optimisation parameters of the learned methods."""
+    rows = [
+        MethodSpec("averaging", "linear", {}, with_base=False),
+        MethodSpec("task_arithmetic", "task_arithmetic", {"weight": 0.3}),
+        MethodSpec("ties", "ties", {"density": 0.2, "weight": 1.0}),
+        MethodSpec("dare_ties", "dare_ties", {"density": 0.5, "weight": 1.0, "seed": 0}),
+        MethodSpec("multislerp", "multislerp", {}, with_base=False),
+    ]
+    for gran in ("task", "layer"):
+        rows.append(MethodSpec(f"adamerging_{gran}", "adamerging", {**learned, "granularity": gran}, True))
+    for div in ("js", "kl"):
+        for gran in ("task", "layer"):
+            rows.append(
+                MethodSpec(
+                    f"divmerge_{gran}_{div}",
+                    "divmerge",
+                    {**learned, "granularity": gran, "divergence": div},
+                    True,
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes of one benchmark run."""
+
+    name: str
+    tasks: tuple[str, ...]
+    ks: tuple[int, ...]
+    #: combinations sampled per k (None: all of them)
+    combos_per_k: dict[int, int | None]
+    eval_n: int
+    num_samples: int
+    learned: dict[str, Any]
+    seed: int = 0
+
+    def combos(self, k: int) -> list[tuple[str, ...]]:
+        return sample_combos(self.tasks, k, self.combos_per_k.get(k), self.seed)
+
+
+def sample_combos(tasks: tuple[str, ...], k: int, n: int | None, seed: int = 0) -> list[tuple[str, ...]]:
+    """A seeded sample of ``n`` k-subsets of ``tasks`` (prefix-stable: a larger n extends a smaller one)."""
+    allc = list(itertools.combinations(tasks, k))
+    random.Random(seed * 1000 + k).shuffle(allc)
+    return allc if n is None else allc[:n]

@@ -1,0 +1,122 @@
+"""Aggregate item records into the ANP table and write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .metrics import bootstrap_anp_ci, mean_ci
+
+
+def aggregate(
+    records: list[dict[str, Any]], expert_acc: dict[str, float], methods: list[str], ks: list[int]
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """table[method][k] = mean ANP, t-CI half-width across combinations, bootstrap CI, n combos."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by[(r["method"], r["k"])].append(r)
+    table: dict[str, dict[int, dict[str, Any]]] = {}
+    for m in methods:
+        table[m] = {}
+        for k in ks:
+            items = sorted(by.get((m, k), []), key=lambda r: r["combo"])
+            if not items:
+                continue
+            mean, half = mean_ci([r["anp"] for r in items])
+            lo, hi = bootstrap_anp_ci([r["correct"] for r in items], expert_acc)
+            table[m][k] = {
+                "anp": mean,
+                "ci_t": half,
+                "ci_boot": [lo, hi],
+                "n": len(items),
+                "combos": [r["combo"] for r in items],
+                "anps": [r["anp"] for r in items],
+            }
+    return table
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "–"
+    if c["ci_t"] is not None:
+        return f"{c['anp']:.1f} ± {c['ci_t']:.1f}"
+    return f"{c['anp']:.1f} [{c['ci_boot'][0]:.1f}, {c['ci_boot'][1]:.1f}]†"
+
+
+def markdown(
+    title: str,
+    table: dict[str, dict[int, dict[str, Any]]],
+    ks: list[int],
+    setup_md: str,
+    expert_rows: list[tuple[str, float, int]],
+    notes: list[str],
+) -> str:
+    lines = [f"# {title}", "", setup_md, "", "## ANP (x100) by number of merged tasks k", ""]
+    lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+    lines.append("| --- | " + " | ".join("---:" for _ in ks) + " |")
+    for m, row in table.items():
+        lines.append(f"| {m} | " + " | ".join(_cell(row.get(k)) for k in ks) + " |")
+    lines.append("")
+    lines.append(
+        "| combinations per k | "
+        + " | ".join(str(max((row[k]["n"] for row in table.values() if k in row), default=0)) for k in ks)
+        + " |"
+    )
+    lines += [
+        "",
+        "Cells: mean ANP over the sampled task combinations ± the half-width of a 95 % Student-t interval "
+        "across combinations. † only one combination: the bracket is a 95 % percentile bootstrap interval "
+        "over the eval examples (1000 resamples; expert accuracies held fixed), which covers eval noise only.",
+        "",
+        "## Expert accuracies (eval split)",
+        "",
+        "| task | accuracy | eval examples |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {t} | {100 * a:.1f} | {n} |" for t, a, n in expert_rows]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, dict[int, dict[str, Any]]], ks: list[int], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, row in table.items():
+        xs = [k for k in ks if k in row]
+        if not xs:
+            continue
+        ys = [row[k]["anp"] for k in xs]
+        style = "-" if m.startswith("divmerge") else "--" if m.startswith("adamerging") else ":"
+        ax.plot(xs, ys, style, marker="o", label=m, linewidth=2.2 if m == "divmerge_layer_js" else 1.2)
+    ax.set_xlabel("number of merged tasks k")
+    ax.set_ylabel("ANP (x100)")
+    ax.set_title(title)
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path, stem: str, title: str, payload: dict[str, Any], setup_md: str, notes: list[str]
+) -> list[Path]:
+    """Write the three files; ``payload`` holds table, ks, experts, records and setup."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ks, table = payload["ks"], payload["table"]
+    experts = [(t, e["acc"], e["n"]) for t, e in payload["experts"].items()]
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown(title, table, ks, setup_md, experts, notes), encoding="utf-8")
+    js = out_dir / f"{stem}.json"
+    js.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    png = out_dir / f"{stem}.png"
+    plot(table, ks, title, png)
+    return [md, js, png]

@@ -1,0 +1,245 @@
+"""Command line of the quality benchmark: ``python -m benchmarks.quality --mode quick|reduced|full``.
+
+Builds (or reuses) the base and expert zoo, runs every method on the sampled task combinations of each k,
+and writes ``benchmarks/results/quality[_<mode>].{md,json,png}`` (classification track) and
+``quality_causal[_<mode>].*`` (causal-LM track). Finished (method, combination) items are cached under
+``benchmarks/.cache/runs`` so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import GLUE_TASKS
+from .harness import expert_accuracies, run_items
+from .methods import Mode, method_specs
+from .report import aggregate, write_report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _learned(num_samples: int, epochs: int, max_length: int, **extra: Any) -> dict[str, Any]:
+    return {"lr": 0.05, "epochs": epochs, "batch_size_per_task": 4, "max_length": max_length, **extra}
+
+
+#: Classification-track modes. "full" is designed for ~2 h on 2 free cores; "reduced" is what fits a
+#: shared machine; "quick" is a smoke run (< 10 min with its own small experts).
+MODES: dict[str, Mode] = {
+    "quick": Mode(
+        "quick",
+        ("sst2", "cola", "qqp"),
+        (2, 3),
+        {2: 1, 3: 1},
+        eval_n=100,
+        num_samples=16,
+        learned=_learned(16, 1, 64),
+    ),
+    "reduced": Mode(
+        "reduced",
+        GLUE_TASKS,
+        (2, 3, 5, 7),
+        {2: 2, 3: 1, 5: 1, 7: 1},
+        eval_n=200,
+        num_samples=32,
+        learned=_learned(32, 2, 64),
+    ),
+    "full": Mode(
+        "full",
+        GLUE_TASKS,
+        (2, 3, 4, 5, 6, 7),
+        {2: None, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
+        eval_n=300,
+        num_samples=64,
+        learned=_learned(64, 2, 128),
+    ),
+}
+#: Causal-track modes (smaller: fewer tasks and combinations).
+CAUSAL_MODES: dict[str, Mode] = {
+    "quick": Mode(
+        "quick",
+        ("sst2", "qqp"),
+        (2,),
+        {2: 1},
+        eval_n=100,
+        num_samples=16,
+        learned=_learned(16, 1, 128, max_new_tokens=4),
+    ),
+    "reduced": Mode(
+        "reduced",
+        ("sst2", "qnli", "qqp", "mnli"),
+        (2, 3, 4),
+        {2: 2, 3: 2, 4: 1},
+        eval_n=200,
+        num_samples=32,
+        learned=_learned(32, 2, 128, max_new_tokens=4),
+    ),
+    "full": Mode(
+        "full",
+        ("sst2", "qnli", "qqp", "mnli"),
+        (2, 3, 4),
+        {2: None, 3: None, 4: 1},
+        eval_n=300,
+        num_samples=64,
+        learned=_learned(64, 2, 128, max_new_tokens=4),
+    ),
+}
+
+
+def _setup_md(
+    mode: Mode,
+    track_setup: dict[str, Any],
+    expert_time: dict[str, Any],
+    wall_s: float,
+    complete: bool,
+    n_items: int,
+    n_expected: int,
+) -> str:
+    combos = ", ".join(f"k={k}: {len(mode.combos(k))}" for k in mode.ks)
+    lr = mode.learned
+    rows = [
+        f"**Mode: `{mode.name}`**"
+        + ("" if mode.name == "full" else " (NOT the full configuration)")
+        + (
+            ""
+            if complete
+            else f" — **incomplete: {n_items} of {n_expected} items finished before the deadline**"
+        ),
+        "",
+        f"* Base: {track_setup['base']}.",
+        f"* Tasks: {', '.join(mode.tasks)}; task combinations per k (seeded sample, seed {mode.seed}): {combos}.",
+        f"* Eval: {', '.join(f'{t} {n}' for t, n in track_setup['eval_n'].items())} examples "
+        f"(seeded subset of {'; '.join(sorted({v for v in track_setup['eval_source'].values()}))}).",
+        f"* Merge inputs (unlabelled): num_samples = {mode.num_samples} per task, from the validation split "
+        "(labels dropped; disjoint from the eval examples).",
+        f"* Learned methods: lr {lr['lr']}, epochs {lr['epochs']}, batch_size_per_task "
+        f"{lr['batch_size_per_task']}, max_length {lr['max_length']}, init 1/k"
+        + (f", max_new_tokens {lr['max_new_tokens']}" if "max_new_tokens" in lr else "")
+        + ".",
+        "* Classic methods: averaging = linear mean of the experts; task_arithmetic weight 0.3; ties density "
+        "0.2 weight 1; dare_ties density 0.5 weight 1 (seed 0); multislerp of the experts (equal weights).",
+        f"* Expert recipe: {json.dumps(track_setup['expert_recipe'])}.",
+        f"* Wall time of this run: {wall_s / 60:.1f} min (merges + evals; expert training: "
+        f"{json.dumps(expert_time)}). Machine: {platform.processor() or platform.machine()}, "
+        f"torch threads {torch.get_num_threads()}, CPU shared with other jobs.",
+    ]
+    return "\n".join(rows)
+
+
+def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float | None) -> Path:
+    cache: Path = args.cache
+    log = lambda m: print(f"[{dt.datetime.now(dt.UTC):%H:%M:%S}] {m}", flush=True)  # noqa: E731
+    t0 = time.time()
+    if kind == "cls":
+        from .classification import ClassificationTrack
+        from .zoo import RECIPES
+
+        track: Any = ClassificationTrack(
+            args.data,
+            cache,
+            mode.tasks,
+            RECIPES["quick" if mode.name == "quick" else "full"],
+            mode.eval_n,
+            log=log,
+        )
+        expert_time = {
+            t: json.loads((p / "expert.json").read_text())["train_s"] for t, p in track.experts.items()
+        }
+        stem, title = "quality", "Merging quality: MiniLM-L6 sequence-classification experts (GLUE)"
+    else:
+        from .causal import CAUSAL_RECIPES, CausalTrack
+
+        track = CausalTrack(
+            args.data,
+            cache,
+            mode.tasks,
+            CAUSAL_RECIPES["quick" if mode.name == "quick" else "full"],
+            mode.eval_n,
+            log=log,
+        )
+        expert_time = {
+            t: json.loads((p / "benchmark.json").read_text())["train_s"] for t, p in track.experts.items()
+        }
+        expert_time["pretrain"] = json.loads((track.base / "benchmark.json").read_text())["pretrain_s"]
+        stem, title = "quality_causal", "Merging quality: tiny GPT-2 causal-LM experts (weak base)"
+    if mode.name != "full":
+        stem += f"_{mode.name}" if mode.name == "quick" else ""
+    log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
+    specs = method_specs(mode.learned)
+    if args.methods:
+        specs = [s for s in specs if s.name in args.methods]
+    t1 = time.time()
+    records = run_items(track, mode, specs, cache, deadline=deadline, log=log)
+    experts = expert_accuracies(track, mode, cache)
+    n_expected = sum(len(mode.combos(k)) for k in mode.ks) * len(specs)
+    complete = len(records) == n_expected
+    table = aggregate(
+        records, {t: e["acc"] for t, e in experts.items()}, [s.name for s in specs], list(mode.ks)
+    )
+    payload = {
+        "mode": mode.name,
+        "complete": complete,
+        "track": kind,
+        "ks": list(mode.ks),
+        "combos": {k: mode.combos(k) for k in mode.ks},
+        "setup": track.setup(),
+        "mode_config": {
+            "eval_n": mode.eval_n,
+            "num_samples": mode.num_samples,
+            "learned": mode.learned,
+            "seed": mode.seed,
+        },
+        "methods": [s.__dict__ for s in specs],
+        "experts": experts,
+        "expert_train_s": expert_time,
+        "table": table,
+        "records": records,
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    notes = list(args.note or [])
+    setup_md = _setup_md(
+        mode, track.setup(), expert_time, time.time() - t1, complete, len(records), n_expected
+    )
+    files = write_report(args.results, stem, title, payload, setup_md, notes)
+    log(f"wrote {', '.join(str(f) for f in files)}")
+    return files[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=sorted(MODES), default="quick")
+    ap.add_argument("--track", choices=("cls", "causal", "both"), default="both")
+    ap.add_argument("--data", type=Path, default=None, help="task data folder (default ../shared/data)")
+    ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="*", help="only these table rows")
+    ap.add_argument("--deadline", help="UTC HH:MM after which no new merge starts (report what finished)")
+    ap.add_argument("--note", action="append", help="a note for the report (repeatable)")
+    args = ap.parse_args(argv)
+    if args.data is None:
+        from .data import default_data_dir
+
+        args.data = default_data_dir(REPO)
+        if args.data is None:
+            ap.error("no --data given and ../shared/data does not exist")
+    args.data = args.data.resolve()
+    torch.set_num_threads(args.threads)
+    deadline = None
+    if args.deadline:
+        now = dt.datetime.now(dt.UTC)
+        h, m = map(int, args.deadline.split(":"))
+        when = now.replace(hour=h, minute=m, second=0, microsecond=0)
+        if when < now - dt.timedelta(hours=12):
+            when += dt.timedelta(days=1)
+        deadline = when.timestamp()
+    tracks = ["cls", "causal"] if args.track == "both" else [args.track]
+    for kind in tracks:
+        run_track(kind, (MODES if kind == "cls" else CAUSAL_MODES)[args.mode], args, deadline)

@@ -1,0 +1,213 @@
+"""Benchmark code paths on tiny inputs: data, union-head slicing, ANP/CI math, harness and report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quality import data as qdata
+from benchmarks.quality.causal import CausalRecipe, clip_words, prompt, score_correctness
+from benchmarks.quality.evaluate import correctness, slice_predictions
+from benchmarks.quality.harness import merge_config, run_items
+from benchmarks.quality.methods import Mode, method_specs, sample_combos
+from benchmarks.quality.metrics import anp, bootstrap_anp_ci, mean_ci, t975
+from benchmarks.quality.report import aggregate, write_report
+from tests.tiny import make_bert_classifier, make_gpt2, make_tokenizer, perturbed, save
+
+SINGLE = [("a good cat", 1), ("a bad dog", 0), ("red up", 1), ("blue down", 0), ("yes", 1), ("no", 0)]
+PAIR = [
+    ("a cat", "a dog", 0),
+    ("red", "red", 1),
+    ("up", "down", 2),
+    ("left", "right", 0),
+    ("yes", "no", 1),
+    ("cat", "cat", 2),
+]
+
+
+def _write(folder: Path, header: list[str], rows: list[tuple]) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        _write(d / "sst2" / f"{split}.tsv", ["text", "label"], SINGLE)
+    (d / "sst2" / "labels.json").write_text(json.dumps(["negative", "positive"]))
+    for split in ("train", "validation"):  # no test: eval = a validation holdout
+        _write(d / "mnli" / f"{split}.tsv", ["text_a", "text_b", "label"], PAIR)
+    (d / "mnli" / "labels.json").write_text(json.dumps(["entailment", "neutral", "contradiction"]))
+    return d
+
+
+def test_load_tasks_and_splits(data_dir: Path) -> None:
+    assert qdata.list_tasks(data_dir) == ["sst2", "mnli"]
+    tasks = qdata.load_tasks(data_dir)
+    sst2, mnli = tasks["sst2"], tasks["mnli"]
+    assert not sst2.is_pair and mnli.is_pair
+    assert sst2.eval_source == "test.tsv" and len(sst2.merge_pool) == 6
+    assert mnli.eval[0].text_b is not None
+    # holdout: disjoint halves covering the validation file
+    assert len(mnli.eval) == 3 and len(mnli.merge_pool) == 3
+    assert {(e.text_a, e.text_b) for e in mnli.eval}.isdisjoint(
+        {(e.text_a, e.text_b) for e in mnli.merge_pool}
+    )
+    out = qdata.write_merge_inputs(mnli, data_dir.parent / "m" / "mnli.tsv")
+    lines = out.read_text().splitlines()
+    assert lines[0] == "text_a\ttext_b" and len(lines) == 4 and all(line.count("\t") == 1 for line in lines)
+
+
+def test_bad_label_and_header(data_dir: Path) -> None:
+    _write(data_dir / "sst2" / "train.tsv", ["text", "label"], [("x", 5)])
+    with pytest.raises(ValueError, match="outside labels.json"):
+        qdata.load_task(data_dir, "sst2")
+    _write(data_dir / "sst2" / "train.tsv", ["sentence", "label"], [("x", 1)])
+    with pytest.raises(ValueError, match="expected header"):
+        qdata.load_task(data_dir, "sst2")
+
+
+def test_union_head_slices(data_dir: Path) -> None:
+    head = qdata.union_head(data_dir)
+    assert (
+        head.num_labels == 5 and head.slice_of("sst2") == slice(0, 2) and head.slice_of("mnli") == slice(2, 5)
+    )
+    assert head.label_names[2] == "mnli:entailment"
+    logits = torch.tensor([[9.0, 0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 5.0]])
+    assert slice_predictions(logits, head, "sst2").tolist() == [0, 1]
+    assert slice_predictions(logits, head, "mnli").tolist() == [1, 2]  # other tasks' logits are ignored
+
+
+def test_correctness_with_tiny_bert(data_dir: Path) -> None:
+    head = qdata.union_head(data_dir)
+    model = make_bert_classifier(num_labels=head.num_labels)
+    tasks = qdata.load_tasks(data_dir)
+    c = correctness(model, make_tokenizer("bert"), tasks["mnli"].eval, head, "mnli", batch_size=2)
+    with torch.no_grad():
+        enc = make_tokenizer("bert")(
+            [e.text_a for e in tasks["mnli"].eval],
+            [e.text_b for e in tasks["mnli"].eval],
+            padding=True,
+            return_tensors="pt",
+        )
+        pred = model(**enc).logits[:, 2:5].argmax(-1).tolist()
+    assert c == [p == e.label for p, e in zip(pred, tasks["mnli"].eval, strict=True)]
+
+
+def test_anp_and_ci_math() -> None:
+    assert anp({"a": 0.8, "b": 0.45}, {"a": 0.8, "b": 0.9}) == pytest.approx(75.0)
+    m, half = mean_ci([90.0, 92.0, 94.0])
+    assert m == pytest.approx(92.0) and half == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert mean_ci([80.0]) == (80.0, None)
+    assert t975(1) == 12.706 and t975(35) == 2.042 and t975(500) == 1.96
+    lo, hi = bootstrap_anp_ci([{"a": [1] * 10}], {"a": 1.0})
+    assert lo == hi == 100.0  # no variance to resample
+    lo, hi = bootstrap_anp_ci([{"a": [1, 0] * 50}], {"a": 0.5}, n_boot=400)
+    assert lo < 100.0 < hi and hi - lo < 50
+
+
+def test_sample_combos_prefix_stable() -> None:
+    tasks = ("a", "b", "c", "d", "e")
+    assert len(sample_combos(tasks, 2, None)) == 10
+    assert sample_combos(tasks, 3, 4)[:2] == sample_combos(tasks, 3, 2)
+    assert sample_combos(tasks, 5, 3) == [tasks]
+
+
+def test_method_rows() -> None:
+    rows = {s.name: s for s in method_specs({"lr": 0.1, "epochs": 1})}
+    assert len(rows) == 11
+    assert rows["divmerge_layer_js"].parameters == {
+        "lr": 0.1,
+        "epochs": 1,
+        "granularity": "layer",
+        "divergence": "js",
+    }
+    assert not rows["averaging"].with_base and rows["ties"].with_base
+
+
+class _TinyTrack:
+    """A harness track over tiny BERT experts (noise 'fine-tunes' of one base)."""
+
+    name = "tiny"
+
+    def __init__(self, root: Path, data_dir: Path):
+        self.head = qdata.union_head(data_dir)
+        self.tasks = qdata.load_tasks(data_dir)
+        base = make_bert_classifier(num_labels=self.head.num_labels)
+        self.base = save(base, root / "base")
+        self.experts = {
+            t: save(perturbed(base, 0.02, seed=i + 1), root / t) for i, t in enumerate(self.tasks)
+        }
+        self.files = {
+            t: qdata.write_merge_inputs(task, root / "in" / f"{t}.tsv") for t, task in self.tasks.items()
+        }
+
+    def data_spec(self, task: str, num_samples: int) -> dict:
+        return {
+            "path": str(self.files[task]),
+            "text_columns": self.tasks[task].columns,
+            "num_samples": num_samples,
+        }
+
+    def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]:
+        from benchmarks.quality.evaluate import evaluate_folder
+
+        return evaluate_folder(folder, {t: self.tasks[t].eval for t in tasks}, self.head)
+
+    def fingerprint(self) -> str:
+        return "tiny"
+
+
+def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
+    track = _TinyTrack(tmp_path / "models", data_dir)
+    mode = Mode(
+        "test",
+        ("sst2", "mnli"),
+        (2,),
+        {2: None},
+        eval_n=6,
+        num_samples=3,
+        learned={"lr": 0.05, "epochs": 1, "batch_size_per_task": 2, "max_length": 32},
+    )
+    specs = [s for s in method_specs(mode.learned) if s.name in ("averaging", "ties", "divmerge_layer_js")]
+    cfg = merge_config(track, specs[2], ("sst2", "mnli"), mode)
+    assert cfg["base_model"] == str(track.base) and cfg["models"][1]["data"]["text_columns"] == [
+        "text_a",
+        "text_b",
+    ]
+    assert "data" not in merge_config(track, specs[0], ("sst2", "mnli"), mode)["models"][0]
+    cache = tmp_path / "cache"
+    records = run_items(track, mode, specs, cache, log=lambda m: None)
+    assert [r["status"] for r in records] == ["ok"] * 3, records
+    assert records[2]["coefficients"]["granularity"] == "layer"
+    # cached: a rerun runs nothing new
+    again = run_items(track, mode, specs, cache, log=lambda m: (_ for _ in ()).throw(AssertionError(m)))
+    assert [r["anp"] for r in again] == [r["anp"] for r in records]
+    experts = {t: 1.0 for t in mode.tasks}
+    table = aggregate(records, experts, [s.name for s in specs], [2])
+    assert table["ties"][2]["n"] == 1 and table["ties"][2]["ci_t"] is None
+    files = write_report(
+        tmp_path / "res",
+        "q",
+        "T",
+        {"ks": [2], "table": table, "experts": {t: {"acc": 1.0, "n": 6} for t in mode.tasks}},
+        "setup",
+        ["a note"],
+    )
+    md = files[0].read_text()
+    assert "| divmerge_layer_js |" in md and "†" in md and "a note" in md
+    assert files[2].stat().st_size > 1000 and json.loads(files[1].read_text())["ks"] == [2]
+
+
+def test_causal_prompt_and_scoring(data_dir: Path) -> None:
+    assert clip_words("Hello, World! a b", 3) == "hello , world"
+    task = qdata.load_task(data_dir, "mnli")
+    assert prompt("mnli", task.eval[0], 5).endswith("answer :") and " | " in prompt("mnli", task.eval[0], 5)
+    tok = make_tokenizer("gpt2")
+    c = score_correctness(make_gpt2(), tok, task, task.eval, CausalRecipe(), batch_size=4)
+    assert len(c) == len(task.eval) and all(isinstance(x, bool) for x in c)
