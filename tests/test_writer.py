@@ -132,3 +132,52 @@ def test_cancellation_leaves_nothing(tmp_path):
             should_stop=stop,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_learned_metadata_files(tmp_path):
+    """For learned methods the card has a coefficient table and coefficients.json holds everything."""
+    from divmerge_core.pipeline import prepare, write_metadata
+    from divmerge_core.plan import LearnedCoefficients
+
+    fam = bert_family(tmp_path / "m")
+    cfg = config_dict("divmerge", fam["base"], [fam["t1"], fam["t2"]])
+    for spec in cfg["models"]:
+        spec["data"] = {"texts": ["good cat ."]}
+    plan = prepare(parse_config(cfg))
+    coeffs = LearnedCoefficients(
+        method="divmerge",
+        granularity="task",
+        groups=["all"],
+        tasks=[m.ref.raw for m in plan.models],
+        values=[[0.25, 0.75]],
+        group_of={n: "all" for n in plan.tensor_names},
+        losses=[0.5, 0.25],
+    )
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    files = write_metadata(plan, folder, coeffs)
+    assert "coefficients.json" in files
+    saved = json.loads((folder / "coefficients.json").read_text())
+    assert saved["coefficients"]["all"] == {str(fam["t1"]): 0.25, str(fam["t2"]): 0.75}
+    assert saved["losses"] == [0.5, 0.25] and set(saved["group_of"]) == set(plan.tensor_names)
+    card = (folder / "README.md").read_text()
+    assert "| all | 0.2500 | 0.7500 |" in card and "final loss 0.25" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["merge_method"] == "divmerge" and "lr" in front["parameters"]
+    assert "density" not in front["parameters"]
+
+
+def test_overflow_to_inf_is_a_numerical_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from divmerge_core.errors import NumericalError
+
+    fam = bert_family(tmp_path / "m", n=1)
+    tensors = load_file(fam["t1"] / "model.safetensors")
+    tensors["classifier.weight"] = tensors["classifier.weight"] * 1e6  # beyond float16's range
+    save_file(tensors, fam["t1"] / "model.safetensors", metadata={"format": "pt"})
+    cfg = config_dict("task_arithmetic", fam["base"], [fam["t1"]])
+    cfg["out_dtype"] = "float16"
+    with pytest.raises(NumericalError, match="classifier.weight"):
+        run_merge(parse_config(cfg), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
