@@ -5,7 +5,8 @@ and one coefficient per (group, task); Gamma is real, may be negative and is not
 
 * divmerge minimises ``mean_t E_{x ~ X_t} D(p_teacher_t(.|x) || p_merged(.|x))`` (D = JS or forward KL);
   every input is compared with its own task's teacher only, teacher outputs are computed once.
-* adamerging minimises the Shannon entropy of the merged model's predictions on each task's inputs.
+* adamerging minimises the Shannon entropy of the merged model's predictions on each task's inputs
+  (causal LMs: the next-token predictions at every input position, averaged per input).
 
 Only the base parameters, the stacked task vectors ``[K, ...]`` and the cached teacher outputs stay
 resident; a single module is run with ``torch.func.functional_call`` on the merged parameters.
@@ -23,7 +24,7 @@ from torch.func import functional_call
 from .data import TaskInputs, load_task_inputs
 from .divergence import divergence, entropy
 from .errors import ConfigError, IncompatibleModelsError, NumericalError
-from .grouping import group_tensors
+from .grouping import group_tensors, layer_group
 from .loading import Checkpoint
 from .plan import LearnedCoefficients, MergePlan
 from .progress import Reporter
@@ -105,6 +106,7 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
                     top_k=params.top_k,
                     store_dtype=torch.float32 if dtype == torch.float32 else dtype,
                     device=device,
+                    check=reporter.check,
                 )
                 reporter.report("teacher", t + 1, n_tasks)
         with torch.no_grad():
@@ -219,8 +221,6 @@ def _module_slots(
 
 
 def _fallback_group(name: str, granularity: str, groups: list[str]) -> str:
-    from .grouping import layer_group
-
     if granularity == "task":
         return groups[0]
     g = layer_group(name)

@@ -15,7 +15,7 @@ a single module whose weights are overwritten in place (never K live models).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,9 +188,15 @@ def annotate_teacher(
     top_k: int | None,
     store_dtype: torch.dtype,
     device: torch.device,
+    check: Callable[[], None] | None = None,
 ) -> None:
-    """Fill ``target`` (and ``target_index``) of ``examples`` with the current module's outputs (a teacher)."""
+    """Fill ``target`` (and ``target_index``) of ``examples`` with the current module's outputs (a teacher).
+
+    ``check`` is called before every batch (cooperative cancellation).
+    """
     for lo in range(0, len(examples), batch_size):
+        if check is not None:
+            check()
         chunk = examples[lo : lo + batch_size]
         if kind == CAUSAL:
             _generate(module, tokenizer, chunk, max_new_tokens, device)

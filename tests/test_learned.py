@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from divmerge_core.config import parse_config
-from divmerge_core.errors import ConfigError, MergeCancelled
+from divmerge_core.errors import ConfigError, MergeCancelled, NumericalError
 from divmerge_core.learned import learn_coefficients
 from divmerge_core.loading import Checkpoint
 from divmerge_core.options import EngineOptions
@@ -223,6 +223,24 @@ def test_cancellation_is_prompt(bert_setup):
     with pytest.raises(MergeCancelled):
         learn_coefficients(plan, device=CPU, reporter=Reporter(progress, should_stop=lambda: len(steps) >= 2))
     assert steps == [1, 2]
+
+    teachers = []
+
+    def progress_teacher(event):
+        if event.stage == "teacher":
+            teachers.append(event.step)
+
+    with pytest.raises(MergeCancelled):
+        learn_coefficients(plan, device=CPU, reporter=Reporter(progress_teacher, lambda: bool(teachers)))
+    assert teachers == [1]
+
+
+def test_non_finite_loss_raises(bert_setup):
+    base, experts, _, unlabelled = bert_setup
+    data = [{"texts": u[:4]} for u in unlabelled]
+    plan = make_plan(base, experts, data, granularity="task", init=1e38, epochs=1)
+    with pytest.raises(NumericalError, match="loss"):
+        learn_coefficients(plan, device=CPU, reporter=Reporter())
 
 
 def test_tensor_granularity_covers_every_float_tensor(bert_setup):
