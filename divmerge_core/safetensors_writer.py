@@ -121,6 +121,7 @@ class ShardedSafetensorsWriter:
         self.folder = Path(folder)
         self._specs = {s.name: s for s in specs}
         self._written: set[str] = set()
+        self._closed = False
         groups = plan_shards(list(specs), max_shard_size)
         n = len(groups)
         self._shards: list[_Shard] = []
@@ -133,8 +134,12 @@ class ShardedSafetensorsWriter:
             self._shards.append(shard)
             for spec in group:
                 self._shard_of[spec.name] = shard
-        for shard in self._shards:
-            self._open(shard)
+        try:
+            for shard in self._shards:
+                self._open(shard)
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def files(self) -> list[str]:
@@ -179,6 +184,8 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> list[str]:
         """Check every tensor was written, write the index (if sharded); return the files written."""
+        if self._closed:
+            return self.files
         for shard in self._shards:
             self._close_shard(shard)
         missing = [n for n in self._specs if n not in self._written]
@@ -190,6 +197,7 @@ class ShardedSafetensorsWriter:
                 "weight_map": {n: self._shard_of[n].file for n in self._specs},
             }
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        self._closed = True
         return self.files
 
     def abort(self) -> None:

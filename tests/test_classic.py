@@ -165,3 +165,15 @@ def test_multislerp_relative_to_base(tensors):
     assert abs((out - base).norm().item() - norms.mean().item()) < 1e-3
     untouched = classic.multislerp([base, base, base], [1.0, 1.0, 1.0], base=base)
     assert torch.equal(untouched, base)
+
+
+def test_dare_merge_is_reproducible_from_the_seed(tmp_path):
+    fam = bert_family(tmp_path / "m", n=2)
+
+    def merged(seed: int, out: str) -> dict[str, torch.Tensor]:
+        cfg = config_dict("dare_ties", fam["base"], [fam["t1"], fam["t2"]], density=0.5, seed=seed)
+        return load_file(run_merge(parse_config(cfg), tmp_path / out).out_dir / "model.safetensors")
+
+    a, b, c = merged(3, "a"), merged(3, "b"), merged(4, "c")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
