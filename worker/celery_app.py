@@ -7,6 +7,7 @@ visibility timeout longer than the longest job). Each worker process also runs t
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
@@ -26,6 +27,8 @@ log = logging.getLogger("divmerge.worker")
 @worker_ready.connect
 def _start_reconciler(**_kw) -> None:
     reconciler.start(settings, app)
+    # import the engine (torch, transformers) now rather than in the first job
+    threading.Thread(target=lambda: __import__("divmerge_core.pipeline"), daemon=True).start()
 
 
 @worker_shutting_down.connect

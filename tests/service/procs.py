@@ -1,0 +1,196 @@
+"""Real server processes for the service tests: a private redis-server, Celery workers, olah, PostgreSQL DBs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class PostgresDB:
+    """A fresh database ``divmerge_test_<random>`` on the machine's PostgreSQL, dropped at the end."""
+
+    def __init__(self):
+        self.name = f"divmerge_test_{uuid.uuid4().hex[:10]}"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
+
+    def create(self) -> PostgresDB:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return self
+
+    def drop(self) -> None:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class RedisServer:
+    """A private redis-server (no persistence) this suite may kill and restart freely."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open(self.port), 10, what="redis-server")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+class CeleryWorker:
+    """``celery -A worker.celery_app worker -P solo --concurrency 1``: the task runs in the worker's main
+    process, so ``kill -9`` of that pid is the loss of the whole worker (machine) mid-job."""
+
+    count = 0
+
+    def __init__(self, env: dict[str, str], logdir: Path):
+        CeleryWorker.count += 1
+        self.name = f"w{CeleryWorker.count}"
+        self.env = env
+        self.log = logdir / f"celery-{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> CeleryWorker:
+        cmd = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
+               "-P", "solo", "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        self._fh = open(self.log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._fh, stderr=subprocess.STDOUT)
+        if wait:
+            wait_until(lambda: " ready." in self.log.read_text() or self.proc.poll() is not None, 60,
+                       interval=0.2, what=f"celery worker {self.name}")  # fmt: skip
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._fh.close()
+
+
+class Olah:
+    """A local Hub (olah, offline) serving git repos of tiny models under ``acme/``."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.commits: dict[str, str] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_model(self, repo_id: str, folder: Path) -> str:
+        import shutil
+
+        dest = self.workdir / "mirrors" / "models" / repo_id
+        shutil.copytree(folder, dest)
+        git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+        subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+        subprocess.run(git + ["commit", "-qm", "init"], cwd=dest, check=True)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=dest, check=True, capture_output=True, text=True
+        )
+        self.commits[repo_id] = sha.stdout.strip()
+        return self.commits[repo_id]
+
+    def start(self) -> Olah:
+        (self.workdir / "olah.toml").write_text(
+            f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "./olah-repos"\n'
+            f'mirrors-path = ["./mirrors"]\n[accessibility]\noffline = true\n'
+        )
+        self.proc = subprocess.Popen(
+            [str(BIN / "olah-cli"), "-c", "olah.toml"],
+            cwd=self.workdir,
+            stdout=open(self.workdir / "olah.log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: port_open(self.port), 30, what="olah")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
