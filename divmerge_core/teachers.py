@@ -15,6 +15,7 @@ a single module whose weights are overwritten in place (never K live models).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,26 @@ def build_module(folder: Path, kind: str, dtype: torch.dtype, device: torch.devi
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     auto = AutoModelForSequenceClassification if kind == CLASSIFICATION else AutoModelForCausalLM
     try:
-        module = auto.from_config(config, trust_remote_code=False)
-    except ValueError as err:
+        # every parameter is overwritten from the checkpoints, so skip the (slow) random init
+        with _no_init_weights(), torch.device(device):
+            module = auto.from_config(config, trust_remote_code=False)
+        module.tie_weights()  # skipped init also skips tying (transformers 5); tied tensors must be shared
+    except (ValueError, AssertionError, TypeError, KeyError) as err:
         raise ConfigError(f"cannot build the model from config.json: {err}", field="base_model") from None
     module.to(device=device, dtype=dtype).eval()
     module.requires_grad_(False)
     return module
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 @dataclass

@@ -17,6 +17,7 @@ from divmerge_core.options import EngineOptions
 from divmerge_core.plan import LearnedCoefficients, MergePlan
 from divmerge_core.progress import Reporter
 from divmerge_core.refs import ResolvedModel, parse_model_ref
+from divmerge_core.teachers import CAUSAL, build_module
 from tests.tiny import make_bert_classifier, make_gpt2, make_tokenizer, perturbed, save
 
 CPU = torch.device("cpu")
@@ -260,6 +261,8 @@ def test_causal_lm_generation_path(gpt2_setup):
     coeffs = learn_coefficients(make_plan(base, experts, data, **kw), device=CPU, reporter=Reporter())
     assert coeffs.losses[-1] < coeffs.losses[0]
     # GPT-2's lm_head is tied to wte: only wte is in the checkpoint and it gets the embeddings group
+    module = build_module(base, CAUSAL, torch.float32, CPU)
+    assert module.lm_head.weight is module.transformer.wte.weight
     assert coeffs.group_of["transformer.wte.weight"] == "embeddings"
     assert "transformer.h.0" in coeffs.groups and "final_norm" in coeffs.groups
 
@@ -305,7 +308,7 @@ def test_run_merge_writes_learned_merge(gpt2_setup, tmp_path):
 def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
     """The stored distribution at each generated position predicts exactly the token the teacher generated."""
     from divmerge_core.data import TaskInputs
-    from divmerge_core.teachers import CAUSAL, annotate_teacher, build_module, encode, load_tokenizer
+    from divmerge_core.teachers import annotate_teacher, encode, load_tokenizer
 
     base, experts, data = gpt2_setup
     tok = load_tokenizer(experts[0])
