@@ -73,9 +73,8 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
     # --- module, task vectors and teachers -----------------------------------------------------------------
     module = build_module(plan.reference.path, kind, dtype, device)
     if kind != CAUSAL and getattr(module.config, "pad_token_id", None) is None:
-        module.config.pad_token_id = (
-            tokenizer.pad_token_id
-        )  # ...ForSequenceClassification finds the last token
+        # ...ForSequenceClassification of decoder models finds each sequence's last token by its padding
+        module.config.pad_token_id = tokenizer.pad_token_id
     slots, merged_names, aliases = _module_slots(module, plan)
     base_ck = Checkpoint(plan.base.path, plan.options)
     tau: dict[str, torch.Tensor] = {}
@@ -118,14 +117,7 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
     theta0 = {n: slots[n].detach() for n in merged_names}
 
     # --- coefficients -----------------------------------------------------------------------------------------
-    groups, group_of = group_tensors(float_names, params.granularity)
-    for alias, canonical in aliases.items():  # a tied copy follows the tensor the forward actually uses
-        if alias in group_of and canonical in group_of:
-            group_of[alias] = group_of[canonical]
-    groups = [g for g in groups if g in set(group_of.values())]
-    if params.granularity != "tensor":
-        for n in plan.tensor_names:
-            group_of.setdefault(n, _fallback_group(n, params.granularity, groups))
+    groups, group_of = _groups(plan, float_names, aliases)
     group_index = {g: i for i, g in enumerate(groups)}
     init = params.init if params.init is not None else 1.0 / n_tasks
     gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
@@ -218,6 +210,26 @@ def _module_slots(
             [f"the checkpoints have no tensor for parameter {u!r}" for u in uncovered[:20]]
         )
     return slots, merged, aliases
+
+
+def _groups(
+    plan: MergePlan, float_names: list[str], aliases: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """Groups over the float tensors; tied aliases join their canonical tensor's group.
+
+    ``group_of`` covers every float tensor, and (task/layer granularity) the non-float ones as well.
+    """
+    granularity = plan.config.parameters.granularity
+    groups, group_of = group_tensors(float_names, granularity)
+    for alias, canonical in aliases.items():  # a tied copy follows the tensor the forward actually uses
+        if alias in group_of and canonical in group_of:
+            group_of[alias] = group_of[canonical]
+    used = set(group_of.values())
+    groups = [g for g in groups if g in used]
+    if granularity != "tensor":
+        for n in plan.tensor_names:
+            group_of.setdefault(n, _fallback_group(n, granularity, groups))
+    return groups, group_of
 
 
 def _fallback_group(name: str, granularity: str, groups: list[str]) -> str:
