@@ -19,7 +19,10 @@ TASK_NAME = "divmerge.run_merge"
 def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": 3,
+        },
         "broker_connection_retry_on_startup": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -56,7 +59,7 @@ def enqueue(settings: Settings, job_id: str, queue: str, countdown: float | None
             queue=queue,
             countdown=countdown,
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "timeout": 3},
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
         )
         return True
     except Exception as err:  # noqa: BLE001 - any broker failure leaves the job to the reconciler

@@ -1,0 +1,146 @@
+"""End to end through the real worker: local models (classic and learned), the Hub download path against
+a local olah Hub with uploads to a test double, and jobs that fail with the documented codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from api.queue import enqueue
+
+pytestmark = pytest.mark.service
+
+
+def card_front_matter(folder: Path) -> dict:
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---")
+    return yaml.safe_load(text.split("---")[1])
+
+
+def test_classic_merge_to_local_path(svc):
+    from transformers import AutoModelForSequenceClassification
+
+    out = svc.models["base"].parent.parent / "outputs" / "classic"
+    job = svc.submit(svc.classic(output={"path": str(out)}))
+    assert job["status"] == "queued" and job["queue"] == "cpu"
+    done = svc.wait(job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    res = done["result"]
+    assert res["destination"] == str(out) and res["coefficients"] is None
+    assert {"config.json", "model.safetensors", "README.md", "merge_config.yaml"} <= set(res["files"])
+    assert set(done["resolved"]) == {str(svc.models[k]) for k in ("base", "ft1", "ft2")}
+    assert done["progress"]["stage"] == "done" and done["started_at"] <= done["finished_at"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.hidden_size == 32
+    assert card_front_matter(out)
+    assert "task_arithmetic" in (out / "README.md").read_text()
+    assert not list(out.parent.glob(".*divmerge*")), "staging folders left behind"
+    assert f"re-enqueued job {job['id']}" not in svc.worker.log.read_text(), "the API's own message was lost"
+
+
+def test_divmerge_with_inline_texts(svc):
+    from transformers import AutoModelForCausalLM
+
+    m = svc.models
+    body = {
+        "merge_method": "divmerge",
+        "base_model": str(m["gpt_base"]),
+        "models": [
+            {"model": str(m["gpt_ft1"]), "data": {"texts": ["a b c", "cat dog up", "red blue", "1 2 3 4"]}},
+            {"model": str(m["gpt_ft2"]), "data": {"texts": ["good bad", "left right . up", "x y z", "9 8"]}},
+        ],
+        "parameters": {"granularity": "task", "epochs": 2, "max_new_tokens": 4, "batch_size_per_task": 2},
+    }
+    job = svc.submit(body)
+    assert job["queue"] == "gpu"
+    done = svc.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    res = done["result"]
+    coeffs = res["coefficients"]
+    assert coeffs["method"] == "divmerge" and len(coeffs["tasks"]) == 2 and coeffs["coefficients"]
+    assert res["metrics"]["steps"] > 0 and res["metrics"]["final_loss"] is not None
+    out = Path(res["destination"])
+    assert out.parent == svc.settings.home / "outputs"
+    AutoModelForCausalLM.from_pretrained(out)
+    assert "divmerge" in (out / "README.md").read_text()
+
+
+def test_hub_models_via_local_hub_and_upload_once(svc, fake_hub_uploads):
+    """Models come from olah (HF_ENDPOINT); the upload goes to FakeHubUploadDouble (olah cannot receive)."""
+    body = {
+        "merge_method": "ties",
+        "base_model": "acme/tiny-base",
+        "models": [{"model": "acme/tiny-ft1@main"}, {"model": "acme/tiny-ft2"}],
+        "parameters": {"density": 0.5},
+        "output": {"repo_id": "team-a/merged-ties"},
+    }
+    done = svc.wait(svc.submit(body)["id"])
+    assert done["status"] == "succeeded", done["error"]
+    commits = svc.olah.commits
+    assert done["resolved"] == {
+        "acme/tiny-base": commits["acme/tiny-base"],
+        "acme/tiny-ft1@main": commits["acme/tiny-ft1"],
+        "acme/tiny-ft2": commits["acme/tiny-ft2"],
+    }
+    uploads = [u for u in fake_hub_uploads() if u["repo_id"] == "team-a/merged-ties"]
+    assert len(uploads) == 1
+    up = uploads[0]
+    assert done["result"]["destination"] == "hf://team-a/merged-ties"
+    assert done["result"]["commit"] == up["commit"] and done["result"]["revision"] == "main"
+    assert up["private"] is True and "README.md" in up["files"]
+    assert up["token_sha256"] == hashlib.sha256(b"hf_team_a_secret_token").hexdigest()  # the team's token
+    card = card_front_matter(svc.fake_hub / "repos" / "team-a/merged-ties" / up["commit"])
+    assert commits["acme/tiny-ft1"] in json.dumps(card)
+    assert not any((svc.settings.home / "tmp").glob(f"{done['id']}*")), "temp files left behind"
+
+
+def test_secrets_never_reach_responses_rows_or_logs(svc):
+    from sqlalchemy import text
+
+    from api.db import get_engine
+
+    with get_engine(svc.settings.db_url).connect() as conn:
+        rows = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM jobs"))])
+    listed = svc.client.get("/v1/merges?limit=100", headers=svc.h()).text
+    logs = "".join(w.log.read_text() for w in svc.workers)
+    for secret in ("hf_team_a_secret_token", "hf_deployment_secret_token", svc.tokens["team-a"]):
+        assert secret not in rows and secret not in listed and secret not in logs
+
+
+def test_bad_inputs_fail_with_codes(svc):
+    m = svc.models
+    cases = {
+        "model_not_found": {
+            **svc.classic(),
+            "models": [{"model": "acme/does-not-exist"}, {"model": str(m["ft1"])}],
+        },
+        "incompatible_models": {
+            **svc.classic(),
+            "models": [{"model": str(m["ft1"])}, {"model": str(m["other"])}],
+        },
+    }
+    missing_local = svc.classic()
+    missing_local["models"][0]["model"] = str(m["base"].parent / "nope")
+    cases["model_not_found (local)"] = missing_local
+    ids = {code: svc.submit(body)["id"] for code, body in cases.items()}
+    for code, job_id in ids.items():
+        done = svc.wait(job_id)
+        assert done["status"] == "failed", done
+        assert done["error"]["code"] == code.split(" ")[0], done["error"]
+        assert done["attempts"] == 1  # not transient: no retry
+        assert "Traceback" not in done["error"]["message"]
+
+
+def test_duplicate_message_for_finished_job_is_dropped(svc):
+    done = svc.wait(svc.submit(svc.classic())["id"])
+    assert done["status"] == "succeeded"
+    assert enqueue(svc.settings, done["id"], "cpu")
+    time.sleep(2)
+    again = svc.get(done["id"])
+    assert again["attempts"] == done["attempts"] and again["finished_at"] == done["finished_at"]
+    assert f"job {done['id']}: not claimable" in svc.worker.log.read_text()
