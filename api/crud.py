@@ -34,6 +34,7 @@ def create_job(
         existing = _by_key(session, team_id, idempotency_key)
         if existing is not None:
             return _same_body(existing, spec_hash), False
+    now = utcnow()
     job = Job(
         id=str(uuid.uuid4()),
         team_id=team_id,
@@ -44,7 +45,8 @@ def create_job(
         queue=queue,
         attempts=0,
         cancel_requested=False,
-        created_at=utcnow(),
+        created_at=now,
+        enqueued_at=now,  # the reconciler re-sends it if it is still queued queued_stale_s from now
     )
     try:
         with session.begin_nested():
@@ -65,10 +67,6 @@ def _same_body(job: Job, spec_hash: str) -> Job:
     if job.spec_hash != spec_hash:
         raise IdempotencyConflict()
     return job
-
-
-def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
 
 def get_job(session: Session, team_id: int, job_id: str) -> Job | None:
