@@ -35,17 +35,17 @@ _PIECES = re.compile(r"\w+|[^\w\s]+")
 
 @dataclass(frozen=True)
 class CausalRecipe:
-    vocab_size: int = 8000
+    vocab_size: int = 4000
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 192
-    pretrain_steps: int = 1200
-    pretrain_batch: int = 32
+    pretrain_steps: int = 400
+    pretrain_batch: int = 16
     pretrain_len: int = 64
-    pretrain_lr: float = 2e-3
-    n_train: int = 2000
-    epochs: int = 2
+    pretrain_lr: float = 3e-3
+    n_train: int = 1000
+    epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 32
     max_words: int = 40
@@ -58,7 +58,7 @@ class CausalRecipe:
 
 CAUSAL_RECIPES = {
     "full": CausalRecipe(),
-    "quick": CausalRecipe(n_layer=2, pretrain_steps=150, n_train=400, epochs=1, vocab_size=4000),
+    "quick": CausalRecipe(n_layer=2, pretrain_steps=150, n_train=400, vocab_size=3000),
 }
 
 
@@ -156,7 +156,7 @@ def build_causal_base(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % 100 == 0:
+        if (step + 1) % 50 == 0:
             log(
                 f"  [causal pretrain] step {step + 1}/{total} loss {loss.item():.3f} ({time.time() - t0:.0f}s)"
             )

@@ -45,6 +45,21 @@ def _cell(c: dict[str, Any] | None) -> str:
     return f"{c['anp']:.1f} [{c['ci_boot'][0]:.1f}, {c['ci_boot'][1]:.1f}]†"
 
 
+def timings(
+    records: list[dict[str, Any]], methods: list[str], ks: list[int]
+) -> dict[str, dict[int, list[float]]]:
+    """timings[method][k] = [mean merge seconds, mean eval seconds] over the finished items."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for m in methods:
+        out[m] = {}
+        for k in ks:
+            items = [r for r in records if r["method"] == m and r["k"] == k]
+            if items:
+                n = len(items)
+                out[m][k] = [sum(r["merge_s"] for r in items) / n, sum(r["eval_s"] for r in items) / n]
+    return out
+
+
 def markdown(
     title: str,
     table: dict[str, dict[int, dict[str, Any]]],
@@ -52,6 +67,7 @@ def markdown(
     setup_md: str,
     expert_rows: list[tuple[str, float, int]],
     notes: list[str],
+    times: dict[str, dict[int, list[float]]] | None = None,
 ) -> str:
     lines = [f"# {title}", "", setup_md, "", "## ANP (x100) by number of merged tasks k", ""]
     lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
@@ -76,6 +92,17 @@ def markdown(
         "| --- | ---: | ---: |",
     ]
     lines += [f"| {t} | {100 * a:.1f} | {n} |" for t, a, n in expert_rows]
+    if times:
+        lines += [
+            "",
+            "## Timings (seconds per merge / per evaluation of the merged model, mean over combinations)",
+            "",
+        ]
+        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in ks) + " |")
+        for m, row in times.items():
+            cells = [f"{row[k][0]:.0f} / {row[k][1]:.0f}" if k in row else "–" for k in ks]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -114,7 +141,8 @@ def write_report(
     ks, table = payload["ks"], payload["table"]
     experts = [(t, e["acc"], e["n"]) for t, e in payload["experts"].items()]
     md = out_dir / f"{stem}.md"
-    md.write_text(markdown(title, table, ks, setup_md, experts, notes), encoding="utf-8")
+    times = timings(payload.get("records", []), list(table), ks)
+    md.write_text(markdown(title, table, ks, setup_md, experts, notes, times), encoding="utf-8")
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     png = out_dir / f"{stem}.png"

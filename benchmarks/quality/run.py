@@ -26,7 +26,7 @@ from .report import aggregate, write_report
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _learned(num_samples: int, epochs: int, max_length: int, **extra: Any) -> dict[str, Any]:
+def _learned(epochs: int, max_length: int, **extra: Any) -> dict[str, Any]:
     return {"lr": 0.05, "epochs": epochs, "batch_size_per_task": 4, "max_length": max_length, **extra}
 
 
@@ -40,25 +40,25 @@ MODES: dict[str, Mode] = {
         {2: 1, 3: 1},
         eval_n=100,
         num_samples=16,
-        learned=_learned(16, 1, 64),
+        learned=_learned(1, 64),
     ),
     "reduced": Mode(
         "reduced",
         GLUE_TASKS,
         (2, 3, 5, 7),
-        {2: 2, 3: 1, 5: 1, 7: 1},
-        eval_n=200,
-        num_samples=32,
-        learned=_learned(32, 2, 64),
+        {2: 1, 3: 1, 5: 1, 7: 1},
+        eval_n=100,
+        num_samples=24,
+        learned=_learned(2, 64),
     ),
     "full": Mode(
         "full",
         GLUE_TASKS,
         (2, 3, 4, 5, 6, 7),
-        {2: None, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
-        eval_n=300,
-        num_samples=64,
-        learned=_learned(64, 2, 128),
+        {2: None, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1},
+        eval_n=200,
+        num_samples=32,
+        learned=_learned(2, 128),
     ),
 }
 #: Causal-track modes (smaller: fewer tasks and combinations).
@@ -70,16 +70,16 @@ CAUSAL_MODES: dict[str, Mode] = {
         {2: 1},
         eval_n=100,
         num_samples=16,
-        learned=_learned(16, 1, 128, max_new_tokens=4),
+        learned=_learned(1, 128, max_new_tokens=4),
     ),
     "reduced": Mode(
         "reduced",
         ("sst2", "qnli", "qqp", "mnli"),
         (2, 3, 4),
-        {2: 2, 3: 2, 4: 1},
+        {2: 2, 3: 1, 4: 1},
         eval_n=200,
-        num_samples=32,
-        learned=_learned(32, 2, 128, max_new_tokens=4),
+        num_samples=24,
+        learned=_learned(2, 128, max_new_tokens=4),
     ),
     "full": Mode(
         "full",
@@ -87,8 +87,8 @@ CAUSAL_MODES: dict[str, Mode] = {
         (2, 3, 4),
         {2: None, 3: None, 4: 1},
         eval_n=300,
-        num_samples=64,
-        learned=_learned(64, 2, 128, max_new_tokens=4),
+        num_samples=32,
+        learned=_learned(2, 128, max_new_tokens=4),
     ),
 }
 

@@ -23,19 +23,21 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from .data import Task, UnionHead, subset
 from .evaluate import encode
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Fine-tuning recipe of one expert (every field enters the cache key)."""
 
-    n_train: int = 640
+    n_train: int = 512
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 16
     max_length: int = 128
     warmup_ratio: float = 0.1
+    #: freeze the embedding block (word/position/type embeddings + LayerNorm): cheaper steps
+    freeze_embeddings: bool = True
     seed: int = 0
 
     def key(self, *parts: str) -> str:
@@ -129,7 +131,10 @@ def train_expert(base: Path, task: Task, head: UnionHead, recipe: Recipe, out: P
     steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     warm = max(1, int(recipe.warmup_ratio * total))
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    if recipe.freeze_embeddings:
+        model.bert.embeddings.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
     )
@@ -142,14 +147,14 @@ def train_expert(base: Path, task: Task, head: UnionHead, recipe: Recipe, out: P
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor([ex.label for ex in batch]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
             losses.append(loss.item())
-            if step % 20 == 0 or step == total:
+            if step % 8 == 0 or step == total:
                 log(
-                    f"  [{task.name}] step {step}/{total} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}"
+                    f"  [{task.name}] step {step}/{total} loss {sum(losses[-8:]) / len(losses[-8:]):.4f}"
                     f" ({time.time() - t0:.0f}s)"
                 )
     model.eval()
