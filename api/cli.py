@@ -20,6 +20,18 @@ def _prepare_db(settings: Settings) -> None:
         migrate(settings.db_url)
 
 
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM when the server dies, however it dies (uvicorn re-raises
+    SIGTERM after its graceful shutdown, which skips our ``finally``)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # elsewhere the worker notices its parent is gone at its next poll
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -30,7 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = None
     if settings.embedded and not args.no_worker:
         # a separate process, launched by module name: the API process never imports torch or worker code
-        worker = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env=os.environ.copy())
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.embedded"], env=os.environ.copy(), preexec_fn=_die_with_parent
+        )
         print(f"divmerge: embedded worker started (pid {worker.pid}); database {settings.db_url}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)

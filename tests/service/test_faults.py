@@ -23,7 +23,11 @@ def running_with_progress(svc, job_id: str, min_step: int = 1):
     def check():
         job = svc.get(job_id)
         p = job["progress"] or {}
-        return job if job["status"] == "running" and p.get("stage") == "write" and p["step"] >= min_step else None
+        return (
+            job
+            if job["status"] == "running" and p.get("stage") == "write" and p["step"] >= min_step
+            else None
+        )
 
     return wait_until(check, 60, interval=0.05, what=f"job {job_id} writing")
 
@@ -101,8 +105,14 @@ def test_job_whose_workers_keep_dying_fails_worker_lost(svc):
         s.execute(
             update(Job)
             .where(Job.id == job["id"])
-            .values(status="running", attempts=svc.settings.max_attempts, finished_at=None, upload=None,
-                    result=None, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))  # fmt: skip
+            .values(
+                status="running",
+                attempts=svc.settings.max_attempts,
+                finished_at=None,
+                upload=None,
+                result=None,
+                lease_expires_at=datetime.now(UTC) - timedelta(seconds=1),
+            )  # fmt: skip
         )
     done = svc.wait(job["id"], timeout=20)
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"

@@ -1,0 +1,67 @@
+"""The embedded default: ``divmerge serve`` with no configuration (SQLite in DIVMERGE_HOME, a worker process
+polling it) runs a job end to end, no Postgres or Redis involved."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import httpx
+import pytest
+
+from .procs import BIN, REPO, free_port, wait_until
+
+pytestmark = pytest.mark.service
+
+
+def test_serve_embedded_runs_a_job(svc, tmp_path):
+    home = tmp_path / "divmerge-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIVMERGE_", "HF_"))}
+    env.update(
+        DIVMERGE_HOME=str(home), DIVMERGE_LOCAL_ROOTS=str(svc.models["base"].parent), PYTHONPATH=str(REPO)
+    )
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    server = subprocess.Popen([str(BIN / "divmerge"), "serve", "--port", str(port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        token = svc.cli("token", "create", "--team", "solo", env=env).strip().splitlines()[-1]
+        base = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, interval=0.2, what="divmerge serve")
+        assert httpx.get(f"{base}/readyz").json()["checks"] == {"database": "ok", "broker": "embedded"}
+        h = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"{base}/v1/merges", json=svc.classic(), headers=h)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+
+        def finished():
+            job = httpx.get(f"{base}/v1/merges/{job_id}", headers=h).json()
+            return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 90, interval=0.3, what="the embedded job")
+        assert job["status"] == "succeeded", job["error"]
+        assert (home / "divmerge.db").exists()
+        assert (home / "outputs" / job_id / "model.safetensors").exists()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+    def worker_gone():
+        ps = subprocess.run(
+            ["pgrep", "-g", str(server.pid), "-f", "worker.embedded"], capture_output=True, text=True
+        )
+        return not ps.stdout.strip()
+
+    wait_until(worker_gone, 10, what="the embedded worker to exit with the server")
