@@ -141,7 +141,9 @@ class _Merger:
     def merge(self, name: str) -> torch.Tensor:
         if not self.reference.dtype(name).is_floating_point:
             return self.reference.get(name)  # integer/bool buffers are copied, never merged
-        base = self.base.get(name, self.cdtype, self.device) if self.base else None
+        # linear ignores the base (unless it is listed among the models)
+        use_base = self.base is not None and self.config.merge_method != "linear"
+        base = self.base.get(name, self.cdtype, self.device) if use_base else None
         tensors = [m.get(name, self.cdtype, self.device) for m in self.models]
         if self.coeffs is not None:
             return self._learned(name, base, tensors)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from divmerge_core import EngineOptions, parse_config, run_merge
 from divmerge_core.errors import MergeCancelled, OutputExistsError
+from divmerge_core.loading import Checkpoint
 from divmerge_core.safetensors_writer import INDEX_FILE, ShardedSafetensorsWriter, TensorSpec
 
 from .merge_models import bert_family, config_dict, gpt2_family
@@ -26,6 +27,7 @@ def _tensors() -> dict[str, torch.Tensor]:
         "d.bf16": torch.randn(3, 3, generator=gen).bfloat16(),
         "e.flag": torch.tensor([True, False, True]),
         "f.scalar": torch.tensor(3.5),
+        "g.empty": torch.zeros(0, 3),
     }
 
 
@@ -42,6 +44,7 @@ def test_sharded_round_trip(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*files, INDEX_FILE])
+    assert writer.close() == [*files, INDEX_FILE]
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert set(index["weight_map"]) == set(tensors)
     for name, fname in index["weight_map"].items():
@@ -50,6 +53,10 @@ def test_sharded_round_trip(tmp_path):
             assert torch.equal(f.get_tensor(name), tensors[name])
         raw = (tmp_path / fname).read_bytes()
         assert int.from_bytes(raw[:8], "little") % 8 == 0
+    (tmp_path / "config.json").write_text("{}")
+    with Checkpoint(tmp_path) as ckpt:  # the engine's own positioned reads agree
+        for name, tensor in tensors.items():
+            assert ckpt.dtype(name) == tensor.dtype and torch.equal(ckpt.get(name), tensor)
 
 
 def test_single_file_when_it_fits(tmp_path):

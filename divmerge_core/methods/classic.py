@@ -69,9 +69,9 @@ def random_prune(
 
 def _sign_mask(stacked: Tensor) -> Tensor:
     """TIES sign election by total mass: keep entries whose sign agrees with the sign of the sum."""
-    sign = stacked.sign()
-    majority = torch.where(stacked.sum(dim=0) >= 0, 1, -1)
-    return sign == majority
+    total = stacked.sum(dim=0)
+    majority = torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)  # same test as peft, without int64
+    return stacked.sign() == majority
 
 
 def _disjoint(weighted: Tensor, mask: Tensor, mean: bool) -> Tensor:
