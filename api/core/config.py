@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore", env_ignore_empty=True)
 
     # --- where things live
     home: Path = Field(Path("~/.divmerge"), description="embedded DB, local outputs and temp files")
