@@ -41,6 +41,9 @@ class _Progress:
     def __call__(self, event: ProgressEvent) -> None:
         if not self.enabled:
             return
+        if event.stage == "done":
+            self.close()
+            return
         from tqdm import tqdm
 
         if event.stage != self.stage or self.bar is None:
