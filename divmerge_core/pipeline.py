@@ -228,10 +228,12 @@ def run_merge(
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     force: bool = False,
+    plan: MergePlan | None = None,
 ) -> MergeResult:
     """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
 
-    ``force`` replaces an existing non-empty ``out_dir``. Raises a :class:`DivMergeError` on any failure,
+    ``force`` replaces an existing non-empty ``out_dir``. ``plan``, from an earlier :func:`prepare` of the
+    same config, skips resolving and validating again. Raises a :class:`DivMergeError` on any failure,
     leaving nothing at ``out_dir``.
     """
     start = time.perf_counter()
@@ -239,7 +241,10 @@ def run_merge(
     reporter = Reporter(progress, should_stop)
     out = check_output_dir(out_dir, force)  # fail fast, before any download or optimisation
     dev = resolve_device(device)
-    plan = prepare(config, options, reporter)
+    if plan is None:
+        plan = prepare(config, options, reporter)
+    elif plan.config is not config:
+        raise ValueError("run_merge: the plan was prepared for another config")
     coeffs: LearnedCoefficients | None = None
     if config.merge_method in LEARNED_METHODS:
         from .learned import learn_coefficients

@@ -80,7 +80,8 @@ def test_pipeline_matches_formula(tmp_path):
     fam = bert_family(tmp_path, n=2)
     cfg = config_dict("task_arithmetic", fam["base"], [fam["t1"], fam["t2"]], **{"lambda": 0.5})
     cfg["models"][0]["parameters"] = {"weight": 0.3}
-    result = run_merge(parse_config(cfg), tmp_path / "out")
+    config = parse_config(cfg)
+    result = run_merge(config, tmp_path / "out", plan=prepare(config))  # a plan made earlier is reused
     merged = load_file(result.out_dir / "model.safetensors")
     base, t1, t2 = (load_file(fam[k] / "model.safetensors") for k in ("base", "t1", "t2"))
     for name, value in merged.items():
