@@ -195,12 +195,18 @@ def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
         tmp_path / "res",
         "q",
         "T",
-        {"ks": [2], "table": table, "experts": {t: {"acc": 1.0, "n": 6} for t in mode.tasks}},
+        {
+            "ks": [2],
+            "table": table,
+            "records": records,
+            "experts": {t: {"acc": 1.0, "n": 6} for t in mode.tasks},
+        },
         "setup",
         ["a note"],
     )
     md = files[0].read_text()
     assert "| divmerge_layer_js |" in md and "†" in md and "a note" in md
+    assert "divmerge_layer_js (sst2+mnli): sst2 " in md and "loss " in md
     assert files[2].stat().st_size > 1000 and json.loads(files[1].read_text())["ks"] == [2]
 
 

@@ -150,8 +150,17 @@ def run_one(
     shutil.rmtree(out, ignore_errors=True)
     try:
         t0 = time.time()
+        losses: list[float] = []
+        stage_s: dict[str, float] = {}
+
+        def progress(ev: Any) -> None:  # profile: first time each stage is reported, and the loss curve
+            stage_s.setdefault(ev.stage, round(time.time() - t0, 2))
+            if ev.stage == "optimise" and ev.loss is not None:
+                losses.append(float(ev.loss))
+
         config = parse_config(merge_config(track, spec, combo, mode))
-        result = run_merge(config, out, device="cpu")
+        result = run_merge(config, out, device="cpu", progress=progress)
+        rec["losses"], rec["stage_s"] = losses, stage_s
         rec["merge_s"] = round(time.time() - t0, 2)
         t1 = time.time()
         correct = track.evaluate(out, list(combo))

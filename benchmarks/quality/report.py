@@ -60,6 +60,25 @@ def timings(
     return out
 
 
+def coefficient_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Per learned method at the largest k: each task's mean coefficient over groups and the loss curve."""
+    learned = [r for r in records if r.get("coefficients")]
+    if not learned:
+        return []
+    k = max(r["k"] for r in learned)
+    out = []
+    for r in sorted((r for r in learned if r["k"] == k), key=lambda r: (r["method"], r["combo"])):
+        rows = list(r["coefficients"]["coefficients"].values())
+        parts = []
+        for path, task in zip(r["coefficients"]["tasks"], r["combo"], strict=False):
+            vals = [row[path] for row in rows]
+            parts.append(f"{task} {sum(vals) / len(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]")
+        loss = r.get("losses") or []
+        curve = f"; loss {loss[0]:.4f} -> {loss[-1]:.4f} over {len(loss)} steps" if loss else ""
+        out.append(f"* {r['method']} ({'+'.join(r['combo'])}): " + ", ".join(parts) + curve)
+    return out
+
+
 def markdown(
     title: str,
     table: dict[str, dict[int, dict[str, Any]]],
@@ -68,6 +87,7 @@ def markdown(
     expert_rows: list[tuple[str, float, int]],
     notes: list[str],
     times: dict[str, dict[int, list[float]]] | None = None,
+    coeffs: list[str] | None = None,
 ) -> str:
     lines = [f"# {title}", "", setup_md, "", "## ANP (x100) by number of merged tasks k", ""]
     lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
@@ -103,6 +123,9 @@ def markdown(
         for m, row in times.items():
             cells = [f"{row[k][0]:.0f} / {row[k][1]:.0f}" if k in row else "–" for k in ks]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if coeffs:
+        lines += ["", "## Learned coefficients (largest k run; mean over groups, [min, max])", ""]
+        lines += coeffs
     if notes:
         lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -142,7 +165,8 @@ def write_report(
     experts = [(t, e["acc"], e["n"]) for t, e in payload["experts"].items()]
     md = out_dir / f"{stem}.md"
     times = timings(payload.get("records", []), list(table), ks)
-    md.write_text(markdown(title, table, ks, setup_md, experts, notes, times), encoding="utf-8")
+    coeffs = coefficient_lines(payload.get("records", []))
+    md.write_text(markdown(title, table, ks, setup_md, experts, notes, times, coeffs), encoding="utf-8")
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     png = out_dir / f"{stem}.png"
