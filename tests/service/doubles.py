@@ -10,10 +10,24 @@ import uuid
 from pathlib import Path
 
 
+class _Response:
+    def __init__(self, status_code: int):
+        self.status_code = status_code
+
+
+class FakeHubServerError(Exception):
+    """Shaped like huggingface_hub's HTTP errors: carries ``response.status_code``."""
+
+    def __init__(self, status_code: int):
+        super().__init__(f"HTTP {status_code}")
+        self.response = _Response(status_code)
+
+
 class FakeHubUploadDouble:
     """Stands in for :class:`worker.upload.HubUploader` (olah is download-only). Records every upload in
     ``$DIVMERGE_TEST_FAKE_HUB_DIR/uploads.jsonl`` and keeps a copy of the files; the token is recorded only
-    as a hash, to check which one the worker used."""
+    as a hash, to check which one the worker used. The first upload to a repo named ``*flaky*`` fails with
+    HTTP 503, to exercise the transient-error retry."""
 
     def __init__(self, token: str | None):
         self.root = Path(os.environ["DIVMERGE_TEST_FAKE_HUB_DIR"])
@@ -34,6 +48,10 @@ class FakeHubUploadDouble:
         return None
 
     def upload(self, folder: Path, repo_id: str, *, private: bool, message: str) -> tuple[str, str]:
+        flaky = self.root / f"failed-once-{repo_id.replace('/', '__')}"
+        if "flaky" in repo_id and not flaky.exists():  # the first upload to a 'flaky' repo answers 503
+            flaky.touch()
+            raise FakeHubServerError(503)
         commit = uuid.uuid4().hex + uuid.uuid4().hex[:8]
         shutil.copytree(folder, self.root / "repos" / repo_id / commit)
         rec = {

@@ -99,6 +99,16 @@ def test_hub_models_via_local_hub_and_upload_once(svc, fake_hub_uploads):
     assert not any((svc.settings.home / "tmp").glob(f"{done['id']}*")), "temp files left behind"
 
 
+def test_transient_hub_error_is_retried_with_backoff(svc, fake_hub_uploads):
+    job = svc.submit(svc.classic(output={"repo_id": "team-a/flaky-repo", "private": False}))
+    done = svc.wait(job["id"], timeout=60)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and done["error"] is None
+    uploads = [u for u in fake_hub_uploads() if u["repo_id"] == "team-a/flaky-repo"]
+    assert len(uploads) == 1 and uploads[0]["private"] is False
+    assert f"job {job['id']}: transient hub_unavailable" in svc.worker.log.read_text()
+
+
 def test_secrets_never_reach_responses_rows_or_logs(svc):
     from sqlalchemy import text
 
