@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from .data import Task, UnionHead, subset
 from .evaluate import encode
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Recipe:
     n_train: int = 512
     epochs: int = 1
     lr: float = 1e-4
+    #: learning rate of the (randomly initialised) classifier: with ~30 steps the head must move fast
+    head_lr: float = 3e-3
     batch_size: int = 16
     max_length: int = 128
     warmup_ratio: float = 0.1
@@ -134,7 +136,11 @@ def train_expert(base: Path, task: Task, head: UnionHead, recipe: Recipe, out: P
     if recipe.freeze_embeddings:
         model.bert.embeddings.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    head = [model.classifier.weight, model.classifier.bias]
+    body = [p for p in params if all(p is not h for h in head)]
+    opt = torch.optim.AdamW(
+        [{"params": body, "lr": recipe.lr}, {"params": head, "lr": recipe.head_lr}], weight_decay=0.0
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
     )
