@@ -171,6 +171,7 @@ def _run_claimed(
             device=settings.device,
             progress=progress,
             should_stop=lease.should_stop,
+            plan=plan,
         )
         if lease.lost.is_set():
             raise MergeCancelled("lease lost")
