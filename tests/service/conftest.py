@@ -144,6 +144,11 @@ def svc(tmp_path_factory):
     olah = Olah(tmp / "olah")
     for name in ("base", "ft1", "ft2"):
         olah.add_model(f"acme/tiny-{name}", models[name])
+    texts = roots / "datasets" / "tiny-texts"
+    texts.mkdir(parents=True)
+    rows = ["a b c", "cat dog up", "red blue", "1 2 3 4", "yes no yes", "left right"]
+    (texts / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    olah.add_model("acme/tiny-texts", texts, repo_type="datasets")
     olah.start()
     redis = RedisServer(tmp / "redis").start()
     db = PostgresDB().create()

@@ -158,10 +158,10 @@ class Olah:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add_model(self, repo_id: str, folder: Path) -> str:
+    def add_model(self, repo_id: str, folder: Path, repo_type: str = "models") -> str:
         import shutil
 
-        dest = self.workdir / "mirrors" / "models" / repo_id
+        dest = self.workdir / "mirrors" / repo_type / repo_id
         shutil.copytree(folder, dest)
         git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
         subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)

@@ -43,7 +43,7 @@ def test_classic_merge_to_local_path(svc):
     assert f"re-enqueued job {job['id']}" not in svc.worker.log.read_text(), "the API's own message was lost"
 
 
-def test_divmerge_with_inline_texts(svc):
+def test_divmerge_with_hub_dataset_and_inline_texts(svc):
     from transformers import AutoModelForCausalLM
 
     m = svc.models
@@ -51,7 +51,7 @@ def test_divmerge_with_inline_texts(svc):
         "merge_method": "divmerge",
         "base_model": str(m["gpt_base"]),
         "models": [
-            {"model": str(m["gpt_ft1"]), "data": {"texts": ["a b c", "cat dog up", "red blue", "1 2 3 4"]}},
+            {"model": str(m["gpt_ft1"]), "data": {"dataset": "acme/tiny-texts", "num_samples": 4}},
             {"model": str(m["gpt_ft2"]), "data": {"texts": ["good bad", "left right . up", "x y z", "9 8"]}},
         ],
         "parameters": {"granularity": "task", "epochs": 2, "max_new_tokens": 4, "batch_size_per_task": 2},
@@ -64,6 +64,7 @@ def test_divmerge_with_inline_texts(svc):
     coeffs = res["coefficients"]
     assert coeffs["method"] == "divmerge" and len(coeffs["tasks"]) == 2 and coeffs["coefficients"]
     assert res["metrics"]["steps"] > 0 and res["metrics"]["final_loss"] is not None
+    assert done["resolved"]["acme/tiny-texts"] == svc.olah.commits["acme/tiny-texts"]  # dataset from the local Hub
     out = Path(res["destination"])
     assert out.parent == svc.settings.home / "outputs"
     AutoModelForCausalLM.from_pretrained(out)
