@@ -50,14 +50,17 @@ def test_cancel_running_job(svc):
 
 
 def test_kill9_worker_mid_job_recovers_and_uploads_once(svc, fake_hub_uploads):
-    svc.ensure_worker()
+    """Worker A (slowed down) runs the job; worker B stands by; kill -9 A mid-job. B's reconciler sees the
+    lease expire, re-sends the job, B claims it (attempt 2) and delivers it once."""
+    svc.stop_worker()
+    a = svc.new_worker(DIVMERGE_STEP_DELAY_S="0.06")
     repo = "team-a/after-kill"
     job = svc.submit(svc.classic("deep_", output={"repo_id": repo}))
-    running_with_progress(svc, job["id"], min_step=20)
-    victim = svc.worker
-    victim.kill9()
+    running_with_progress(svc, job["id"])
+    b = svc.new_worker()  # the standby: started while A works, so that recovery is not worker start-up time
+    running_with_progress(svc, job["id"], min_step=40)
+    a.kill9()
     t_kill = time.monotonic()
-    svc.new_worker(wait=False)
 
     def reclaimed():
         j = svc.get(job["id"])
@@ -67,15 +70,18 @@ def test_kill9_worker_mid_job_recovers_and_uploads_once(svc, fake_hub_uploads):
     t_reclaim = time.monotonic() - t_kill
     done = svc.wait(job["id"], timeout=90)
     t_done = time.monotonic() - t_kill
-    numbers = {"lease_s": svc.settings.lease_s, "reclaimed_after_s": round(t_reclaim, 2),
-               "succeeded_after_s": round(t_done, 2), "job_run_s": done["result"]["metrics"]["wall_s"]}  # fmt: skip
+    numbers = {"lease_s": svc.settings.lease_s, "heartbeat_s": svc.settings.heartbeat_s,
+               "reconcile_interval_s": svc.settings.reconcile_interval_s,
+               "reclaimed_after_kill_s": round(t_reclaim, 2), "succeeded_after_kill_s": round(t_done, 2),
+               "rerun_wall_s": done["result"]["metrics"]["wall_s"]}  # fmt: skip
     print(f"\nkill -9 recovery: {json.dumps(numbers)}")
     (svc.tmp / "recovery.json").write_text(json.dumps(numbers))
     assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert f"re-enqueued job {job['id']}" in b.log.read_text()
     uploads = [u for u in fake_hub_uploads() if u["repo_id"] == repo]
     assert len(uploads) == 1 and done["result"]["commit"] == uploads[0]["commit"]
     assert not any((svc.settings.home / "tmp").glob(f"{job['id']}*")), "scratch of the killed attempt left"
-    assert t_reclaim >= svc.settings.lease_s * 0.5  # not before the lease could expire
+    assert t_reclaim >= svc.settings.lease_s - 2 * svc.settings.heartbeat_s  # not before the lease expired
 
 
 def test_redis_loses_messages(svc):
