@@ -141,6 +141,7 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
 def _run_claimed(
     claim: crud.Claim, config: MergeConfig, team: str, settings: Settings, lease: Lease
 ) -> Outcome:
+    from divmerge_core.output import check_output_dir
     from divmerge_core.pipeline import prepare, run_merge
 
     options = EngineOptions(
@@ -164,6 +165,8 @@ def _run_claimed(
         )
         if dest is not None:
             _remove_local_leftovers(dest, claim.job_id)
+            if not upload.local_already_delivered(dest, claim.job_id):
+                check_output_dir(dest)  # fail fast (output_exists) before any work
         result = run_merge(
             config,
             staged,

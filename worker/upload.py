@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from divmerge_core.errors import DivMergeError, TransientError
+from divmerge_core.errors import DivMergeError, OutputExistsError, TransientError
 
 #: Written into local outputs and Hub commit messages: lets a retry see that this job already delivered.
 MARKER_FILE = ".divmerge-job.json"
@@ -108,8 +108,6 @@ def deliver_local(staged: Path, dest: Path, job_id: str) -> Delivery:
     try:
         os.rename(staged, dest)
     except OSError as err:
-        from divmerge_core.errors import OutputExistsError
-
         if dest.exists():
             raise OutputExistsError(f"output path {str(dest)!r} already exists") from None
         raise UploadError(f"cannot move the result into {str(dest)!r}: {err.strerror}") from None

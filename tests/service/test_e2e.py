@@ -64,7 +64,9 @@ def test_divmerge_with_hub_dataset_and_inline_texts(svc):
     coeffs = res["coefficients"]
     assert coeffs["method"] == "divmerge" and len(coeffs["tasks"]) == 2 and coeffs["coefficients"]
     assert res["metrics"]["steps"] > 0 and res["metrics"]["final_loss"] is not None
-    assert done["resolved"]["acme/tiny-texts"] == svc.olah.commits["acme/tiny-texts"]  # dataset from the local Hub
+    assert (
+        done["resolved"]["acme/tiny-texts"] == svc.olah.commits["acme/tiny-texts"]
+    )  # dataset from the local Hub
     out = Path(res["destination"])
     assert out.parent == svc.settings.home / "outputs"
     AutoModelForCausalLM.from_pretrained(out)
@@ -138,6 +140,7 @@ def test_bad_inputs_fail_with_codes(svc):
     missing_local = svc.classic()
     missing_local["models"][0]["model"] = str(m["base"].parent / "nope")
     cases["model_not_found (local)"] = missing_local
+    cases["output_exists"] = svc.classic(output={"path": str(m["ft2"])})  # an existing, non-empty folder
     ids = {code: svc.submit(body)["id"] for code, body in cases.items()}
     for code, job_id in ids.items():
         done = svc.wait(job_id)
