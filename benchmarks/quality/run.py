@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=None, help="task data folder (default ../shared/data)")
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared, oversubscribed CPU 2 threads spin)",
+    )
     ap.add_argument("--methods", nargs="*", help="only these table rows")
     ap.add_argument("--deadline", help="UTC HH:MM after which no new merge starts (report what finished)")
     ap.add_argument("--note", action="append", help="a note for the report (repeatable)")

@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parents[1] / ".cache")
     ap.add_argument("--mode", choices=sorted(RECIPES), default="full")
     ap.add_argument("--tasks", nargs="*", default=list(GLUE_TASKS))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared, oversubscribed CPU 2 threads spin)",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
