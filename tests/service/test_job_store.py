@@ -1,0 +1,135 @@
+"""The job store's exactly-once rules on a real PostgreSQL (its own database: no worker or reconciler)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from api import crud
+from api.db import get_engine, migrate, session_scope
+from api.models import Job, Team, utcnow
+
+from .procs import PostgresDB
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def url():
+    db = PostgresDB().create()
+    try:
+        migrate(db.url)
+        with session_scope(db.url) as s:
+            s.add(Team(id=1, name="t"))
+        yield db.url
+    finally:
+        get_engine(db.url).dispose()
+        db.drop()
+
+
+def new_job(url: str) -> str:
+    with session_scope(url) as s:
+        job, _ = crud.create_job(s, team_id=1, spec={}, spec_hash="h", queue="q", idempotency_key=None)
+        return job.id
+
+
+def expire(url: str, job_id: str) -> None:
+    with session_scope(url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def claim(url: str, job_id: str, worker: str, max_attempts: int = 3):
+    with session_scope(url) as s:
+        return crud.claim(s, job_id, worker, lease_s=30, max_attempts=max_attempts)
+
+
+def status(url: str, job_id: str) -> Job:
+    with session_scope(url) as s:
+        return crud.load(s, job_id)
+
+
+def test_concurrent_claims_one_winner(url):
+    job_id = new_job(url)
+    wins, barrier = [], threading.Barrier(8)
+
+    def go(i):
+        barrier.wait()
+        if claim(url, job_id, f"w{i}") is not None:
+            wins.append(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and status(url, job_id).attempts == 1
+
+
+def test_live_lease_blocks_expired_lease_allows_and_fences_the_old_owner(url):
+    job_id = new_job(url)
+    first = claim(url, job_id, "a")
+    assert first is not None and claim(url, job_id, "b") is None  # duplicate message dropped
+    expire(url, job_id)
+    second = claim(url, job_id, "b")
+    assert second is not None and second.attempt == 2
+    with session_scope(url) as s:  # the old owner comes back to life: all its writes are refused
+        assert crud.heartbeat(s, first, 30) == (False, False)
+        assert not crud.update_running(s, first, progress={"stage": "x"})
+        assert not crud.finish(s, first, "succeeded")
+        assert crud.finish(s, second, "succeeded")
+    assert claim(url, job_id, "c") is None and status(url, job_id).status == "succeeded"
+
+
+def test_out_of_attempts_is_worker_lost_and_cancel_wins(url):
+    job_id = new_job(url)
+    assert claim(url, job_id, "a", max_attempts=1) is not None
+    expire(url, job_id)
+    assert claim(url, job_id, "b", max_attempts=1) is None
+    job = status(url, job_id)
+    assert job.status == "failed" and job.error_code == "worker_lost"
+
+    other = new_job(url)
+    assert claim(url, other, "a") is not None
+    with session_scope(url) as s:
+        crud.cancel_job(s, 1, other)
+    expire(url, other)
+    assert claim(url, other, "b") is None and status(url, other).status == "cancelled"
+
+
+def test_reconciler_selection(url):
+    fresh, stale, lost = new_job(url), new_job(url), new_job(url)
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == stale).values(enqueued_at=utcnow() - timedelta(seconds=60)))
+    assert claim(url, lost, "a") is not None
+    expire(url, lost)
+    with session_scope(url) as s:  # as in life: enqueued long before its lease ran out
+        s.execute(update(Job).where(Job.id == lost).values(enqueued_at=utcnow() - timedelta(seconds=10)))
+    with session_scope(url) as s:
+        picked = {j for j, _ in crud.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
+    assert stale in picked and lost in picked and fresh not in picked
+    with session_scope(url) as s:  # just re-sent: not again until stale again
+        again = {j for j, _ in crud.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
+    assert not again & {stale, lost}
+
+
+def test_transient_requeue_waits_for_run_after(url):
+    job_id = new_job(url)
+    c = claim(url, job_id, "a")
+    with session_scope(url) as s:
+        assert crud.requeue(s, c, 0.5, "hub_unavailable", "HTTP 503")
+        assert crud.next_claimable(s) != job_id
+    time.sleep(0.6)
+    with session_scope(url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id != job_id, Job.status.in_(["queued", "running"]))
+            .values(status="cancelled")
+        )
+        assert crud.next_claimable(s) == job_id
+    assert claim(url, job_id, "b").attempt == 2
