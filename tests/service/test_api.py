@@ -192,3 +192,12 @@ def test_api_imports_neither_torch_nor_worker():
     code = "import sys, api.main, api.cli; bad = [m for m in ('torch', 'worker') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_imports_no_api_routes():
+    code = (
+        "import sys, worker.runner, worker.reconciler, worker.embedded, worker.upload;"
+        "print([m for m in sys.modules if m.startswith(('api.routers', 'api.main', 'api.security'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
