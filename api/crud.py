@@ -131,6 +131,11 @@ def count_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
 
+def queued_by_queue(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue))
+    return dict(rows.all())
+
+
 def recent_durations(session: Session, since: datetime, limit: int = 10_000) -> list[tuple[str, float]]:
     rows = session.execute(
         select(Job.status, Job.started_at, Job.finished_at)

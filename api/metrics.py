@@ -26,12 +26,16 @@ class JobCollector:
     def collect(self):
         with session_scope(self.settings.db_url) as s:
             counts = crud.count_by_status(s)
+            queued = crud.queued_by_queue(s)
             durations = crud.recent_durations(s, utcnow() - timedelta(hours=24))
         jobs = GaugeMetricFamily("divmerge_jobs", "jobs by status", labels=["status"])
         for st in STATUSES:
             jobs.add_metric([st], counts.get(st, 0))
         yield jobs
-        yield GaugeMetricFamily("divmerge_queue_depth", "jobs waiting to run", value=counts.get("queued", 0))
+        depth = GaugeMetricFamily("divmerge_queue_depth", "queued jobs per queue", labels=["queue"])
+        for q in sorted({self.settings.gpu_queue, self.settings.cpu_queue, *queued}):
+            depth.add_metric([q], queued.get(q, 0))
+        yield depth
         hist = HistogramMetricFamily(
             "divmerge_job_duration_seconds", "run time of jobs finished in the last 24 h", labels=["status"]
         )
