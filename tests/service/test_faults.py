@@ -53,7 +53,7 @@ def test_kill9_worker_mid_job_recovers_and_uploads_once(svc, fake_hub_uploads):
     """Worker A (slowed down) runs the job; worker B stands by; kill -9 A mid-job. B's reconciler sees the
     lease expire, re-sends the job, B claims it (attempt 2) and delivers it once."""
     svc.stop_worker()
-    a = svc.new_worker(DIVMERGE_STEP_DELAY_S="0.06")
+    a = svc.new_worker(DIVMERGE_STEP_DELAY_S="0.1")  # ~27 s of work: B has time to start
     repo = "team-a/after-kill"
     job = svc.submit(svc.classic("deep_", output={"repo_id": repo}))
     running_with_progress(svc, job["id"])
