@@ -97,8 +97,15 @@ def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_t
         raise ModelNotFoundError(f"{name}: revision not found") from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{name} was not found on the Hub (or is private)") from None
-    except (LocalEntryNotFoundError, EntryNotFoundError):
-        raise ModelNotFoundError(f"{name} is not in the local cache and the Hub cannot be reached") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelNotFoundError(f"{name} is not in the local cache (offline mode is on)") from None
+        # not cached and the Hub did not answer: a network problem, worth retrying
+        raise TransientError(f"{name} is not cached and the Hub cannot be reached") from None
+    except EntryNotFoundError:
+        raise ModelNotFoundError(f"{name}: a file listed by the Hub could not be found") from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status is not None and status < 500 and status != 429:
