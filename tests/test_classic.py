@@ -178,3 +178,80 @@ def test_dare_merge_is_reproducible_from_the_seed(tmp_path):
     a, b, c = merged(3, "a"), merged(3, "b"), merged(4, "c")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+# --- fast paths: kthvalue threshold and in-place stacked merges ----------------------------------------
+def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    return peft_merge.magnitude_based_pruning(t, density)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(3000, generator=g),  # distinct magnitudes: the kthvalue path
+        lambda g: torch.randint(-3, 4, (40, 25), generator=g).float(),  # many ties at the threshold
+        lambda g: torch.randn(500, generator=g).round(decimals=1),  # a few ties
+        lambda g: torch.randn(7, 11, generator=g).sign(),  # all magnitudes equal (or zero)
+        lambda g: torch.zeros(64),
+        lambda g: torch.cat([torch.randn(100, generator=g), torch.tensor([float("nan"), -float("inf")])]),
+        lambda g: torch.randn(64, 32, generator=g).bfloat16(),  # coarse dtype: ties are common
+    ],
+)
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9, 0.999])
+def test_magnitude_prune_equals_peft_topk_with_ties(make, density):
+    t = make(torch.Generator().manual_seed(3))
+    ours, theirs = classic.magnitude_prune(t, density), _peft_prune(t, density)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    inplace = classic.magnitude_prune_(t.clone(), density)
+    assert torch.equal(inplace.nan_to_num(), theirs.nan_to_num())
+
+
+def test_magnitude_mask_uses_kthvalue_unless_tied(monkeypatch):
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: calls.append(1) or real_topk(*a, **k))
+    classic.magnitude_prune(torch.randn(1000, generator=torch.Generator().manual_seed(0)), 0.3)
+    assert calls == []  # distinct magnitudes: no sort
+    classic.magnitude_prune(torch.tensor([3.0, -1.0, 1.0, 0.5]), 0.5)  # 1 and -1 tie at the threshold
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_merge_stacked_equals_merge_tensor_and_leaves_inputs(method, k):
+    gen = torch.Generator().manual_seed(k)
+    base = torch.randn(33, 17, generator=gen)
+    models = [base + 0.1 * torch.randn(33, 17, generator=gen) for _ in range(k)]
+    copies = [m.clone() for m in models]
+    w, d = [0.3 + 0.2 * i for i in range(k)], [0.4 + 0.1 * i for i in range(k)]
+    kw = {"lambda_": 0.7}
+    expected = classic.merge_tensor(
+        method, base, models, w, d, generator=torch.Generator().manual_seed(1), **kw
+    )
+    assert all(torch.equal(a, b) for a, b in zip(models, copies, strict=True))
+    stacked = classic.merge_stacked_(
+        method, base, torch.stack(copies), w, d, generator=torch.Generator().manual_seed(1), **kw
+    )
+    streamed = classic.merge_stacked_(
+        method, base, (c.clone() for c in copies), w, d, generator=torch.Generator().manual_seed(1), **kw
+    )
+    assert torch.equal(stacked, expected) and torch.equal(streamed, expected)
+
+
+def test_ties_large_tensor_equals_peft():
+    gen = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(300, 400, generator=gen) for _ in range(4)]
+    w = [0.4, 0.3, 0.2, 0.1]
+    theirs = peft_merge.ties(deltas, torch.tensor(w), 0.35)
+    assert torch.equal(classic.ties_deltas(deltas, w, [0.35] * 4), theirs)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 70_001])
+def test_unsorted_topk_selects_the_same_tied_entries(n):
+    """The fallback relies on topk(sorted=False) picking the same set as peft's sorted topk."""
+    x = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(n)).float()
+    for k in {1, n // 64, n // 64 + 1, n // 3, n // 2, n - 1}:
+        a = torch.topk(x, k).indices.sort().values
+        b = torch.topk(x, k, sorted=False).indices.sort().values
+        assert torch.equal(a, b)

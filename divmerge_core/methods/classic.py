@@ -10,7 +10,7 @@ takes the base and model tensors and returns the merged tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -41,15 +41,44 @@ def _safe_divisor(total: float) -> float:
 
 
 # --- sparsification (peft.utils.merge_utils semantics) -------------------------------------------------
+def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor:
+    """A bool mask (same shape) of the ``k`` entries of largest magnitude, exactly as peft's ``topk`` picks.
+
+    ``torch.kthvalue`` finds the k-th largest magnitude in O(n) (peft's sorted ``topk`` with k ~ numel/2
+    also sorts the k kept entries: ~3x slower). When exactly ``k`` entries reach that threshold, they are
+    the top-k set whatever the order ``topk`` would list them in, so the mask is the same. Otherwise
+    (magnitudes tied at the threshold, or NaN, which both functions rank largest and which fails ``>=``)
+    the choice among the tied entries is ``topk``'s, so ``topk`` is used, unsorted: on CPU the selection
+    (``std::nth_element`` or ``partial_sort``) does not depend on ``sorted``, only the order of the
+    returned indices does, and the mask ignores that order.
+    """
+    flat = tensor.reshape(-1)
+    magnitude = flat.abs()
+    n = magnitude.numel()
+    if 0 < k < n:
+        threshold = torch.kthvalue(magnitude, n - k + 1).values
+        keep = torch.ge(magnitude, threshold, out=torch.empty(n, dtype=torch.bool, device=flat.device))
+        if int(keep.sum()) == k:
+            return keep.view(tensor.shape)
+        del keep
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    # sorted=False: the same selection (the k-th element partition) without sorting the k kept ones
+    keep[torch.topk(magnitude, k=k, largest=True, sorted=False).indices] = True
+    return keep.view(tensor.shape)
+
+
 def magnitude_prune(tensor: Tensor, density: float) -> Tensor:
     """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest."""
     if density >= 1:
         return tensor
-    mask = torch.zeros_like(tensor).reshape(-1)
-    k = int(density * tensor.numel())
-    top = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
-    mask[top[1]] = 1
-    return tensor * mask.reshape(tensor.shape)
+    return tensor * _top_magnitude_mask(tensor, int(density * tensor.numel()))
+
+
+def magnitude_prune_(tensor: Tensor, density: float) -> Tensor:
+    """:func:`magnitude_prune` in place."""
+    if density >= 1:
+        return tensor
+    return tensor.mul_(_top_magnitude_mask(tensor, int(density * tensor.numel())))
 
 
 def random_prune(
@@ -60,23 +89,49 @@ def random_prune(
     Draws exactly as peft does (``torch.bernoulli`` of a tensor filled with ``density``); ``generator``
     defaults to torch's global generator, which is what peft uses.
     """
+    return random_prune_(tensor.clone(), density, rescale=rescale, generator=generator)
+
+
+def random_prune_(
+    tensor: Tensor, density: float, *, rescale: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """:func:`random_prune` in place (the same draw and the same arithmetic)."""
     if density >= 1:
         return tensor
-    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
-    pruned = tensor * mask
-    return pruned / density if rescale else pruned
+    mask = torch.full_like(tensor, density)
+    torch.bernoulli(mask, generator=generator, out=mask)
+    tensor.mul_(mask)
+    del mask
+    return tensor.div_(density) if rescale else tensor
 
 
 def _sign_mask(stacked: Tensor) -> Tensor:
-    """TIES sign election by total mass: keep entries whose sign agrees with the sign of the sum."""
+    """TIES sign election by total mass: keep entries whose sign agrees with the sign of the sum.
+
+    ``sign(x) == (sum >= 0 ? 1 : -1)`` is computed row by row as ``x * majority > 0`` (multiplying by
+    +-1 is exact; zero and NaN fail both tests), so no [K, ...] float temporary is made.
+    """
     total = stacked.sum(dim=0)
     majority = torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)  # same test as peft, without int64
-    return stacked.sign() == majority
+    del total
+    mask = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
+    for row, out in zip(stacked, mask, strict=True):
+        torch.gt(row * majority, 0, out=out)
+    return mask
 
 
-def _disjoint(weighted: Tensor, mask: Tensor, mean: bool) -> Tensor:
-    mixed = (weighted * mask).sum(dim=0)
-    return mixed / torch.clamp(mask.sum(dim=0), min=1.0) if mean else mixed
+def _disjoint_(weighted: Tensor, mask: Tensor, mean: bool) -> Tensor:
+    """peft's disjoint merge; overwrites ``weighted``."""
+    mixed = weighted.mul_(mask).sum(dim=0)
+    if not mean:
+        return mixed
+    # float32 counts, as peft's clamp(int64 count, min=1.0) gives
+    count = mask.sum(dim=0, dtype=torch.float32).clamp_(min=1.0)
+    return mixed / count
+
+
+def _stack(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.stack(list(tensors))
 
 
 def ties_deltas(
@@ -87,9 +142,17 @@ def ties_deltas(
     disjoint_mean: bool = True,
 ) -> Tensor:
     """TIES: trim each task vector to its top-``density`` magnitudes, elect signs, disjoint (mean) merge."""
-    stacked = torch.stack([magnitude_prune(d, p) for d, p in zip(deltas, densities, strict=True)])
+    return ties_stacked_(_stack(deltas), weights, densities, disjoint_mean=disjoint_mean)
+
+
+def ties_stacked_(
+    stacked: Tensor, weights: Sequence[float], densities: Sequence[float], *, disjoint_mean: bool = True
+) -> Tensor:
+    """:func:`ties_deltas` on stacked task vectors ``[K, ...]``, which it overwrites."""
+    for row, p in zip(stacked, densities, strict=True):
+        magnitude_prune_(row, p)
     mask = _sign_mask(stacked)
-    return _disjoint(stacked * _weights_like(weights, stacked), mask, disjoint_mean)
+    return _disjoint_(stacked.mul_(_weights_like(weights, stacked)), mask, disjoint_mean)
 
 
 def dare_linear_deltas(
@@ -100,9 +163,20 @@ def dare_linear_deltas(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE + weighted sum. Masks are drawn task by task, in order (as peft does)."""
-    pruned = [random_prune(d, p, generator=generator) for d, p in zip(deltas, densities, strict=True)]
-    stacked = torch.stack(pruned)
-    return (stacked * _weights_like(weights, stacked)).sum(dim=0)
+    return dare_linear_stacked_(_stack(deltas), weights, densities, generator=generator)
+
+
+def dare_linear_stacked_(
+    stacked: Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`dare_linear_deltas` on stacked task vectors ``[K, ...]``, which it overwrites."""
+    for row, p in zip(stacked, densities, strict=True):
+        random_prune_(row, p, generator=generator)
+    return stacked.mul_(_weights_like(weights, stacked)).sum(dim=0)
 
 
 def dare_ties_deltas(
@@ -114,18 +188,39 @@ def dare_ties_deltas(
     disjoint_mean: bool = True,
 ) -> Tensor:
     """DARE's random drop followed by TIES' sign election and disjoint merge."""
-    pruned = [random_prune(d, p, generator=generator) for d, p in zip(deltas, densities, strict=True)]
-    stacked = torch.stack(pruned)
+    return dare_ties_stacked_(
+        _stack(deltas), weights, densities, generator=generator, disjoint_mean=disjoint_mean
+    )
+
+
+def dare_ties_stacked_(
+    stacked: Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    generator: torch.Generator | None = None,
+    disjoint_mean: bool = True,
+) -> Tensor:
+    """:func:`dare_ties_deltas` on stacked task vectors ``[K, ...]``, which it overwrites."""
+    for row, p in zip(stacked, densities, strict=True):
+        random_prune_(row, p, generator=generator)
     mask = _sign_mask(stacked)
-    return _disjoint(stacked * _weights_like(weights, stacked), mask, disjoint_mean)
+    return _disjoint_(stacked.mul_(_weights_like(weights, stacked)), mask, disjoint_mean)
 
 
 # --- model-level methods --------------------------------------------------------------------------------
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True) -> Tensor:
-    """mergekit linear: ``sum w_i theta_i``, divided by ``sum w_i`` when ``normalize``."""
-    out = torch.zeros_like(tensors[0])
+def linear(tensors: Iterable[Tensor], weights: Sequence[float], *, normalize: bool = True) -> Tensor:
+    """mergekit linear: ``sum w_i theta_i``, divided by ``sum w_i`` when ``normalize``.
+
+    ``tensors`` may be any iterable (e.g. a generator refilling one read buffer): each is used once.
+    """
+    out: Tensor | None = None
     for t, w in zip(tensors, weights, strict=True):
+        if out is None:
+            out = torch.zeros_like(t)
         out.add_(t, alpha=float(w))
+    if out is None:
+        raise ValueError("linear: no tensors to merge")
     if normalize:
         total = float(sum(weights))
         if total == 0:
@@ -136,19 +231,25 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bo
 
 def task_arithmetic(
     base: Tensor,
-    tensors: Sequence[Tensor],
+    tensors: Iterable[Tensor],
     weights: Sequence[float],
     *,
     lambda_: float = 1.0,
     normalize: bool = False,
+    inplace: bool = False,
 ) -> Tensor:
-    """mergekit task arithmetic: ``base + lambda * sum w_i (theta_i - base)`` (/ ``sum w_i`` if normalize)."""
+    """mergekit task arithmetic: ``base + lambda * sum w_i (theta_i - base)`` (/ ``sum w_i`` if normalize).
+
+    ``tensors`` may be any iterable, each used once; ``inplace`` lets the deltas overwrite them.
+    """
     mixed = torch.zeros_like(base)
     for t, w in zip(tensors, weights, strict=True):
-        mixed.add_(t - base, alpha=float(w))
+        mixed.add_(t.sub_(base) if inplace else t - base, alpha=float(w))
     if normalize:
         mixed.div_(_safe_divisor(float(sum(weights))))
-    return base + lambda_ * mixed
+    if lambda_ != 1.0:
+        mixed.mul_(lambda_)
+    return mixed.add_(base)  # == base + lambda * mixed (addition commutes exactly)
 
 
 def multislerp(
@@ -168,9 +269,22 @@ def multislerp(
     """
     if len(tensors) == 1:
         return tensors[0]
-    stacked = torch.stack(list(tensors))
+    return multislerp_stacked_(_stack(tensors), weights, base=base, normalize=normalize, eps=eps)
+
+
+def multislerp_stacked_(
+    stacked: Tensor,
+    weights: Sequence[float],
+    *,
+    base: Tensor | None = None,
+    normalize: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """:func:`multislerp` on stacked tensors ``[K, ...]``, which it may overwrite."""
+    if stacked.shape[0] == 1:
+        return stacked[0]
     if base is not None:
-        stacked = stacked - base
+        stacked.sub_(base)
     flat = stacked.reshape(stacked.shape[0], -1)
     w = torch.tensor(list(weights), dtype=flat.dtype, device=flat.device)
     if normalize:
@@ -215,21 +329,68 @@ def merge_tensor(
     norm = DEFAULT_NORMALIZE[method] if normalize is None else normalize
     if method == "linear":
         return linear(tensors, weights, normalize=norm)
-    if method == "multislerp":
-        return multislerp(tensors, weights, base=base, normalize=norm, eps=eps)
-    if base is None:
+    if method == "task_arithmetic":
+        if base is None:
+            raise ValueError(f"merge_method {method!r} needs a base tensor")
+        return task_arithmetic(base, tensors, weights, lambda_=lambda_, normalize=norm)
+    if method == "multislerp" and len(tensors) == 1:
+        return tensors[0]
+    return merge_stacked_(
+        method,
+        base,
+        _stack(tensors),
+        weights,
+        densities,
+        lambda_=lambda_,
+        normalize=normalize,
+        eps=eps,
+        generator=generator,
+    )
+
+
+def merge_stacked_(
+    method: str,
+    base: Tensor | None,
+    stacked: Tensor | Iterable[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    lambda_: float = 1.0,
+    normalize: bool | None = None,
+    eps: float = 1e-8,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`merge_tensor` on tensors the caller hands over: they are overwritten.
+
+    ``stacked`` is a ``[K, ...]`` tensor; for ``linear`` and ``task_arithmetic``, which use one model at a
+    time, it may also be any iterable of tensors (e.g. a generator that refills one read buffer). The
+    arithmetic is the same as :func:`merge_tensor`'s, so are the results.
+    """
+    norm = DEFAULT_NORMALIZE[method] if normalize is None else normalize
+    if method == "linear":
+        return linear(stacked, weights, normalize=norm)
+    if method != "multislerp" and base is None:
         raise ValueError(f"merge_method {method!r} needs a base tensor")
     if method == "task_arithmetic":
-        return task_arithmetic(base, tensors, weights, lambda_=lambda_, normalize=norm)
-    deltas = [t - base for t in tensors]
+        assert base is not None
+        return task_arithmetic(base, stacked, weights, lambda_=lambda_, normalize=norm, inplace=True)
+    if not isinstance(stacked, Tensor):
+        stacked = _stack(list(stacked))
+    if method == "multislerp":
+        return multislerp_stacked_(stacked, weights, base=base, normalize=norm, eps=eps)
+    assert base is not None
+    stacked.sub_(base)  # the task vectors, the same values as t - base
     if method == "ties":
-        mixed = ties_deltas(deltas, weights, densities, disjoint_mean=norm)
+        mixed = ties_stacked_(stacked, weights, densities, disjoint_mean=norm)
     elif method == "dare_ties":
-        mixed = dare_ties_deltas(deltas, weights, densities, generator=generator, disjoint_mean=norm)
+        mixed = dare_ties_stacked_(stacked, weights, densities, generator=generator, disjoint_mean=norm)
     elif method == "dare_linear":
-        mixed = dare_linear_deltas(deltas, weights, densities, generator=generator)
+        mixed = dare_linear_stacked_(stacked, weights, densities, generator=generator)
         if norm:
-            mixed = mixed / _safe_divisor(float(sum(weights)))
+            mixed = mixed.div_(_safe_divisor(float(sum(weights))))
     else:
         raise ValueError(f"not a classic merge method: {method!r}")
-    return base + lambda_ * mixed
+    del stacked
+    if lambda_ != 1.0:
+        mixed = mixed.mul_(lambda_)
+    return mixed.add_(base) if mixed.dtype == torch.promote_types(mixed.dtype, base.dtype) else base + mixed
