@@ -7,7 +7,9 @@ allows them, and then loaded with ``torch.load(weights_only=True)``. Quantized c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ class Checkpoint:
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
         self._where: dict[str, str] = {}  # tensor name -> file name
         self._pickled: dict[str, torch.Tensor] | None = None
+        self._fds: dict[str, int] = {}  # file name -> descriptor for positioned reads, opened on first use
         files = _safetensors_files(self.folder)
         if files:
             for fname in files:
@@ -76,11 +79,17 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
+        info = self._headers[self._where[name]][1].get(name)
+        if info is not None:
+            return tuple(info["shape"])
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled is not None:
             return self._pickled[name].dtype
+        info = self._headers[self._where[name]][1].get(name)
+        if info is not None and info["dtype"] in _ST_DTYPES:
+            return _ST_DTYPES[info["dtype"]]
         return _ST_DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
 
     def get(
@@ -91,34 +100,62 @@ class Checkpoint:
             t = t.to(dtype)
         return t.to(device)
 
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` into ``out`` (same shape; cast to its dtype and device); return ``out``.
+
+        When ``out`` is a contiguous CPU tensor of the stored dtype the bytes are read straight into it
+        (no intermediate buffer), e.g. into one row of a stacked ``[K, ...]`` tensor.
+        """
+        if self._pickled is None and out.device.type == "cpu" and out.is_contiguous():
+            info = self._headers[self._where[name]][1].get(name)
+            if info is not None and _ST_DTYPES.get(info["dtype"]) == out.dtype:
+                if tuple(info["shape"]) != tuple(out.shape):
+                    raise ValueError(
+                        f"tensor {name!r}: stored shape {info['shape']}, asked {tuple(out.shape)}"
+                    )
+                self._read_bytes(name, info, out)
+                return out
+        src = self.get(name)
+        with torch.no_grad():
+            out.copy_(src.reshape(out.shape))
+        return out
+
     def _read(self, name: str) -> torch.Tensor:
-        """Read one tensor with a plain positioned read into a fresh buffer.
+        """Read one tensor with plain positioned reads into a fresh (uninitialised) tensor.
 
         ``safe_open`` memory-maps the file, and every page a merge touches then stays in the process's
         resident set until the file is closed: a streaming merge of K models would show K models' worth of
         RSS. A plain read keeps resident memory at the tensors actually alive.
         """
         fname = self._where[name]
-        start, header = self._headers[fname]
-        info = header.get(name)
+        info = self._headers[fname][1].get(name)
         dtype = _ST_DTYPES.get(info["dtype"]) if info else None
         if dtype is None:  # a dtype we do not map (fp8, ...): let safetensors decode it
             return self._handles[fname].get_tensor(name)
-        shape = tuple(info["shape"])
+        out = torch.empty(tuple(info["shape"]), dtype=dtype)
+        self._read_bytes(name, info, out)
+        return out
+
+    def _read_bytes(self, name: str, info: dict[str, Any], out: torch.Tensor) -> None:
+        """``os.preadv`` the tensor's bytes into the contiguous CPU tensor ``out`` (one call, usually)."""
+        fname = self._where[name]
         begin, end = info["data_offsets"]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
-        view = memoryview(buf)
-        with open(self.folder / fname, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            got = 0
-            while got < len(buf):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
-                got += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        size = end - begin
+        if out.numel() * out.element_size() != size:
+            raise ModelNotFoundError(f"{str(self.folder / fname)!r}: tensor {name!r} has a bad byte size")
+        if size == 0:
+            return
+        fd = self._fds.get(fname)
+        if fd is None:
+            fd = self._fds[fname] = os.open(self.folder / fname, os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        pos = self._headers[fname][0] + begin
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], pos + got)
+            if not n:
+                raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
+            got += n
 
     def state_dict(
         self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -126,8 +163,16 @@ class Checkpoint:
         return {n: self.get(n, dtype, device) for n in self.names}
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
         self._pickled = None
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> Checkpoint:
         return self

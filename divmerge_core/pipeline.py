@@ -14,6 +14,7 @@ import math
 import resource
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from .config import LEARNED_METHODS, MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
 from .loading import Checkpoint
-from .methods.classic import merge_tensor
+from .methods.classic import merge_stacked_
 from .modelcard import render_model_card
 from .options import EngineOptions
 from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
@@ -142,19 +143,27 @@ class _Merger:
         if not self.reference.dtype(name).is_floating_point:
             return self.reference.get(name)  # integer/bool buffers are copied, never merged
         # linear ignores the base (unless it is listed among the models)
-        use_base = self.base is not None and self.config.merge_method != "linear"
+        method = self.config.merge_method
+        use_base = self.base is not None and method != "linear"
         base = self.base.get(name, self.cdtype, self.device) if use_base else None
-        tensors = [m.get(name, self.cdtype, self.device) for m in self.models]
+        shape = self.reference.shape(name)
+        if self.coeffs is not None or method in ("linear", "task_arithmetic"):
+            # one model at a time, read into one reused buffer: memory stays at ~4 tensors whatever K
+            models: Iterable[torch.Tensor] = self._stream(name, shape)
+        else:  # the K tensors read straight into one [K, ...] tensor that the method then works in
+            models = torch.empty((len(self.models), *shape), dtype=self.cdtype, device=self.device)
+            for m, row in zip(self.models, models, strict=True):
+                m.get_into(name, row)
         if self.coeffs is not None:
-            return self._learned(name, base, tensors)
+            return self._learned(name, base, models)
         params = self.config.parameters
         generator = None
-        if self.config.merge_method.startswith("dare"):
+        if method.startswith("dare"):
             generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params.seed, name))
-        return merge_tensor(
-            self.config.merge_method,
+        return merge_stacked_(
+            method,
             base,
-            tensors,
+            models,
             self.weights,
             self.densities,
             lambda_=params.lambda_,
@@ -163,13 +172,19 @@ class _Merger:
             generator=generator,
         )
 
-    def _learned(self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _stream(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        """Each model's copy of ``name`` in turn, in the same buffer (consume one before the next)."""
+        buf = torch.empty(shape, dtype=self.cdtype, device=self.device)
+        for m in self.models:
+            yield m.get_into(name, buf)
+
+    def _learned(self, name: str, base: torch.Tensor | None, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         assert self.coeffs is not None and base is not None
         if name not in self.coeffs.group_of:
             raise DivMergeError(f"the learned coefficients assign no group to tensor {name!r}")
         out = base.clone()
         for t, c in zip(tensors, self.coeffs.for_tensor(name), strict=True):
-            out.add_(t - base, alpha=float(c))
+            out.add_(t.sub_(base), alpha=float(c))
         return out
 
 

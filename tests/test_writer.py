@@ -188,3 +188,20 @@ def test_overflow_to_inf_is_a_numerical_error(tmp_path):
     with pytest.raises(NumericalError, match="classifier.weight"):
         run_merge(parse_config(cfg), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_checkpoint_get_into_reads_in_place_or_casts(tmp_path):
+    tensors = _tensors()
+    with ShardedSafetensorsWriter(tmp_path, _specs(tensors), max_shard_size=64) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    (tmp_path / "config.json").write_text("{}")
+    with Checkpoint(tmp_path) as ckpt:
+        for name, tensor in tensors.items():
+            out = torch.empty((2, *tensor.shape), dtype=tensor.dtype)
+            assert ckpt.get_into(name, out[1]) is not None and torch.equal(out[1], tensor)  # straight read
+            if tensor.is_floating_point():
+                cast = torch.empty(tensor.shape, dtype=torch.float32)
+                assert torch.equal(ckpt.get_into(name, cast), tensor.float())
+        with pytest.raises(ValueError):
+            ckpt.get_into("a.weight", torch.empty(4, 8))
