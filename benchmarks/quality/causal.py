@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from .data import Example, Task, load_tasks, subset
 
 EOS = "<|endoftext|>"
-CAUSAL_VERSION = 1
+CAUSAL_VERSION = 2
 _PIECES = re.compile(r"\w+|[^\w\s]+")
 
 
@@ -44,9 +44,9 @@ class CausalRecipe:
     pretrain_batch: int = 16
     pretrain_len: int = 64
     pretrain_lr: float = 3e-3
-    n_train: int = 1000
-    epochs: int = 1
-    lr: float = 1e-3
+    n_train: int = 2000
+    epochs: int = 2
+    lr: float = 2e-3
     batch_size: int = 32
     max_words: int = 40
     seed: int = 0
@@ -58,7 +58,7 @@ class CausalRecipe:
 
 CAUSAL_RECIPES = {
     "full": CausalRecipe(),
-    "quick": CausalRecipe(n_layer=2, pretrain_steps=150, n_train=400, vocab_size=3000),
+    "quick": CausalRecipe(n_layer=2, pretrain_steps=150, n_train=600, vocab_size=3000),
 }
 
 
@@ -85,7 +85,8 @@ def build_tokenizer(texts: list[str], extra: list[str], vocab_size: int) -> PreT
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, "<unk>"])
-    tok.train_from_iterator(texts + extra * 5, trainer=trainer)
+    # the prompt and label words must be in the vocabulary whatever their corpus frequency
+    tok.train_from_iterator(texts + extra * 1000, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token=EOS, bos_token=EOS, pad_token=EOS
     )
@@ -224,6 +225,8 @@ def train_causal_expert(base: Path, task: Task, recipe: CausalRecipe, cache: Pat
             opt.step()
             sched.step()
     model.eval()
+    if any(w == tok.unk_token for lab in task.labels for w in tok.tokenize(label_words(lab))):
+        raise ValueError(f"{task.name}: a label word maps to the unknown token")
     return _save(
         model,
         tok,
