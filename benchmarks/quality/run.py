@@ -49,7 +49,7 @@ MODES: dict[str, Mode] = {
         (2, 7, 4, 3, 5),
         {2: 1, 7: 1, 4: 1, 3: 1, 5: 1},
         eval_n=100,
-        num_samples=16,
+        num_samples=24,
         learned=_learned(2, 64),
     ),
     "full": Mode(
