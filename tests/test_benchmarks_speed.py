@@ -209,3 +209,18 @@ def test_quick_plan_is_small():
     plan = plan_for(quick=True)
     assert plan["headline"]["size"] == "25M" and plan["headline"]["reps"] == 1
     assert max(plan["scaling"]["ks"]) <= 4
+
+
+def test_engine_snapshot_is_a_frozen_importable_copy(tmp_path):
+    import subprocess
+
+    from benchmarks.speed.classic import ROOT, engine_env, engine_snapshot
+
+    snap, sha = engine_snapshot("HEAD", root=tmp_path)
+    assert len(sha) == 40 and (snap / "divmerge_core" / "__init__.py").is_file()
+    env = engine_env(snap)
+    assert env["PYTHONPATH"].split(":")[0] == str(snap) and env["PYTHONSAFEPATH"] == "1"
+    code = "import divmerge_core, benchmarks; print(divmerge_core.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().startswith(str(snap))
+    assert "PYTHONSAFEPATH" not in engine_env(None)

@@ -19,11 +19,45 @@ MERGEKIT_VENV = ROOT / "benchmarks" / ".venvs" / "mergekit"
 MERGEKIT_FLAGS = ["--no-cuda", "--lazy-unpickle"]
 
 
+#: Runs our CLI's ``main`` (``divmerge merge ...``) with whatever ``divmerge_core`` is first on sys.path.
+CLI_CODE = "import sys; from divmerge_core.cli import main; sys.exit(main())"
+
+
 def ours_command(config: Path, out: Path) -> list[str]:
-    """Our CLI (the console script next to this interpreter, else ``python -m divmerge_core.cli``)."""
-    script = Path(sys.executable).parent / "divmerge"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "divmerge_core.cli"]
-    return [*head, "merge", str(config), "--out", str(out), "--device", "cpu"]
+    """Our CLI, ``divmerge merge CONFIG --out OUT --device cpu`` (run as ``python -c`` so that
+    ``PYTHONPATH`` can point it at an engine snapshot, see :func:`engine_snapshot`)."""
+    return [sys.executable, "-c", CLI_CODE, "merge", str(config), "--out", str(out), "--device", "cpu"]
+
+
+def engine_snapshot(ref: str = "HEAD", root: Path = CACHE / "engine") -> tuple[Path, str]:
+    """Export ``divmerge_core`` at git ``ref`` into ``root/<sha>`` and return (that folder, sha).
+
+    Other engineers edit the engine while the benchmark runs; every measurement of one run uses this
+    frozen, committed copy (put first on ``PYTHONPATH``), so all its rows measure the same code.
+    """
+    sha = subprocess.run(
+        ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dest = root / sha[:12]
+    if not (dest / "divmerge_core" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", sha, "divmerge_core"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest, sha
+
+
+def engine_env(snapshot: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.pop("VIRTUAL_ENV", None)
+    if snapshot is not None:  # snapshot first; no implicit cwd/script dir ahead of it (PYTHONSAFEPATH)
+        env["PYTHONSAFEPATH"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join([str(snapshot), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+    return env
 
 
 def mergekit_command(config: Path, out: Path, flags: list[str] | None = None) -> list[str]:
@@ -51,7 +85,7 @@ def run_classic(
     tag: str,
     work: Path = CACHE / "runs",
     timeout: float = 1800,
-    keep: bool = False,
+    snapshot: Path | None = None,
 ) -> Measurement:
     """Run one merge with ``tool`` (``divmerge`` or ``mergekit``); the output stays in ``work/<tag>``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -62,13 +96,8 @@ def run_classic(
     cmd = ours_command(cfg, out) if tool == "divmerge" else mergekit_command(cfg, out)
     warm_cache([base, *experts])
     subprocess.run(["sync"], check=False)
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.pop("VIRTUAL_ENV", None)
-    m = run_measured(cmd, env=env, cwd=ROOT, timeout=timeout)
+    m = run_measured(cmd, env=engine_env(snapshot), cwd=ROOT, timeout=timeout)
     m.extra.update({"tool": tool, "method": method, "k": len(experts), "out": str(out)})
-    if not keep and m.rc == 0 and not tag.endswith("-keep"):
-        pass
     return m
 
 

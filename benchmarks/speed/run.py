@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import CACHE, SIZES, make_family
-from .classic import MERGEKIT_VENV, ROOT, mergekit_available, run_classic
+from .classic import MERGEKIT_VENV, ROOT, engine_env, engine_snapshot, mergekit_available, run_classic
 from .compare import compare_checkpoints
 from .measure import median
 from .report import plot, ratio, render_markdown, summarise_runs
@@ -21,6 +21,10 @@ from .report import plot, ratio, render_markdown, summarise_runs
 RESULTS = ROOT / "benchmarks" / "results"
 FUSIONBENCH_VENV = ROOT / "benchmarks" / ".venvs" / "fusionbench"
 SECTIONS = ("headline", "correctness", "learned", "scaling", "learned_scaling")
+#: The frozen engine copy every measurement of this run uses (set by main()).
+SNAPSHOT: Path | None = None
+#: Earlier mergekit runs to reuse (size, k, method) -> run records (mergekit does not change between runs).
+REUSE_MERGEKIT: dict[tuple[str, int, str], list[dict]] = {}
 
 
 def plan_for(quick: bool) -> dict[str, Any]:
@@ -34,7 +38,13 @@ def plan_for(quick: bool) -> dict[str, Any]:
             "learned_scaling": {"size": "25M", "ks": [2], "batch": 2, "seq_len": 32, "steps": 3},
         }
     return {
-        "headline": {"size": "100M", "k": 4, "methods": ["task_arithmetic", "ties"], "reps": 3},
+        "headline": {
+            "size": "100M",
+            "k": 4,
+            "methods": ["task_arithmetic", "ties"],
+            "reps": 3,
+            "reps_by_method": {"ties": 2},
+        },
         "correctness": {"size": "100M", "k": 4, "methods": ["linear", "task_arithmetic", "ties"]},
         "learned": {"size": "100M", "k": 4, "batch": 4, "seq_len": 64, "steps": 4},
         "scaling": {
@@ -42,9 +52,9 @@ def plan_for(quick: bool) -> dict[str, Any]:
             "ks": [2, 4, 8],
             "reps": 1,
             "mergekit": True,
-            "max_k": {"300M": 4},
+            "max_k": {"300M": 2},
         },
-        "learned_scaling": {"size": "100M", "ks": [2, 4, 8], "batch": 4, "seq_len": 64, "steps": 4},
+        "learned_scaling": {"size": "25M", "ks": [2, 4, 8], "batch": 4, "seq_len": 64, "steps": 4},
     }
 
 
@@ -90,20 +100,37 @@ def _meta(quick: bool) -> dict[str, Any]:
 
 # --- classic ------------------------------------------------------------------------------------------
 def classic_rows(
-    res: Results, section: str, size: str, k: int, methods: list[str], reps: int, tools: list[str]
+    res: Results,
+    section: str,
+    size: str,
+    k: int,
+    methods: list[str],
+    reps: int,
+    tools: list[str],
+    reps_by_method: dict[str, int] | None = None,
 ) -> list[dict]:
     """Run each (method, tool) ``reps`` times, interleaving tools; add one row per (method, tool)."""
     base, experts = make_family(size, k)
     rows = []
     for method in methods:
         runs: dict[str, list[dict]] = {t: [] for t in tools}
-        for rep in range(reps):
+        n_reps = (reps_by_method or {}).get(method, reps)
+        reused = REUSE_MERGEKIT.get((size, k, method), []) if "mergekit" in tools else []
+        if reused:
+            runs["mergekit"] = [dict(r, reused=True) for r in reused]
+            print(
+                f"  {section}: reusing {len(reused)} earlier mergekit runs of {method} {size} K={k}",
+                flush=True,
+            )
+        for rep in range(n_reps):
             for tool in tools if rep % 2 == 0 else list(reversed(tools)):
+                if tool == "mergekit" and reused:
+                    continue
                 tag = f"{tool}-{method}-{size}-K{k}"
-                m = run_classic(tool, method, base, experts, tag)
+                m = run_classic(tool, method, base, experts, tag, snapshot=SNAPSHOT)
                 runs[tool].append(m.to_json())
                 print(
-                    f"  {section}: {tag} rep {rep + 1}/{reps}: rc={m.rc} wall={m.wall_s:.1f}s "
+                    f"  {section}: {tag} rep {rep + 1}/{n_reps}: rc={m.rc} wall={m.wall_s:.1f}s "
                     f"cpu={(m.user_s or 0) + (m.sys_s or 0):.1f}s rss={m.max_rss_mb or 0:.0f}MiB "
                     f"load={os.getloadavg()[0]:.1f}",
                     flush=True,
@@ -141,7 +168,7 @@ def correctness(res: Results, size: str, k: int, methods: list[str]) -> None:
             tag = f"{tool}-{method}-{size}-K{k}"
             out = CACHE / "runs" / tag
             if not (out / "config.json").exists():
-                m = run_classic(tool, method, base, experts, tag)
+                m = run_classic(tool, method, base, experts, tag, snapshot=SNAPSHOT)
                 if m.rc != 0:
                     res.add(
                         "correctness", {"method": method, "size": size, "k": k, "error": f"{tool} failed"}
@@ -171,7 +198,7 @@ def learned_run(
         cmd = [sys.executable, "-m", "benchmarks.speed.learned_ours", *args, "--granularity", granularity]
     else:
         cmd = [str(FUSIONBENCH_VENV / "bin" / "python"), "-m", "benchmarks.speed.learned_fusionbench", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(engine_env(SNAPSHOT if tool == "divmerge" else None), TRANSFORMERS_OFFLINE="1")
     m = run_measured(cmd, env=env, cwd=ROOT, timeout=3600)
     row: dict[str, Any] = {"tool": tool, "size": size, "k": k, "ok": False, "max_rss_mb": m.max_rss_mb}
     line = next((ln for ln in reversed(m.stdout.splitlines()) if ln.startswith("{")), None)
@@ -259,7 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--resume", action="store_true", help="keep the sections not run now from the results file"
     )
+    ap.add_argument(
+        "--engine-ref", default="HEAD", help="git ref of divmerge_core to benchmark (frozen copy)"
+    )
+    ap.add_argument(
+        "--reuse-mergekit", type=Path, default=None, help="reuse mergekit runs from this results .json"
+    )
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md/.png from the results .json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        stem = args.name or ("speed_quick" if args.quick else "speed")
+        data = json.loads((args.out / f"{stem}.json").read_text(encoding="utf-8"))
+        data["verdict"] = verdict(data)
+        (args.out / f"{stem}.json").write_text(
+            json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8"
+        )
+        return _render(data, args.out, stem)
     plan = plan_for(args.quick)
     if args.reps:
         plan["headline"]["reps"] = args.reps
@@ -277,6 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         res.data["meta"]["earlier_runs"] = [*old["meta"].get("earlier_runs", []), old["meta"]]
         res.data["notes"] = old.get("notes", [])
     res.data["plan"] = plan
+    global SNAPSHOT
+    SNAPSHOT, sha = engine_snapshot(args.engine_ref)
+    res.data["meta"]["engine_commit"] = sha
+    print(f"engine: divmerge_core at {sha} (frozen copy in {SNAPSHOT})", flush=True)
+    if args.reuse_mergekit and args.reuse_mergekit.exists():
+        old_data = json.loads(args.reuse_mergekit.read_text(encoding="utf-8"))
+        for sec in ("headline", "scaling"):
+            for row in old_data.get(sec, []):
+                if row["tool"] == "mergekit" and row["summary"].get("ok"):
+                    REUSE_MERGEKIT.setdefault((row["size"], row["k"], row["method"]), row["runs"])
     have_mk = mergekit_available()
     have_fb = (FUSIONBENCH_VENV / "bin" / "python").exists()
     notes = res.data.setdefault("notes", [])
@@ -289,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if "headline" in sections:
         h = plan["headline"]
         print(f"[headline] {h}", flush=True)
-        classic_rows(res, "headline", h["size"], h["k"], h["methods"], h["reps"], tools)
+        classic_rows(
+            res, "headline", h["size"], h["k"], h["methods"], h["reps"], tools, h.get("reps_by_method")
+        )
     if "correctness" in sections and have_mk:
         c = plan["correctness"]
         print(f"[correctness] {c}", flush=True)
@@ -350,9 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     res.data["meta"]["load_average_end"] = os.getloadavg()
     res.data["verdict"] = verdict(res.data)
     res.save()
-    md = render_markdown(res.data)
-    (args.out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")
-    if plot(res.data, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / (stem + '.png')}")
+    return _render(res.data, args.out, stem)
+
+
+def _render(data: dict[str, Any], out: Path, stem: str) -> int:
+    md = render_markdown(data)
+    (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")
+    if plot(data, out / f"{stem}.png"):
+        print(f"wrote {out / (stem + '.png')}")
     print(md)
     return 0
