@@ -138,13 +138,22 @@ def plot(table: dict[str, dict[int, dict[str, Any]]], ks: list[int], title: str,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for m, row in table.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (m, row) in enumerate(table.items()):
         xs = [k for k in ks if k in row]
         if not xs:
             continue
         ys = [row[k]["anp"] for k in xs]
         style = "-" if m.startswith("divmerge") else "--" if m.startswith("adamerging") else ":"
-        ax.plot(xs, ys, style, marker="o", label=m, linewidth=2.2 if m == "divmerge_layer_js" else 1.2)
+        ax.plot(
+            xs,
+            ys,
+            style,
+            marker="o",
+            label=m,
+            color=colors[(2 * i) % 20 + (i >= 10)],
+            linewidth=2.4 if m == "divmerge_layer_js" else 1.2,
+        )
     ax.set_xlabel("number of merged tasks k")
     ax.set_ylabel("ANP (x100)")
     ax.set_title(title)
