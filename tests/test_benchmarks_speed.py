@@ -224,3 +224,19 @@ def test_engine_snapshot_is_a_frozen_importable_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip().startswith(str(snap))
     assert "PYTHONSAFEPATH" not in engine_env(None)
+
+
+def test_classic_merge_does_not_import_transformers(family, tmp_path):
+    """Importing transformers costs ~1.5-2 s CPU per classic merge; validation must not need it when
+    neither config.json states tie_word_embeddings (found by this benchmark's profile)."""
+    import subprocess
+
+    base, experts = family
+    cfg = configs.write_yaml(configs.classic_config("task_arithmetic", base, experts), tmp_path / "c.yaml")
+    code = (
+        "import sys; from divmerge_core.config import load_config; from divmerge_core.pipeline import run_merge; "
+        f"run_merge(load_config({str(cfg)!r}), {str(tmp_path / 'o')!r}, device='cpu'); "
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
