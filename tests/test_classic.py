@@ -180,7 +180,7 @@ def test_dare_merge_is_reproducible_from_the_seed(tmp_path):
     assert not all(torch.equal(a[n], c[n]) for n in a)
 
 
-# --- fast paths: kthvalue threshold and in-place stacked merges ----------------------------------------
+# --- fast paths: unsorted topk mask and in-place stacked merges ----------------------------------------
 def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     return peft_merge.magnitude_based_pruning(t, density)
 
@@ -188,13 +188,16 @@ def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda g: torch.randn(3000, generator=g),  # distinct magnitudes: the kthvalue path
+        lambda g: torch.randn(3000, generator=g),  # distinct magnitudes
         lambda g: torch.randint(-3, 4, (40, 25), generator=g).float(),  # many ties at the threshold
         lambda g: torch.randn(500, generator=g).round(decimals=1),  # a few ties
         lambda g: torch.randn(7, 11, generator=g).sign(),  # all magnitudes equal (or zero)
         lambda g: torch.zeros(64),
         lambda g: torch.cat([torch.randn(100, generator=g), torch.tensor([float("nan"), -float("inf")])]),
         lambda g: torch.randn(64, 32, generator=g).bfloat16(),  # coarse dtype: ties are common
+        lambda g: torch.randn(64, 32, generator=g).half(),
+        lambda g: torch.randn(300, generator=g).double(),
+        lambda g: torch.randn(5000, generator=g) * torch.logspace(-30, 30, 5000),  # wide exponent range
     ],
 )
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9, 0.999])
@@ -205,16 +208,6 @@ def test_magnitude_prune_equals_peft_topk_with_ties(make, density):
     assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
     inplace = classic.magnitude_prune_(t.clone(), density)
     assert torch.equal(inplace.nan_to_num(), theirs.nan_to_num())
-
-
-def test_magnitude_mask_uses_kthvalue_unless_tied(monkeypatch):
-    calls = []
-    real_topk = torch.topk
-    monkeypatch.setattr(torch, "topk", lambda *a, **k: calls.append(1) or real_topk(*a, **k))
-    classic.magnitude_prune(torch.randn(1000, generator=torch.Generator().manual_seed(0)), 0.3)
-    assert calls == []  # distinct magnitudes: no sort
-    classic.magnitude_prune(torch.tensor([3.0, -1.0, 1.0, 0.5]), 0.5)  # 1 and -1 tie at the threshold
-    assert calls == [1]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -255,3 +248,18 @@ def test_unsorted_topk_selects_the_same_tied_entries(n):
         a = torch.topk(x, k).indices.sort().values
         b = torch.topk(x, k, sorted=False).indices.sort().values
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_ties_in_low_precision_keeps_the_reference_arithmetic(dtype):
+    """Weights rounded to the tensors' dtype, float32 counts: the formula the engine always used."""
+    gen = torch.Generator().manual_seed(2)
+    deltas = [torch.randn(40, 30, generator=gen).to(dtype) for _ in range(3)]
+    w, dens = [0.3, 0.7, 1.1], [0.4, 0.5, 0.6]
+    stacked = torch.stack([_peft_prune(d, p) for d, p in zip(deltas, dens, strict=True)])
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(dtype)
+    mask = stacked.sign() == majority
+    weighted = stacked * torch.tensor(w, dtype=dtype).view(-1, 1, 1)
+    expected = (weighted * mask).sum(0) / torch.clamp(mask.sum(0), min=1.0)
+    ours = classic.ties_deltas(deltas, w, dens)
+    assert ours.dtype == expected.dtype and torch.equal(ours, expected)
