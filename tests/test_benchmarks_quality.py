@@ -199,7 +199,10 @@ def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
             "ks": [2],
             "table": table,
             "records": records,
-            "experts": {t: {"acc": 1.0, "n": 6} for t in mode.tasks},
+            "experts": {
+                "sst2": {"acc": 1.0, "n": 6, "majority": 0.5},
+                "mnli": {"acc": 0.4, "n": 3, "majority": 0.4},
+            },
         },
         "setup",
         ["a note"],
@@ -208,6 +211,11 @@ def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
     assert "| divmerge_layer_js |" in md and "†" in md and "a note" in md
     assert "divmerge_layer_js (sst2+mnli): sst2 " in md and "loss " in md
     assert files[2].stat().st_size > 1000 and json.loads(files[1].read_text())["ks"] == [2]
+    # mnli's expert is not above its majority baseline: a second table scores sst2 only
+    assert "informative tasks only (sst2)" in md and "(not above baseline)" in md
+    only = json.loads(files[1].read_text())["table_informative"]["table"]["ties"]["2"]
+    sst2_only = [r for r in records if r["method"] == "ties"][0]["acc"]["sst2"]
+    assert only["anp"] == pytest.approx(100.0 * sst2_only / 1.0)
 
 
 def test_causal_prompt_and_scoring(data_dir: Path) -> None:

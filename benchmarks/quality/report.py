@@ -7,15 +7,40 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .metrics import bootstrap_anp_ci, mean_ci
+from .metrics import anp, bootstrap_anp_ci, mean_ci
+
+
+def restrict(record: dict[str, Any], only: set[str], expert_acc: dict[str, float]) -> dict[str, Any] | None:
+    """The record with its accuracies and ANP limited to the tasks in ``only`` (None if none is left)."""
+    tasks = [t for t in record["combo"] if t in only]
+    if not tasks:
+        return None
+    acc = {t: record["acc"][t] for t in tasks}
+    return {
+        **record,
+        "acc": acc,
+        "correct": {t: record["correct"][t] for t in tasks},
+        "anp": anp(acc, expert_acc),
+    }
 
 
 def aggregate(
-    records: list[dict[str, Any]], expert_acc: dict[str, float], methods: list[str], ks: list[int]
+    records: list[dict[str, Any]],
+    expert_acc: dict[str, float],
+    methods: list[str],
+    ks: list[int],
+    only: set[str] | None = None,
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """table[method][k] = mean ANP, t-CI half-width across combinations, bootstrap CI, n combos."""
+    """table[method][k] = mean ANP, t-CI half-width across combinations, bootstrap CI, n combos.
+
+    ``only``: score each merge on these tasks only (k stays the number of merged tasks).
+    """
     by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
+        if only is not None:
+            r = restrict(r, only, expert_acc)
+            if r is None:
+                continue
         by[(r["method"], r["k"])].append(r)
     table: dict[str, dict[int, dict[str, Any]]] = {}
     for m in methods:
@@ -79,21 +104,40 @@ def coefficient_lines(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _table_lines(table: dict[str, dict[int, dict[str, Any]]], ks: list[int]) -> list[str]:
+    lines = [
+        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "| --- | " + " | ".join("---:" for _ in ks) + " |",
+    ]
+    for m, row in table.items():
+        lines.append(f"| {m} | " + " | ".join(_cell(row.get(k)) for k in ks) + " |")
+    return lines
+
+
 def markdown(
     title: str,
     table: dict[str, dict[int, dict[str, Any]]],
     ks: list[int],
     setup_md: str,
-    expert_rows: list[tuple[str, float, int]],
+    expert_rows: list[tuple[str, float, int, float | None]],
     notes: list[str],
     times: dict[str, dict[int, list[float]]] | None = None,
     coeffs: list[str] | None = None,
+    informative: tuple[dict[str, dict[int, dict[str, Any]]], list[str]] | None = None,
 ) -> str:
     lines = [f"# {title}", "", setup_md, "", "## ANP (x100) by number of merged tasks k", ""]
-    lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
-    lines.append("| --- | " + " | ".join("---:" for _ in ks) + " |")
-    for m, row in table.items():
-        lines.append(f"| {m} | " + " | ".join(_cell(row.get(k)) for k in ks) + " |")
+    lines += _table_lines(table, ks)
+    if informative is not None:
+        t2, names = informative
+        lines += [
+            "",
+            f"### ANP over the informative tasks only ({', '.join(names)})",
+            "",
+            "Same merges, scored only on the tasks whose expert beats the majority-class baseline by at "
+            "least 5 points (an expert at chance level makes merged/expert a ratio of two chance accuracies).",
+            "",
+        ]
+        lines += _table_lines(t2, ks)
     lines.append("")
     lines.append(
         "| combinations per k | "
@@ -108,10 +152,12 @@ def markdown(
         "",
         "## Expert accuracies (eval split)",
         "",
-        "| task | accuracy | eval examples |",
-        "| --- | ---: | ---: |",
+        "| task | accuracy | majority-class baseline | eval examples |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    lines += [f"| {t} | {100 * a:.1f} | {n} |" for t, a, n in expert_rows]
+    for t, a, n, maj in expert_rows:
+        flag = "" if maj is None or a >= maj + 0.05 else " (not above baseline)"
+        lines.append(f"| {t} | {100 * a:.1f}{flag} | {'–' if maj is None else f'{100 * maj:.1f}'} | {n} |")
     if times:
         lines += [
             "",
@@ -131,35 +177,46 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict[str, dict[int, dict[str, Any]]], ks: list[int], title: str, path: Path) -> None:
+def plot(
+    table: dict[str, dict[int, dict[str, Any]]],
+    ks: list[int],
+    title: str,
+    path: Path,
+    informative: tuple[dict[str, dict[int, dict[str, Any]]], list[str]] | None = None,
+) -> None:
+    """ANP vs k, one line per method (a second panel for the informative-task table when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    panels = [(table, "all merged tasks")]
+    if informative is not None:
+        panels.append((informative[0], "informative tasks only: " + ", ".join(informative[1])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
-    for i, (m, row) in enumerate(table.items()):
-        xs = [k for k in ks if k in row]
-        if not xs:
-            continue
-        ys = [row[k]["anp"] for k in xs]
-        style = "-" if m.startswith("divmerge") else "--" if m.startswith("adamerging") else ":"
-        ax.plot(
-            xs,
-            ys,
-            style,
-            marker="o",
-            label=m,
-            color=colors[(2 * i) % 20 + (i >= 10)],
-            linewidth=2.4 if m == "divmerge_layer_js" else 1.2,
-        )
-    ax.set_xlabel("number of merged tasks k")
-    ax.set_ylabel("ANP (x100)")
-    ax.set_title(title)
-    ax.set_xticks(ks)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (tab, sub) in zip(axes[0], panels, strict=True):
+        for i, (m, row) in enumerate(tab.items()):
+            xs = [k for k in ks if k in row]
+            if not xs:
+                continue
+            style = "-" if m.startswith("divmerge") else "--" if m.startswith("adamerging") else ":"
+            ax.plot(
+                xs,
+                [row[k]["anp"] for k in xs],
+                style,
+                marker="o",
+                label=m,
+                color=colors[(2 * i) % 20 + (i >= 10)],
+                linewidth=2.4 if m == "divmerge_layer_js" else 1.2,
+            )
+        ax.set_xlabel("number of merged tasks k")
+        ax.set_ylabel("ANP (x100)")
+        ax.set_title(sub, fontsize=9)
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -171,13 +228,23 @@ def write_report(
     """Write the three files; ``payload`` holds table, ks, experts, records and setup."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ks, table = payload["ks"], payload["table"]
-    experts = [(t, e["acc"], e["n"]) for t, e in payload["experts"].items()]
+    experts = [(t, e["acc"], e["n"], e.get("majority")) for t, e in payload["experts"].items()]
+    records = payload.get("records", [])
+    informative = None
+    good = [t for t, a, _, maj in experts if maj is not None and a >= maj + 0.05]
+    if len(good) < len(experts) and good and records:
+        acc = {t: a for t, a, _, _ in experts}
+        t2 = aggregate(records, acc, list(table), ks, only=set(good))
+        payload["table_informative"] = {"tasks": good, "table": t2}
+        informative = (t2, good)
     md = out_dir / f"{stem}.md"
-    times = timings(payload.get("records", []), list(table), ks)
-    coeffs = coefficient_lines(payload.get("records", []))
-    md.write_text(markdown(title, table, ks, setup_md, experts, notes, times, coeffs), encoding="utf-8")
+    times = timings(records, list(table), ks)
+    coeffs = coefficient_lines(records)
+    md.write_text(
+        markdown(title, table, ks, setup_md, experts, notes, times, coeffs, informative), encoding="utf-8"
+    )
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     png = out_dir / f"{stem}.png"
-    plot(table, ks, title, png)
+    plot(table, ks, title, png, informative)
     return [md, js, png]

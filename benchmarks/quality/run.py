@@ -179,6 +179,9 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     t1 = time.time()
     records = run_items(track, mode, specs, cache, deadline=deadline, log=log)
     experts = expert_accuracies(track, mode, cache)
+    for t, e in experts.items():  # majority-class accuracy on the same eval examples
+        labels = [ex.label for ex in track.evals[t]]
+        e["majority"] = max(labels.count(c) for c in set(labels)) / len(labels)
     n_expected = sum(len(mode.combos(k)) for k in mode.ks) * len(specs)
     complete = len(records) == n_expected
     table = aggregate(
