@@ -79,6 +79,8 @@ def random_prune(
     Draws exactly as peft does (``torch.bernoulli`` of a tensor filled with ``density``); ``generator``
     defaults to torch's global generator, which is what peft uses.
     """
+    if density >= 1:
+        return tensor
     return random_prune_(tensor.clone(), density, rescale=rescale, generator=generator)
 
 
