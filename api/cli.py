@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 from .core.config import Settings, get_settings
-from .db import migrate, session_scope
-from .security import create_token, revoke_token
+
+# The database and web modules are imported inside the commands: these subcommands are registered on every
+# ``divmerge`` invocation (``divmerge merge`` included), which should not pay for importing them.
 
 
 def _prepare_db(settings: Settings) -> None:
     """The embedded SQLite database is created and migrated on first use; PostgreSQL is migrated by
     ``alembic upgrade head`` (the compose file's ``migrate`` service)."""
+    from .db import migrate
+
     if settings.db_url.startswith("sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
         migrate(settings.db_url)
@@ -59,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
+    from .db import session_scope
+    from .security import create_token
+
     settings = get_settings()
     _prepare_db(settings)
     with session_scope(settings.db_url) as s:
@@ -71,6 +77,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from .db import session_scope
+    from .security import revoke_token
+
     settings = get_settings()
     _prepare_db(settings)
     with session_scope(settings.db_url) as s:
