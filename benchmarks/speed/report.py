@@ -42,36 +42,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def classic_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| size | K | method | tool | wall s (median) | runs | CPU s | peak RSS MiB | peak anon MiB | wall ours/mk | RSS ours/mk |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | K | method | tool | wall s (median) | runs | CPU s | peak RSS MiB | peak anon MiB "
+        "| wall ours/mk | CPU ours/mk | RSS ours/mk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["summary"]
         if not s.get("ok"):
-            lines.append(f"| {r['size']} | {r['k']} | {r['method']} | {r['tool']} | failed | 0 | | | | | |")
+            lines.append(f"| {r['size']} | {r['k']} | {r['method']} | {r['tool']} | failed | 0 | | | | | | |")
             continue
         lines.append(
             f"| {r['size']} | {r['k']} | {r['method']} | {r['tool']} | {_fmt(s['wall_s'])} | "
             f"{', '.join(_fmt(w) for w in s['wall_all_s'])} | {_fmt(s['cpu_s'])} | {_fmt(s['max_rss_mb'], 0)} | "
-            f"{_fmt(s['tree_anon_mb'], 0)} | {_fmt(r.get('wall_ratio'))} | {_fmt(r.get('rss_ratio'))} |"
+            f"{_fmt(s['tree_anon_mb'], 0)} | {_fmt(r.get('wall_ratio'))} | {_fmt(r.get('cpu_ratio'))} | "
+            f"{_fmt(r.get('rss_ratio'))} |"
         )
     return lines
 
 
 def learned_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| size | K | tool | granularity / coefficients | batch/task × seq | step s (median) | steps | peak RSS MiB (optimisation) | anon MiB | setup s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| size | K | tool | granularity / coefficients | batch/task × seq | step wall s (median) "
+        "| step CPU s (median) | steps | peak RSS MiB (optimisation) | anon MiB | setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r.get("ok"):
             lines.append(
-                f"| {r.get('size')} | {r.get('k')} | {r.get('tool')} | — | — | failed: {r.get('error', '')[:200]} | | | | |"
+                f"| {r.get('size')} | {r.get('k')} | {r.get('tool')} | — | — | failed: {r.get('error', '')[:200]} | | | | | |"
             )
             continue
         lines.append(
             f"| {r['size']} | {r['k']} | {r['tool']} | {r.get('granularity')} ({r.get('coefficients')}) | "
-            f"{r['batch_per_task']} × {r['seq_len']} | {_fmt(r['step_s'], 3)} | {r['steps']} | "
+            f"{r['batch_per_task']} × {r['seq_len']} | {_fmt(r['step_s'], 2)} | {_fmt(r.get('step_cpu_s_median'), 2)} | "
+            f"{r['steps']} | "
             f"{_fmt(r['peak_rss_mb'], 0)} | {_fmt(r.get('anon_mb'), 0)} | {_fmt(r.get('setup_s'), 1)} |"
         )
     return lines

@@ -23,6 +23,7 @@ FUSIONBENCH_VENV = ROOT / "benchmarks" / ".venvs" / "fusionbench"
 SECTIONS = ("headline", "correctness", "learned", "scaling", "learned_scaling")
 #: The frozen engine copy every measurement of this run uses (set by main()).
 SNAPSHOT: Path | None = None
+ENGINE_SHA: str | None = None
 #: Earlier mergekit runs to reuse (size, k, method) -> run records (mergekit does not change between runs).
 REUSE_MERGEKIT: dict[tuple[str, int, str], list[dict]] = {}
 
@@ -54,7 +55,14 @@ def plan_for(quick: bool) -> dict[str, Any]:
             "mergekit": True,
             "max_k": {"300M": 2},
         },
-        "learned_scaling": {"size": "25M", "ks": [2, 4, 8], "batch": 4, "seq_len": 64, "steps": 4},
+        "learned_scaling": {
+            "size": "25M",
+            "ks": [2, 4, 8],
+            "batch": 4,
+            "seq_len": 64,
+            "steps": 4,
+            "fusionbench": True,
+        },
     }
 
 
@@ -147,6 +155,7 @@ def classic_rows(
                 "tool": tool,
                 "summary": summaries[tool],
                 "runs": runs[tool],
+                "engine_commit": ENGINE_SHA if tool == "divmerge" else None,
             }
             if tool == "divmerge" and "mergekit" in summaries:
                 ours, mk = summaries["divmerge"], summaries["mergekit"]
@@ -201,6 +210,7 @@ def learned_run(
     env = dict(engine_env(SNAPSHOT if tool == "divmerge" else None), TRANSFORMERS_OFFLINE="1")
     m = run_measured(cmd, env=env, cwd=ROOT, timeout=3600)
     row: dict[str, Any] = {"tool": tool, "size": size, "k": k, "ok": False, "max_rss_mb": m.max_rss_mb}
+    row["engine_commit"] = ENGINE_SHA if tool == "divmerge" else None
     line = next((ln for ln in reversed(m.stdout.splitlines()) if ln.startswith("{")), None)
     if m.rc != 0 or line is None:
         row["error"] = m.stderr_tail[-800:]
@@ -319,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         res.data["meta"]["earlier_runs"] = [*old["meta"].get("earlier_runs", []), old["meta"]]
         res.data["notes"] = old.get("notes", [])
     res.data["plan"] = plan
-    global SNAPSHOT
+    global SNAPSHOT, ENGINE_SHA
     SNAPSHOT, sha = engine_snapshot(args.engine_ref)
+    ENGINE_SHA = sha
     res.data["meta"]["engine_commit"] = sha
     print(f"engine: divmerge_core at {sha} (frozen copy in {SNAPSHOT})", flush=True)
     if args.reuse_mergekit and args.reuse_mergekit.exists():
@@ -385,21 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         ls = plan["learned_scaling"]
         print(f"[learned_scaling] {ls}", flush=True)
         for k in ls["ks"]:
-            prior = next(
-                (
-                    r
-                    for r in res.data.get("learned", [])
-                    if r.get("tool") == "divmerge"
-                    and r.get("k") == k
-                    and r.get("size") == ls["size"]
-                    and r.get("granularity") == "layer"
-                ),
-                None,
-            )
             res.add(
                 "learned_scaling",
-                prior or learned_run("divmerge", ls["size"], k, ls["batch"], ls["seq_len"], ls["steps"]),
+                learned_run("divmerge", ls["size"], k, ls["batch"], ls["seq_len"], ls["steps"]),
             )
+            if ls.get("fusionbench") and have_fb:
+                res.add(
+                    "learned_scaling",
+                    learned_run("fusionbench", ls["size"], k, ls["batch"], ls["seq_len"], ls["steps"]),
+                )
 
     res.data["meta"]["load_average_end"] = os.getloadavg()
     res.data["verdict"] = verdict(res.data)
