@@ -111,6 +111,8 @@ def _table_lines(table: dict[str, dict[int, dict[str, Any]]], ks: list[int]) -> 
     ]
     for m, row in table.items():
         lines.append(f"| {m} | " + " | ".join(_cell(row.get(k)) for k in ks) + " |")
+    n = [max((row[k]["n"] for row in table.values() if k in row), default=0) for k in ks]
+    lines.append("| *combinations* | " + " | ".join(f"*{c}*" for c in n) + " |")
     return lines
 
 
@@ -138,12 +140,6 @@ def markdown(
             "",
         ]
         lines += _table_lines(t2, ks)
-    lines.append("")
-    lines.append(
-        "| combinations per k | "
-        + " | ".join(str(max((row[k]["n"] for row in table.values() if k in row), default=0)) for k in ks)
-        + " |"
-    )
     lines += [
         "",
         "Cells: mean ANP over the sampled task combinations ± the half-width of a 95 % Student-t interval "
