@@ -46,8 +46,8 @@ MODES: dict[str, Mode] = {
     "reduced": Mode(
         "reduced",
         GLUE_TASKS,
-        (2, 7, 4, 3, 5),
-        {2: 1, 7: 1, 4: 1, 3: 1, 5: 1},
+        (2, 7, 4, 3, 5, 6),
+        {2: 3, 7: 1, 4: 2, 3: 2, 5: 2, 6: 1},
         eval_n=100,
         num_samples=24,
         learned=_learned(2, 64),
