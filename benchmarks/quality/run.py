@@ -127,8 +127,9 @@ def _setup_md(
         "* Classic methods: averaging = linear mean of the experts; task_arithmetic weight 0.3; ties density "
         "0.2 weight 1; dare_ties density 0.5 weight 1 (seed 0); multislerp of the experts (equal weights).",
         f"* Expert recipe: {json.dumps(track_setup['expert_recipe'])}.",
-        f"* Wall time of this run: {wall_s / 60:.1f} min (merges + evals; expert training: "
-        f"{json.dumps(expert_time)}). Machine: {platform.processor() or platform.machine()}, "
+        f"* Compute time: {wall_s / 60:.1f} min of merges + evaluations (sum over the items, including items "
+        f"cached from earlier invocations); expert training (s): "
+        f"{json.dumps(expert_time)}. Machine: {platform.processor() or platform.machine()}, "
         f"torch threads {torch.get_num_threads()}, CPU shared with other jobs.",
     ]
     return "\n".join(rows)
@@ -176,7 +177,6 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     specs = method_specs(mode.learned)
     if args.methods:
         specs = [s for s in specs if s.name in args.methods]
-    t1 = time.time()
     records = run_items(track, mode, specs, cache, deadline=deadline, log=log)
     experts = expert_accuracies(track, mode, cache)
     for t, e in experts.items():  # majority-class accuracy on the same eval examples
@@ -209,7 +209,13 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     }
     notes = list(args.note or [])
     setup_md = _setup_md(
-        mode, track.setup(), expert_time, time.time() - t1, complete, len(records), n_expected
+        mode,
+        track.setup(),
+        expert_time,
+        sum(r["merge_s"] + r["eval_s"] for r in records),
+        complete,
+        len(records),
+        n_expected,
     )
     files = write_report(args.results, stem, title, payload, setup_md, notes)
     log(f"wrote {', '.join(str(f) for f in files)}")
