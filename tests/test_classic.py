@@ -263,3 +263,13 @@ def test_ties_in_low_precision_keeps_the_reference_arithmetic(dtype):
     expected = (weighted * mask).sum(0) / torch.clamp(mask.sum(0), min=1.0)
     ours = classic.ties_deltas(deltas, w, dens)
     assert ours.dtype == expected.dtype and torch.equal(ours, expected)
+
+
+def test_all_zero_task_vector_is_pruned_like_peft():
+    """A tensor no fine-tune changed (frozen embeddings) skips the top-k but gives peft's result."""
+    zero = torch.zeros(64, 32)
+    assert torch.equal(classic.magnitude_prune(zero, 0.2), peft_merge.magnitude_based_pruning(zero, 0.2))
+    deltas = [torch.zeros(64, 32), torch.zeros(64, 32)]
+    assert torch.equal(
+        classic.ties_deltas(deltas, [1.0, 1.0], [0.2, 0.2]), peft_merge.ties(deltas, torch.ones(2), 0.2)
+    )

@@ -59,14 +59,14 @@ def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor:
 
 def magnitude_prune(tensor: Tensor, density: float) -> Tensor:
     """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest."""
-    if density >= 1:
+    if density >= 1 or not bool(tensor.any()):  # an all-zero task vector (a frozen tensor) stays as it is
         return tensor
     return tensor * _top_magnitude_mask(tensor, int(density * tensor.numel()))
 
 
 def magnitude_prune_(tensor: Tensor, density: float) -> Tensor:
     """:func:`magnitude_prune` in place."""
-    if density >= 1:
+    if density >= 1 or not bool(tensor.any()):  # all zeros: topk over ties only would be slow, same result
         return tensor
     return tensor.mul_(_top_magnitude_mask(tensor, int(density * tensor.numel())))
 
