@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 NOUNS = ["movie", "meal", "hotel", "concert", "book", "show", "trip", "album", "game", "class"]
 GOOD = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "fantastic", "brilliant"]
@@ -110,6 +111,8 @@ def free_port() -> int:
 
 
 def main() -> int:
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
+    hf_logging.disable_progress_bar()
     home = Path(os.environ.setdefault("DIVMERGE_HOME", str(Path("~/.divmerge").expanduser())))
     paths = build_models(home / "demo" / "models")
     divmerge = [sys.executable, "-m", "divmerge_core.cli"]
