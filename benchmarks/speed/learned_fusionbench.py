@@ -18,20 +18,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from .configs import random_texts
-from .measure import parse_proc_status
-
-
-def proc_memory_mb() -> dict[str, float]:
-    text = Path("/proc/self/status").read_text()
-    rss, anon = parse_proc_status(text)
-    hwm = 0
-    for line in text.splitlines():
-        if line.startswith("VmHWM:"):
-            hwm = int(line.split()[1])
-    return {"hwm_mb": hwm / 1024, "rss_mb": rss / 1024, "anon_mb": anon / 1024}
+from .measure import proc_memory_mb
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,17 @@ def parse_proc_status(text: str) -> tuple[int, int]:
     return rss, anon
 
 
+def proc_memory_mb() -> dict[str, float]:
+    """VmHWM (peak RSS so far), VmRSS and RssAnon of this process, in MiB."""
+    text = Path("/proc/self/status").read_text()
+    rss, anon = parse_proc_status(text)
+    hwm = 0
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return {"hwm_mb": hwm / 1024, "rss_mb": rss / 1024, "anon_mb": anon / 1024}
+
+
 class TreePoller:
     """Poll the summed RSS / RssAnon of a process and its descendants in a background thread."""
 
