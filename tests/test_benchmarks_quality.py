@@ -225,3 +225,17 @@ def test_causal_prompt_and_scoring(data_dir: Path) -> None:
     tok = make_tokenizer("gpt2")
     c = score_correctness(make_gpt2(), tok, task, task.eval, CausalRecipe(), batch_size=4)
     assert len(c) == len(task.eval) and all(isinstance(x, bool) for x in c)
+
+
+def test_harness_shards_share_the_cache(tmp_path: Path, data_dir: Path) -> None:
+    track = _TinyTrack(tmp_path / "models", data_dir)
+    mode = Mode("test", ("sst2", "mnli"), (2,), {2: None}, eval_n=4, num_samples=2, learned={})
+    names = ("averaging", "task_arithmetic", "ties")
+    specs = [s for s in method_specs({}) if s.name in names]
+    cache = tmp_path / "cache"
+    # items in order: one pair x 3 methods; shard 0/2 takes items 0 and 2
+    first = run_items(track, mode, specs, cache, shard=(0, 2), log=lambda m: None)
+    assert [r["method"] for r in first] == ["averaging", "ties"]
+    assert run_items(track, mode, specs, cache, run_new=False, log=lambda m: None) == first
+    second = run_items(track, mode, specs, cache, shard=(1, 2), log=lambda m: None)
+    assert [r["method"] for r in second] == list(names)

@@ -89,9 +89,15 @@ def run_items(
     cache: Path,
     *,
     deadline: float | None = None,
+    shard: tuple[int, int] = (0, 1),
+    run_new: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every (combination, method) not cached yet; return all item records (cached and new)."""
+    """Run every (combination, method) not cached yet; return all item records (cached and new).
+
+    ``shard=(i, n)`` runs only every n-th item starting at i, so n processes can share the work (and the
+    cache); ``run_new=False`` only collects cached records (to report after sharded runs).
+    """
     from divmerge_core.config import parse_config
     from divmerge_core.pipeline import run_merge
 
@@ -102,18 +108,22 @@ def run_items(
     n_slots = max(len(c) for c in per_k.values())
     records = []
     stopped = False
+    index = -1
     for slot in range(n_slots):
         for k in mode.ks:
             if slot >= len(per_k[k]):
                 continue
             combo = per_k[k][slot]
             for spec in specs:
+                index += 1
                 path = run_dir / spec.name / ("+".join(combo) + ".json")
                 if path.is_file():
                     rec = json.loads(path.read_text())
                     if rec.get("status") == "ok":
                         records.append(rec)
                         continue
+                if not run_new or index % shard[1] != shard[0]:
+                    continue
                 if stopped or (deadline is not None and time.time() > deadline):
                     stopped = True
                     continue

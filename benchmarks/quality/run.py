@@ -56,10 +56,10 @@ MODES: dict[str, Mode] = {
         "full",
         GLUE_TASKS,
         (2, 3, 4, 5, 6, 7),
-        {2: None, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1},
-        eval_n=200,
-        num_samples=32,
-        learned=_learned(2, 128),
+        {2: None, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
+        eval_n=300,
+        num_samples=64,
+        learned=_learned(2, 64),
     ),
 }
 #: Causal-track modes (smaller: fewer tasks and combinations).
@@ -177,7 +177,9 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     specs = method_specs(mode.learned)
     if args.methods:
         specs = [s for s in specs if s.name in args.methods]
-    records = run_items(track, mode, specs, cache, deadline=deadline, log=log)
+    records = run_items(
+        track, mode, specs, cache, deadline=deadline, shard=args.shard, run_new=not args.report_only, log=log
+    )
     experts = expert_accuracies(track, mode, cache)
     for t, e in experts.items():  # majority-class accuracy on the same eval examples
         labels = [ex.label for ex in track.evals[t]]
@@ -222,6 +224,13 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     return files[0]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    i, n = (int(x) for x in text.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError("expected I/N with 0 <= I < N")
+    return i, n
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=sorted(MODES), default="quick")
@@ -238,6 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="*", help="only these table rows")
     ap.add_argument("--deadline", help="UTC HH:MM after which no new merge starts (report what finished)")
     ap.add_argument("--note", action="append", help="a note for the report (repeatable)")
+    ap.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="run only items I, I+N, I+2N, ... (N processes share the work and the cache)",
+    )
+    ap.add_argument("--report-only", action="store_true", help="run no new item: report what the cache holds")
     args = ap.parse_args(argv)
     if args.data is None:
         from .data import default_data_dir

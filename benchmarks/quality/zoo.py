@@ -182,7 +182,7 @@ def train_expert(base: Path, task: Task, head: UnionHead, recipe: Recipe, out: P
 
 
 #: Expert recipes per benchmark mode (quick trades accuracy for speed).
-RECIPES = {"full": Recipe(), "quick": Recipe(n_train=512, epochs=2, max_length=64)}
+RECIPES = {"full": Recipe(n_train=3000, epochs=2), "quick": Recipe(n_train=512, epochs=2, max_length=64)}
 
 
 def build_zoo(
