@@ -239,3 +239,17 @@ def test_harness_shards_share_the_cache(tmp_path: Path, data_dir: Path) -> None:
     assert run_items(track, mode, specs, cache, run_new=False, log=lambda m: None) == first
     second = run_items(track, mode, specs, cache, shard=(1, 2), log=lambda m: None)
     assert [r["method"] for r in second] == list(names)
+
+
+def test_ablation_overrides_rename_the_mode() -> None:
+    import argparse
+
+    from benchmarks.quality.run import MODES, _with_overrides
+
+    full = MODES["full"]
+    plain = argparse.Namespace(ks=None, num_samples=None, epochs=None, lr=None)
+    assert _with_overrides(full, plain) is full
+    args = argparse.Namespace(ks=[7], num_samples=200, epochs=4, lr=None)
+    mode = _with_overrides(full, args)
+    assert mode.name == "full-custom" and mode.ks == (7,) and mode.num_samples == 200
+    assert mode.learned == {**full.learned, "epochs": 4} and mode.combos(7) == full.combos(7)

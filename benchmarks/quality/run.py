@@ -9,6 +9,7 @@ and writes ``benchmarks/results/quality[_<mode>].{md,json,png}`` (classification
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -173,6 +174,8 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         stem, title = "quality_causal", "Merging quality: tiny GPT-2 causal-LM experts (weak base)"
     if mode.name != "full":
         stem += f"_{mode.name}" if mode.name == "quick" else ""
+    if args.stem:
+        stem = args.stem if kind == "cls" else f"{args.stem}_causal"
     log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
     specs = method_specs(mode.learned)
     if args.methods:
@@ -254,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="I/N",
         help="run only items I, I+N, I+2N, ... (N processes share the work and the cache)",
     )
+    ap.add_argument("--ks", type=int, nargs="+", help="ablation: only these k")
+    ap.add_argument("--num-samples", type=int, help="ablation: merge inputs per task")
+    ap.add_argument("--epochs", type=int, help="ablation: epochs of the learned methods")
+    ap.add_argument("--lr", type=float, help="ablation: learning rate of the learned methods")
+    ap.add_argument("--stem", help="report file name (default quality[_quick]; set it for ablations)")
     ap.add_argument("--report-only", action="store_true", help="run no new item: report what the cache holds")
     args = ap.parse_args(argv)
     if args.data is None:
@@ -274,4 +282,23 @@ def main(argv: list[str] | None = None) -> None:
         deadline = when.timestamp()
     tracks = ["cls", "causal"] if args.track == "both" else [args.track]
     for kind in tracks:
-        run_track(kind, (MODES if kind == "cls" else CAUSAL_MODES)[args.mode], args, deadline)
+        mode = _with_overrides((MODES if kind == "cls" else CAUSAL_MODES)[args.mode], args)
+        run_track(kind, mode, args, deadline)
+
+
+def _with_overrides(mode: Mode, args: argparse.Namespace) -> Mode:
+    """The mode with the command line's ablation overrides (renamed ``<mode>-custom`` when any is given)."""
+    learned = dict(mode.learned)
+    for key in ("epochs", "lr"):
+        if getattr(args, key) is not None:
+            learned[key] = getattr(args, key)
+    changes: dict[str, Any] = {}
+    if learned != mode.learned:
+        changes["learned"] = learned
+    if args.ks:
+        changes["ks"] = tuple(args.ks)
+    if args.num_samples is not None:
+        changes["num_samples"] = args.num_samples
+    if not changes:
+        return mode
+    return dataclasses.replace(mode, name=f"{mode.name}-custom", **changes)
