@@ -61,6 +61,19 @@ class DataSpec(_Strict):
     )
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
+    labels: list[str | int] | None = Field(
+        None,
+        description="sequence classification with one head shared by several tasks: this task's labels "
+        "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
+        "are renormalised over them",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str | int] | None) -> list[str | int] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError("'labels' needs at least two distinct labels")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

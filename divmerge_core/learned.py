@@ -61,9 +61,12 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
     for t, spec in enumerate(plan.specs):
         reporter.check()
         if spec.data is None:
-            raise ConfigError(f"model {plan.models[t].ref.raw!r} has no 'data'", field=f"models.{t}.data")
+            raise ConfigError(
+                f"model {plan.models[t].ref.raw!r} has no 'data'", field=f"{_model_field(plan, t)}.data"
+            )
         tasks.append(load_task_inputs(spec.data, plan.options, params.seed))
         reporter.report("data", t + 1, n_tasks, message=f"{len(tasks[-1])} inputs from {tasks[-1].source}")
+    label_masks = _label_masks(plan, kind, device)
     tokenizer = load_tokenizer(plan.reference.path)
     examples = [
         encode(kind, tokenizer, inputs, t, params.max_length, params.max_new_tokens, plan.model_config)
@@ -103,6 +106,7 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
                     batch_size=teacher_batch_size(params.batch_size_per_task),
                     max_new_tokens=params.max_new_tokens,
                     top_k=params.top_k,
+                    label_mask=None if label_masks is None else label_masks[t],
                     store_dtype=torch.float32 if dtype == torch.float32 else dtype,
                     device=device,
                     check=reporter.check,
@@ -142,8 +146,10 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
             module, merged_params(), args=(), kwargs=batch.inputs, tie_weights=True, strict=False
         )
         logits = scored_logits(kind, out.logits, batch).float()
-        per_example = per_example_mean(loss_fn(logits, picked), batch, len(picked))
         owner_task = torch.tensor([e.task for e in picked], device=device)
+        if label_masks is not None:  # each input is scored on its own task's labels only
+            logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
+        per_example = per_example_mean(loss_fn(logits, picked), batch, len(picked))
         task_means = torch.zeros(n_tasks, device=device).index_add(0, owner_task, per_example)
         task_means = task_means / torch.bincount(owner_task, minlength=n_tasks).clamp_min(1)
         loss = task_means.mean()
@@ -170,6 +176,45 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+def _model_field(plan: MergePlan, t: int) -> str:
+    """The config path of task model ``t`` (``models.<i>``; the base may sit in the list before it)."""
+    i = next((i for i, m in enumerate(plan.config.models) if m is plan.specs[t]), t)
+    return f"models.{i}"
+
+
+def _label_masks(plan: MergePlan, kind: str, device: torch.device) -> torch.Tensor | None:
+    """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
+
+    A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``.
+    """
+    wanted = [spec.data.labels if spec.data is not None else None for spec in plan.specs]
+    if all(w is None for w in wanted):
+        return None
+    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
+    n_labels = int(plan.model_config.get("num_labels") or len(id2label))
+    by_name = {v: k for k, v in id2label.items()}
+    masks = torch.ones((len(wanted), n_labels), dtype=torch.bool)
+    for t, labels in enumerate(wanted):
+        if labels is None:
+            continue
+        field = f"{_model_field(plan, t)}.data.labels"
+        if kind == CAUSAL:
+            raise ConfigError("'labels' applies to sequence-classification models only", field=field)
+        ids = []
+        for label in labels:
+            i = label if isinstance(label, int) else by_name.get(label)
+            if i is None or not 0 <= i < n_labels:
+                known = ", ".join(repr(v) for v in list(id2label.values())[:20])
+                raise ConfigError(
+                    f"label {label!r} is not one of the model's {n_labels} labels (id2label: {known})",
+                    field=field,
+                )
+            ids.append(i)
+        masks[t] = False
+        masks[t, ids] = True
+    return masks.to(device)
+
+
 def _module_slots(
     module: torch.nn.Module, plan: MergePlan
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:

@@ -16,6 +16,7 @@ a single module whose weights are overwritten in place (never K live models).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,10 +204,12 @@ def annotate_teacher(
     top_k: int | None,
     store_dtype: torch.dtype,
     device: torch.device,
+    label_mask: torch.Tensor | None = None,
     check: Callable[[], None] | None = None,
 ) -> None:
     """Fill ``target`` (and ``target_index``) of ``examples`` with the current module's outputs (a teacher).
 
+    ``label_mask`` (classification, [num_labels] bool) renormalises the teacher over those labels only.
     ``check`` is called before every batch (cooperative cancellation).
     """
     for lo in range(0, len(examples), batch_size):
@@ -216,8 +219,10 @@ def annotate_teacher(
         if kind == CAUSAL:
             _generate(module, tokenizer, chunk, max_new_tokens, device)
         batch = collate(kind, chunk, tokenizer, device)
-        logits = scored_logits(kind, module(**batch.inputs).logits, batch)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logits = scored_logits(kind, module(**batch.inputs).logits, batch).float()
+        if label_mask is not None:
+            logits = logits.masked_fill(~label_mask, -math.inf)
+        logp = F.log_softmax(logits, dim=-1)
         if kind == CLASSIFICATION:
             for e, row in zip(chunk, logp, strict=True):
                 e.target = row.to(store_dtype).cpu()

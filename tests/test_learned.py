@@ -334,3 +334,75 @@ def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
         assert e.fields == full.fields and e.target.shape == e.target_index.shape == (e.stop - e.start, 3)
         assert torch.allclose(e.target.exp().sum(-1), torch.ones(e.stop - e.start), atol=1e-5)
         assert e.target_index[:, 0].tolist() == full.target.argmax(-1).tolist()
+
+
+def _label_logp(model, texts: list[str], labels: list[int] | None) -> torch.Tensor:
+    """``model``'s log-probabilities on ``texts``, renormalised over ``labels`` (all labels if None)."""
+    tok = make_tokenizer("bert")
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits.float()
+    if labels is not None:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[labels] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_labels_restrict_both_distributions(tmp_path):
+    """With a head shared by two tasks, ``data.labels`` scores each task on its own labels only."""
+    from divmerge_core.divergence import js
+
+    names = {0: "a:no", 1: "a:yes", 2: "b:x", 3: "b:y"}
+    base = make_bert_classifier(
+        seed=3, num_labels=4, id2label=names, label2id={v: k for k, v in names.items()}
+    )
+    base_dir = save(base, tmp_path / "base")
+    experts = [perturbed(base, 0.3, seed=s) for s in (1, 2)]
+    expert_dirs = [save(e, tmp_path / f"e{i}") for i, e in enumerate(experts)]
+    texts = [["red cat up", "blue dog", "yes no yes"], ["left right", "bad . up down", "cat"]]
+    own = [[0, 1], [2, 3]]
+    averaged = make_bert_classifier(seed=3, num_labels=4)
+    averaged.load_state_dict(merged_state(base_dir, expert_dirs, None), strict=False)
+
+    def first_loss(data: list[dict]) -> float:
+        plan = make_plan(base_dir, expert_dirs, data, epochs=1, batch_size_per_task=3, granularity="task")
+        return learn_coefficients(plan, device=CPU, reporter=Reporter()).losses[0]
+
+    for labels in (own, [None, None]):
+        data = [{"texts": t} | ({"labels": ls} if ls else {}) for t, ls in zip(texts, labels, strict=True)]
+        if labels[0] is not None:  # names and ids are both accepted
+            data[0]["labels"] = ["a:no", "a:yes"]
+        want = (
+            sum(
+                js(_label_logp(e, t, ls), _label_logp(averaged, t, ls)).mean()
+                for e, t, ls in zip(experts, texts, labels, strict=True)
+            )
+            / 2
+        )
+        assert first_loss(data) == pytest.approx(float(want), rel=1e-4, abs=1e-7)
+    assert first_loss([{"texts": texts[0], "labels": [0, 1]}, {"texts": texts[1]}]) != pytest.approx(
+        first_loss([{"texts": t} for t in texts]), rel=1e-3
+    )
+
+    bad = [{"texts": texts[0], "labels": [0, 1]}, {"texts": texts[1], "labels": ["b:x", "c:nope"]}]
+    with pytest.raises(ConfigError) as err:
+        first_loss(bad)
+    assert err.value.field == "models.1.data.labels" and "c:nope" in str(err.value)
+    with pytest.raises(ConfigError, match="at least two distinct labels") as err:
+        parse_config(
+            {
+                "merge_method": "divmerge",
+                "base_model": "b",
+                "models": [{"model": "m", "data": {"texts": ["x"], "labels": [1, 1]}}],
+            }
+        )
+    assert err.value.field == "models.0.data.labels"
+
+
+def test_labels_refused_for_causal_lms(gpt2_setup):
+    base, experts, data = gpt2_setup
+    data = [dict(data[0], labels=[0, 1]), data[1]]
+    with pytest.raises(ConfigError, match="sequence-classification") as err:
+        learn_coefficients(make_plan(base, experts, data, epochs=1), device=CPU, reporter=Reporter())
+    assert err.value.field == "models.0.data.labels"
