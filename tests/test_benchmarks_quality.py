@@ -128,6 +128,8 @@ def test_method_rows() -> None:
         "divergence": "js",
     }
     assert not rows["averaging"].with_base and rows["ties"].with_base
+    extra = {s.name: s for s in method_specs({"lr": 0.1}, own_labels=True)}.keys() - rows.keys()
+    assert extra == {"adamerging_layer+labels", "divmerge_task_js+labels", "divmerge_layer_js+labels"}
 
 
 class _TinyTrack:
@@ -147,12 +149,16 @@ class _TinyTrack:
             t: qdata.write_merge_inputs(task, root / "in" / f"{t}.tsv") for t, task in self.tasks.items()
         }
 
-    def data_spec(self, task: str, num_samples: int) -> dict:
-        return {
+    def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict:
+        spec = {
             "path": str(self.files[task]),
             "text_columns": self.tasks[task].columns,
             "num_samples": num_samples,
         }
+        if own_labels:  # the tiny models' labels are unnamed: pass the slice's ids
+            sl = self.head.slice_of(task)
+            spec["labels"] = list(range(sl.start, sl.stop))
+        return spec
 
     def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]:
         from benchmarks.quality.evaluate import evaluate_folder
@@ -174,16 +180,21 @@ def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
         num_samples=3,
         learned={"lr": 0.05, "epochs": 1, "batch_size_per_task": 2, "max_length": 32},
     )
-    specs = [s for s in method_specs(mode.learned) if s.name in ("averaging", "ties", "divmerge_layer_js")]
+    names = ("averaging", "ties", "divmerge_layer_js", "divmerge_layer_js+labels")
+    specs = [s for s in method_specs(mode.learned, own_labels=True) if s.name in names]
     cfg = merge_config(track, specs[2], ("sst2", "mnli"), mode)
     assert cfg["base_model"] == str(track.base) and cfg["models"][1]["data"]["text_columns"] == [
         "text_a",
         "text_b",
     ]
     assert "data" not in merge_config(track, specs[0], ("sst2", "mnli"), mode)["models"][0]
+    assert "labels" not in cfg["models"][1]["data"]
+    sl = track.head.slice_of("mnli")
+    labelled = merge_config(track, specs[3], ("sst2", "mnli"), mode)["models"][1]["data"]
+    assert labelled["labels"] == list(range(sl.start, sl.stop))
     cache = tmp_path / "cache"
     records = run_items(track, mode, specs, cache, log=lambda m: None)
-    assert [r["status"] for r in records] == ["ok"] * 3, records
+    assert [r["status"] for r in records] == ["ok"] * 4, records
     assert records[2]["coefficients"]["granularity"] == "layer"
     # cached: a rerun runs nothing new
     again = run_items(track, mode, specs, cache, log=lambda m: (_ for _ in ()).throw(AssertionError(m)))

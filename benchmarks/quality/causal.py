@@ -289,7 +289,11 @@ class CausalTrack:
         }
         self.evals = {t: subset(task.eval, eval_n, seed) for t, task in self.tasks.items()}
 
-    def data_spec(self, task: str, num_samples: int) -> dict[str, Any]:
+    def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict[str, Any]:
+        if own_labels:
+            raise ValueError(
+                "the causal track answers with label words: it has no label slice to restrict to"
+            )
         texts = [prompt(task, ex, self.recipe.max_words) for ex in self.tasks[task].merge_pool]
         return {"texts": texts, "num_samples": num_samples}
 

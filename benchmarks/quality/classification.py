@@ -36,12 +36,15 @@ class ClassificationTrack:
             for t, task in self.tasks.items()
         }
 
-    def data_spec(self, task: str, num_samples: int) -> dict[str, Any]:
-        return {
+    def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict[str, Any]:
+        spec = {
             "path": str(self.merge_files[task]),
             "text_columns": self.tasks[task].columns,
             "num_samples": num_samples,
         }
+        if own_labels:  # label names only (the union head's slice), never labelled examples
+            spec["labels"] = list(self.head.label_names[self.head.slice_of(task)])
+        return spec
 
     def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]:
         return evaluate_folder(

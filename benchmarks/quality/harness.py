@@ -28,7 +28,7 @@ class Track(Protocol):
     base: Path
     experts: dict[str, Path]
 
-    def data_spec(self, task: str, num_samples: int) -> dict[str, Any]: ...
+    def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict[str, Any]: ...
 
     def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]: ...
 
@@ -41,7 +41,7 @@ def merge_config(track: Track, spec: MethodSpec, combo: tuple[str, ...], mode: M
     for t in combo:
         m: dict[str, Any] = {"model": str(track.experts[t])}
         if spec.learned:
-            m["data"] = track.data_spec(t, mode.num_samples)
+            m["data"] = track.data_spec(t, mode.num_samples, own_labels=spec.own_labels)
         models.append(m)
     cfg: dict[str, Any] = {
         "merge_method": spec.merge_method,

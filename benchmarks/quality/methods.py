@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -18,10 +19,15 @@ class MethodSpec:
     learned: bool = False
     #: pass the base model (task-vector methods); averaging and multislerp merge the experts only
     with_base: bool = True
+    #: score each task on its own slice of the union head (``data.labels``; classification track only)
+    own_labels: bool = False
 
 
-def method_specs(learned: dict[str, Any]) -> list[MethodSpec]:
-    """The table's rows. ``learned`` holds the shared optimisation parameters of the learned methods."""
+def method_specs(learned: dict[str, Any], own_labels: bool = False) -> list[MethodSpec]:
+    """The table's rows. ``learned`` holds the shared optimisation parameters of the learned methods.
+
+    ``own_labels`` adds ``+labels`` rows: the learned methods scored on each task's own labels only.
+    """
     rows = [
         MethodSpec("averaging", "linear", {}, with_base=False),
         MethodSpec("task_arithmetic", "task_arithmetic", {"weight": 0.3}),
@@ -41,6 +47,10 @@ def method_specs(learned: dict[str, Any]) -> list[MethodSpec]:
                     True,
                 )
             )
+    if own_labels:
+        for name in ("adamerging_layer", "divmerge_task_js", "divmerge_layer_js"):
+            spec = next(r for r in rows if r.name == name)
+            rows.append(dataclasses.replace(spec, name=f"{name}+labels", own_labels=True))
     return rows
 
 

@@ -177,7 +177,7 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     if args.stem:
         stem = args.stem if kind == "cls" else f"{args.stem}_causal"
     log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
-    specs = method_specs(mode.learned)
+    specs = method_specs(mode.learned, own_labels=kind == "cls")
     if args.methods:
         specs = [s for s in specs if s.name in args.methods]
     records = run_items(
