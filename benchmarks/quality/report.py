@@ -204,7 +204,7 @@ def plot(
                 marker="o",
                 label=m,
                 color=colors[(2 * i) % 20 + (i >= 10)],
-                linewidth=2.4 if m == "divmerge_layer_js" else 1.2,
+                linewidth=2.4 if m.startswith("divmerge_layer_js") else 1.2,
             )
         ax.set_xlabel("number of merged tasks k")
         ax.set_ylabel("ANP (x100)")
