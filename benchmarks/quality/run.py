@@ -57,7 +57,7 @@ MODES: dict[str, Mode] = {
         "full",
         GLUE_TASKS,
         (2, 3, 4, 5, 6, 7),
-        {2: None, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
+        {2: 15, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
         eval_n=300,
         num_samples=64,
         learned=_learned(2, 64),
