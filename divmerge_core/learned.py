@@ -66,7 +66,7 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
             )
         tasks.append(load_task_inputs(spec.data, plan.options, params.seed))
         reporter.report("data", t + 1, n_tasks, message=f"{len(tasks[-1])} inputs from {tasks[-1].source}")
-    label_masks = _label_masks(plan, kind, device)
+    label_masks = resolve_label_masks(plan, device)
     tokenizer = load_tokenizer(plan.reference.path)
     examples = [
         encode(kind, tokenizer, inputs, t, params.max_length, params.max_new_tokens, plan.model_config)
@@ -182,7 +182,7 @@ def _model_field(plan: MergePlan, t: int) -> str:
     return f"models.{i}"
 
 
-def _label_masks(plan: MergePlan, kind: str, device: torch.device) -> torch.Tensor | None:
+def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
     """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
 
     A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``.
@@ -190,6 +190,7 @@ def _label_masks(plan: MergePlan, kind: str, device: torch.device) -> torch.Tens
     wanted = [spec.data.labels if spec.data is not None else None for spec in plan.specs]
     if all(w is None for w in wanted):
         return None
+    kind = model_kind(plan.model_config)
     id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
     n_labels = int(plan.model_config.get("num_labels") or len(id2label))
     by_name = {v: k for k, v in id2label.items()}

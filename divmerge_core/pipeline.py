@@ -87,8 +87,7 @@ def prepare(
             seen.add(model.ref.raw)
             labelled.append((f"{role} {model.ref.raw!r}", model.path))
     report = validate_models(labelled, options)
-    reporter.report("validate", 1, 1)
-    return MergePlan(
+    plan = MergePlan(
         config=config,
         options=options,
         base=base,
@@ -98,6 +97,12 @@ def prepare(
         model_config=report.model_config,
         tensor_names=report.tensor_names,
     )
+    if config.merge_method in LEARNED_METHODS:
+        from .learned import resolve_label_masks
+
+        resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
+    reporter.report("validate", 1, 1)
+    return plan
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -14,6 +14,7 @@ from divmerge_core.errors import ConfigError, MergeCancelled, NumericalError
 from divmerge_core.learned import learn_coefficients
 from divmerge_core.loading import Checkpoint
 from divmerge_core.options import EngineOptions
+from divmerge_core.pipeline import prepare
 from divmerge_core.plan import LearnedCoefficients, MergePlan
 from divmerge_core.progress import Reporter
 from divmerge_core.refs import ResolvedModel, parse_model_ref
@@ -389,6 +390,15 @@ def test_labels_restrict_both_distributions(tmp_path):
     with pytest.raises(ConfigError) as err:
         first_loss(bad)
     assert err.value.field == "models.1.data.labels" and "c:nope" in str(err.value)
+    config = parse_config(
+        {
+            "merge_method": "divmerge",
+            "base_model": str(base_dir),
+            "models": [{"model": str(e), "data": d} for e, d in zip(expert_dirs, bad, strict=True)],
+        }
+    )
+    with pytest.raises(ConfigError, match="c:nope"):  # `divmerge validate` and the worker see it up front
+        prepare(config)
     with pytest.raises(ConfigError, match="at least two distinct labels") as err:
         parse_config(
             {
