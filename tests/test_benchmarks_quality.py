@@ -255,7 +255,7 @@ def test_harness_shards_share_the_cache(tmp_path: Path, data_dir: Path) -> None:
 def test_ablation_overrides_rename_the_mode() -> None:
     import argparse
 
-    from benchmarks.quality.run import MODES, _with_overrides
+    from benchmarks.quality.run import MODES, _with_overrides, report_stem
 
     full = MODES["full"]
     plain = argparse.Namespace(ks=None, num_samples=None, epochs=None, lr=None)
@@ -264,3 +264,8 @@ def test_ablation_overrides_rename_the_mode() -> None:
     mode = _with_overrides(full, args)
     assert mode.name == "full-custom" and mode.ks == (7,) and mode.num_samples == 200
     assert mode.learned == {**full.learned, "epochs": 4} and mode.combos(7) == full.combos(7)
+    # an ablation never overwrites the full run's committed report
+    assert report_stem("cls", mode.name) == "quality_full_custom"
+    assert report_stem("cls", "full") == "quality" and report_stem("causal", "full") == "quality_causal"
+    assert report_stem("causal", "quick") == "quality_causal_quick"
+    assert report_stem("causal", mode.name, "abl") == "abl_causal"

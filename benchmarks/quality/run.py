@@ -155,7 +155,7 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         expert_time = {
             t: json.loads((p / "expert.json").read_text())["train_s"] for t, p in track.experts.items()
         }
-        stem, title = "quality", "Merging quality: MiniLM-L6 sequence-classification experts (GLUE)"
+        title = "Merging quality: MiniLM-L6 sequence-classification experts (GLUE)"
     else:
         from .causal import CAUSAL_RECIPES, CausalTrack
 
@@ -171,11 +171,8 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
             t: json.loads((p / "benchmark.json").read_text())["train_s"] for t, p in track.experts.items()
         }
         expert_time["pretrain"] = json.loads((track.base / "benchmark.json").read_text())["pretrain_s"]
-        stem, title = "quality_causal", "Merging quality: tiny GPT-2 causal-LM experts (weak base)"
-    if mode.name != "full":
-        stem += f"_{mode.name}" if mode.name == "quick" else ""
-    if args.stem:
-        stem = args.stem if kind == "cls" else f"{args.stem}_causal"
+        title = "Merging quality: tiny GPT-2 causal-LM experts (weak base)"
+    stem = report_stem(kind, mode.name, args.stem)
     log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
     specs = method_specs(mode.learned, own_labels=kind == "cls")
     if args.methods:
@@ -227,6 +224,14 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     return files[0]
 
 
+def report_stem(kind: str, mode_name: str, given: str | None = None) -> str:
+    """Report file name: only the full mode writes the committed ``quality`` / ``quality_causal`` files."""
+    if given:
+        return given if kind == "cls" else f"{given}_causal"
+    stem = "quality" if kind == "cls" else "quality_causal"
+    return stem if mode_name == "full" else f"{stem}_{mode_name.replace('-', '_')}"
+
+
 def _shard(text: str) -> tuple[int, int]:
     i, n = (int(x) for x in text.split("/"))
     if not 0 <= i < n:
@@ -261,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-samples", type=int, help="ablation: merge inputs per task")
     ap.add_argument("--epochs", type=int, help="ablation: epochs of the learned methods")
     ap.add_argument("--lr", type=float, help="ablation: learning rate of the learned methods")
-    ap.add_argument("--stem", help="report file name (default quality[_quick]; set it for ablations)")
+    ap.add_argument(
+        "--stem",
+        help="report file name (default quality[_causal][_<mode>], e.g. quality_full_custom with overrides)",
+    )
     ap.add_argument("--report-only", action="store_true", help="run no new item: report what the cache holds")
     args = ap.parse_args(argv)
     if args.data is None:
