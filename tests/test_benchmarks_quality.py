@@ -269,3 +269,13 @@ def test_ablation_overrides_rename_the_mode() -> None:
     assert report_stem("cls", "full") == "quality" and report_stem("causal", "full") == "quality_causal"
     assert report_stem("causal", "quick") == "quality_causal_quick"
     assert report_stem("causal", mode.name, "abl") == "abl_causal"
+
+
+def test_own_label_mass_sums_to_one_over_the_slices(tmp_path: Path, data_dir: Path) -> None:
+    from benchmarks.quality.label_mass import own_label_mass
+
+    head = qdata.union_head(data_dir)
+    folder = save(make_bert_classifier(num_labels=head.num_labels), tmp_path / "m")
+    examples = qdata.load_task(data_dir, "sst2").eval[:4]
+    masses = [own_label_mass(folder, examples, head.slice_of(t)) for t in head.tasks]
+    assert all(0 < m < 1 for m in masses) and sum(masses) == pytest.approx(1.0, abs=1e-5)
