@@ -20,8 +20,8 @@ from api.models import Team, utcnow
 from divmerge_core.config import MergeConfig
 from divmerge_core.errors import DivMergeError, MergeCancelled
 from divmerge_core.options import EngineOptions
+from divmerge_core.paths import check_local_path
 from divmerge_core.progress import ProgressEvent, Reporter
-from divmerge_core.refs import check_local_path
 
 from . import upload
 
@@ -248,8 +248,7 @@ def _local_dest(config: MergeConfig, job_id: str, settings: Settings, options: E
     raw = config.output.path if config.output is not None and config.output.path else None
     if raw is None:
         return settings.home / "outputs" / job_id
-    raw = raw[len("file://") :] if raw.startswith("file://") else raw
-    return check_local_path(Path(raw), options, "output path")
+    return check_local_path(raw, options.local_roots, "output path")
 
 
 def _remove_local_leftovers(dest: Path, job_id: str) -> None:
