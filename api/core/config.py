@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         6 * 3600, description="Redis visibility timeout; must exceed the longest job"
     )
+    db_wait_s: float = Field(
+        600.0, description="a worker whose claim meets a database outage waits this long before giving back"
+    )
+    db_retry_max_s: float = Field(2.0, description="longest pause between retries while the database is down")
     embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
