@@ -161,7 +161,7 @@ def test_every_field_round_trips_to_the_worker(svc):
         },  # fmt: skip
         "dtype": "bfloat16",
         "out_dtype": "float32",
-        "output": {"path": str(out), "private": False},
+        "output": {"path": str(out), "private": False, "overwrite": True},
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
     covered = _set_leaves(config) | {"output.repo_id"}
@@ -184,7 +184,7 @@ def test_every_field_round_trips_to_the_worker(svc):
     assert yaml.safe_load((out / "merge_config.yaml").read_text()) == expected
     alt = svc.submit({**config, "output": hub_output}, key="roundtrip-hub")
     svc.client.post(f"/v1/merges/{alt['id']}/cancel", headers=svc.h())
-    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True}
+    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True, "overwrite": False}
 
 
 def _within(part, whole) -> bool:
