@@ -234,8 +234,7 @@ def _run_claimed(
         }
         values = {"resolved": dict(result.resolved), "upload": vars(delivery), "result": record}
         save_delivery(settings, claim.job_id, values)  # a later attempt records it, never merges again
-        _write(settings, claim, lease, **values)
-        _finish(settings, claim, lease, "succeeded", error_code=None, error_message=None)
+        _finish(settings, claim, lease, "succeeded", error_code=None, error_message=None, **values)
         drop_delivery(settings, claim.job_id)
         log.info("job %s: succeeded -> %s", claim.job_id, delivery.destination)
         return Outcome("succeeded")
