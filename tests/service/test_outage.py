@@ -127,7 +127,8 @@ def test_postgres_outage_loses_nothing_and_redoes_nothing(svc, stack):
     def job(job_id):
         return httpx.get(f"{base}/v1/merges/{job_id}", headers=h, timeout=10).json()
 
-    running = post(svc.classic("deep_", output={"path": str(out / f"outage-running-{stack['tmp'].name}")}))
+    dest = out / f"outage-running-{stack['tmp'].name}"
+    running = post(svc.classic("deep_", output={"path": str(dest)}))
 
     def near_the_end():
         j = job(running)
@@ -143,9 +144,9 @@ def test_postgres_outage_loses_nothing_and_redoes_nothing(svc, stack):
     pg.stop()
     t_down = time.monotonic()
     prober.start()
-    wait_until(lambda: "claim of job" in w2.log.read_text(), 60, interval=0.2, what="w2 to meet the outage")
-    wait_until(lambda: "final write: database unavailable" in w1.log.read_text(), 60, interval=0.2,
-               what="the running job to finish its merge during the outage")  # fmt: skip
+    wait_until(lambda: "] received" in w2.log.read_text(), 60, interval=0.2, what="w2 to take a message")
+    wait_until(lambda: (dest / ".divmerge-job.json").exists(), 60, interval=0.2,
+               what="the running job to deliver its merge during the outage")  # fmt: skip
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - t_down)))
     prober.stop.set()
     prober.join(timeout=30)
@@ -179,6 +180,7 @@ def test_postgres_outage_loses_nothing_and_redoes_nothing(svc, stack):
 
     assert all(j["status"] == "succeeded" for j in jobs.values()), {i: j["error"] for i, j in jobs.items()}
     assert jobs[running]["attempts"] == 1, "the finished merge was run again"
+    assert "final write: database unavailable" in w1.log.read_text()  # it did meet the outage
     assert all(jobs[i]["attempts"] == 1 for i in queued)
     assert max(waits) < 30, waits
     statuses = {(name, status) for name, status, _, _ in prober.seen}
