@@ -155,9 +155,21 @@ def test_every_field_round_trips_to_the_worker(svc):
             {"model": str(m["ft2"]), "data": {"path": str(data), "template": "{x} .", "num_samples": 3}},
         ],
         "parameters": {
-            "weight": 0.9, "density": 0.5, "normalize": True, "lambda": 0.8, "eps": 1e-7, "seed": 7,
-            "granularity": "tensor", "divergence": "kl", "lr": 0.02, "epochs": 2, "batch_size_per_task": 2,
-            "init": 0.4, "max_length": 64, "max_new_tokens": 7, "top_k": 5,
+            "weight": 0.9,
+            "density": 0.5,
+            "normalize": True,
+            "lambda": 0.8,
+            "eps": 1e-7,
+            "seed": 7,
+            "granularity": "tensor",
+            "divergence": "kl",
+            "lr": 0.02,
+            "epochs": 2,
+            "batch_size_per_task": 2,
+            "init": 0.4,
+            "max_length": 64,
+            "max_new_tokens": 7,
+            "top_k": 5,
         },  # fmt: skip
         "dtype": "bfloat16",
         "out_dtype": "float32",
@@ -285,7 +297,9 @@ def test_deeply_nested_json_is_422(svc, opener):
     if len(body) <= svc.settings.max_body_bytes:
         assert r.json()["error"]["code"] == "invalid_json"
     shallow = b"[" * 40 + b"]" * 40  # small enough for the body limit: still refused for its depth
-    r = svc.client.post("/v1/merges", content=shallow, headers={**svc.h(), "content-type": "application/json"})
+    r = svc.client.post(
+        "/v1/merges", content=shallow, headers={**svc.h(), "content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
     assert "levels deep" in r.json()["error"]["message"]
 
