@@ -18,6 +18,7 @@ RUN pip install --no-cache-dir "fastapi>=0.115" "uvicorn[standard]>=0.30" "sqlal
       "pydantic>=2.7" "pydantic-settings>=2.3" "pyyaml>=6"
 COPY pyproject.toml README.md* alembic.ini ./
 COPY divmerge_core ./divmerge_core
+COPY service_core ./service_core
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
@@ -41,6 +42,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 WORKDIR /app
 COPY pyproject.toml README.md* alembic.ini ./
 COPY divmerge_core ./divmerge_core
+COPY service_core ./service_core
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations

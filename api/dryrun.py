@@ -12,8 +12,9 @@ import sys
 
 from starlette.concurrency import run_in_threadpool
 
+from service_core.config import Settings
+
 from . import spec
-from .core.config import Settings
 from .errors import ApiError
 from .schemas import Problem, ValidationReport
 

@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from divmerge_core.config import MergeConfig
+from service_core.config import Settings, get_settings
 
-from .core.config import Settings, get_settings
 from .errors import install_handlers
 from .metrics import Metrics
 from .routers import health, merges

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .models import Job, JobEvent, utcnow
+from service_core.models import Job, JobEvent, utcnow
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

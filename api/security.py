@@ -11,8 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service_core.models import ApiToken, Team, utcnow
+
 from .errors import ApiError
-from .models import ApiToken, Team, utcnow
 
 TOKEN_PREFIX = "dm_"
 
@@ -75,7 +76,7 @@ def get_caller(
     token = credentials.credentials if credentials is not None else ""
     if not token.strip():
         raise ApiError(401, "unauthorized", "missing bearer token")
-    from .db import session_scope
+    from service_core.db import session_scope
 
     with session_scope(request.app.state.settings.db_url) as session:
         caller = lookup(session, token.strip())

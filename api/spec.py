@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from divmerge_core.config import LEARNED_METHODS, TASK_VECTOR_METHODS, MergeConfig, is_local_ref
 from divmerge_core.errors import DivMergeError
 from divmerge_core.paths import check_folder, check_local_path
+from service_core.config import Settings
 
-from .core.config import Settings
 from .errors import ApiError
 
 #: Deepest JSON nesting accepted in a body (a merge config needs 5); checked before parsing.

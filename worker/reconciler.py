@@ -1,6 +1,6 @@
 """Re-enqueue jobs Redis lost: queued longer than ``queued_stale_s``, or running with an expired lease.
 
-Jobs are sent with :func:`api.queue.enqueue`, the one place tasks are sent from. Runs as a daemon thread in every worker process, every ``reconcile_interval_s``. Postgres is the source of
+Jobs are sent with :func:`service_core.queue.enqueue`, the one place tasks are sent from. Runs as a daemon thread in every worker process, every ``reconcile_interval_s``. Postgres is the source of
 truth, so duplicates are harmless: a message for a job that is running (live lease) or finished is dropped.
 It also ends jobs whose lease expired once they are out of attempts (``worker_lost``) and deletes kept
 results past ``keep_result_s``.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from api import crud
-from api.core.config import Settings
-from api.db import session_scope
-from api.queue import enqueue
+from service_core import jobs
+from service_core.config import Settings
+from service_core.db import session_scope
+from service_core.queue import enqueue
 
 from .runner import purge_kept
 
@@ -24,7 +24,7 @@ _stop = threading.Event()
 
 def reconcile_once(settings: Settings) -> int:
     with session_scope(settings.db_url) as s:
-        stale = crud.stale_jobs(s, queued_stale_s=settings.queued_stale_s, max_attempts=settings.max_attempts)
+        stale = jobs.stale_jobs(s, queued_stale_s=settings.queued_stale_s, max_attempts=settings.max_attempts)
     for job_id, queue in stale:
         if enqueue(settings, job_id, queue):
             log.info("reconciler: re-enqueued job %s on %s", job_id, queue)

@@ -20,15 +20,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from api import crud
-from api.core.config import Settings
-from api.db import is_unavailable, session_scope
-from api.models import Team, utcnow
 from divmerge_core.config import MergeConfig
 from divmerge_core.errors import DivMergeError, MergeCancelled, is_transient
 from divmerge_core.options import EngineOptions
 from divmerge_core.paths import check_local_path
 from divmerge_core.progress import ProgressEvent, Reporter
+from service_core import jobs
+from service_core.config import Settings
+from service_core.db import is_unavailable, session_scope
+from service_core.models import Team, utcnow
 
 from . import upload
 from .bookkeeping import DatabaseUnavailable, drop_delivery, load_delivery, save_delivery, with_db
@@ -49,7 +49,7 @@ class Outcome:
 class Lease:
     """Heartbeat thread: renews the lease and watches for a cancel request or a lost lease."""
 
-    def __init__(self, settings: Settings, claim: crud.Claim, time_left_s: float = float("inf")):
+    def __init__(self, settings: Settings, claim: jobs.Claim, time_left_s: float = float("inf")):
         self.settings, self.claim = settings, claim
         self.cancel = threading.Event()
         self.lost = threading.Event()
@@ -72,7 +72,7 @@ class Lease:
             try:
                 t = time.monotonic()
                 with session_scope(self.settings.db_url) as s:
-                    ours, cancel = crud.heartbeat(s, self.claim, self.settings.lease_s)
+                    ours, cancel = jobs.heartbeat(s, self.claim, self.settings.lease_s)
                 self.last_ok = t
                 if cancel:
                     self.cancel.set()
@@ -100,7 +100,7 @@ class ProgressWriter:
     """Writes progress to the job row: at every stage change (with a ``stage`` event) and otherwise at most
     every ``progress_interval_s``, with the step rate's ``eta_s`` and, for learned methods, the losses so far."""
 
-    def __init__(self, settings: Settings, claim: crud.Claim, lease: Lease):
+    def __init__(self, settings: Settings, claim: jobs.Claim, lease: Lease):
         self.settings, self.claim, self.lease = settings, claim, lease
         self.losses: list[float] = []
         self._last = 0.0
@@ -156,17 +156,17 @@ class ProgressWriter:
             self._losses_dirty = False
         try:
             with session_scope(self.settings.db_url) as s:
-                if not crud.update_running(s, self.claim, **values):
+                if not jobs.update_running(s, self.claim, **values):
                     self.lease.lost.set()
                     return
                 if changed:
-                    crud.add_event(s, self.claim.job_id, "stage", f"stage {stage}", stage=stage)
+                    jobs.add_event(s, self.claim.job_id, "stage", f"stage {stage}", stage=stage)
         except Exception as err:  # noqa: BLE001 - progress is best effort
             log.warning("progress write failed for job %s: %s", self.claim.job_id, type(err).__name__)
 
 
 def retryable(err: BaseException) -> bool:
-    """Transient: a database outage (:func:`api.db.is_unavailable`) or what the engine's
+    """Transient: a database outage (:func:`service_core.db.is_unavailable`) or what the engine's
     :func:`~divmerge_core.errors.is_transient` says (network, Hub 5xx and 429, by type and status)."""
     return is_unavailable(err) or is_transient(err)
 
@@ -180,7 +180,7 @@ def describe(err: BaseException) -> tuple[str, str]:
 
 @dataclass
 class _Job:
-    claim: crud.Claim
+    claim: jobs.Claim
     config: MergeConfig
     team: str
     settings: Settings
@@ -196,7 +196,7 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     claim = with_db(
         settings,
         f"claim of job {job_id}",
-        lambda s: crud.claim(
+        lambda s: jobs.claim(
             s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts
         ),
         patience,
@@ -207,7 +207,7 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, claim.attempt)
 
     def _load(s):
-        job = crud.load(s, job_id)
+        job = jobs.load(s, job_id)
         assert job is not None
         return job.spec, s.get(Team, job.team_id).name, job.kept, job.result, job.started_at
 
@@ -217,8 +217,8 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     if journal is not None:
         # delivered by an earlier attempt that could not record it (it died, or the database was down)
         def _record(s):
-            crud.update_running(s, claim, **journal)
-            crud.finish(
+            jobs.update_running(s, claim, **journal)
+            jobs.finish(
                 s, claim, "succeeded", "recorded an earlier delivery", error_code=None, error_message=None
             )
 
@@ -308,7 +308,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
             with_db(
                 settings,
                 f"job {claim.job_id}: requeue",
-                lambda s: crud.requeue(s, claim, delay, code, message),
+                lambda s: jobs.requeue(s, claim, delay, code, message),
                 lease.expires,
             )
             log.warning("job %s: transient %s, retry in %.1fs", claim.job_id, code, delay)
@@ -341,8 +341,8 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
     save_delivery(settings, claim.job_id, values)  # a later attempt records it, never merges again
 
     def _record(s):
-        crud.update_running(s, claim, **values)
-        crud.finish(
+        jobs.update_running(s, claim, **values)
+        jobs.finish(
             s,
             claim,
             "succeeded",
@@ -464,7 +464,7 @@ def _write(ctx: _Job, **values: Any) -> None:
     with_db(
         ctx.settings,
         f"job {claim.job_id}",
-        lambda s: crud.update_running(s, claim, **values),
+        lambda s: jobs.update_running(s, claim, **values),
         ctx.lease.expires,
     )
 
@@ -474,7 +474,7 @@ def _finish(ctx: _Job, status: str, message: str, **values: Any) -> None:
     claim = ctx.claim
 
     def write(s):
-        crud.finish(s, claim, status, message, **values)
+        jobs.finish(s, claim, status, message, **values)
 
     with_db(ctx.settings, f"job {claim.job_id}: final write", write, ctx.lease.expires)
 
@@ -483,7 +483,7 @@ def _event(ctx: _Job, kind: str, message: str, **data: Any) -> None:
     """Append to the job's history (best effort: an event is never worth failing the job)."""
     try:
         with session_scope(ctx.settings.db_url) as s:
-            crud.add_event(s, ctx.claim.job_id, kind, message, **data)
+            jobs.add_event(s, ctx.claim.job_id, kind, message, **data)
     except Exception as err:  # noqa: BLE001
         log.warning("event write failed for job %s: %s", ctx.claim.job_id, type(err).__name__)
 
@@ -516,7 +516,7 @@ def _remove_leftovers(settings: Settings, job_id: str) -> None:
 def purge_kept(settings: Settings) -> int:
     """Delete kept results whose ``keep_result_s`` has passed (the reconciler and embedded worker call it)."""
     with session_scope(settings.db_url) as s:
-        paths = crud.expired_kept(s)
+        paths = jobs.expired_kept(s)
     for p in paths:
         upload.remove(Path(p))
     return len(paths)

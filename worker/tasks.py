@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery.exceptions import Reject
 
-from api import crud
-from api.queue import TASK_NAME, enqueue
+from service_core import jobs
+from service_core.queue import TASK_NAME, enqueue
 
 from .bookkeeping import DatabaseUnavailable, with_db
 from .celery_app import app, settings
@@ -25,7 +25,7 @@ def run_merge(job_id: str) -> str:
     if outcome.status == "retry":
 
         def queue_of(s):
-            job = crud.load(s, job_id)
+            job = jobs.load(s, job_id)
             return job.queue if job else settings.gpu_queue
 
         try:

@@ -11,12 +11,14 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from service_core import jobs
+from service_core.config import Settings
+from service_core.db import session_scope
+from service_core.models import Job
+from service_core.queue import enqueue
+
 from .. import crud, dryrun, spec
-from ..core.config import Settings
-from ..db import session_scope
 from ..errors import ApiError
-from ..models import Job
-from ..queue import enqueue
 from ..schemas import (
     Coefficients,
     EventList,
@@ -219,7 +221,7 @@ def merge_events(job_id: str, request: Request, caller: Caller = CallerDep) -> E
     settings = _settings(request)
     _job(settings, caller, job_id)
     with session_scope(settings.db_url) as s:
-        return EventList(events=[EventOut.of(e) for e in crud.list_events(s, job_id)])
+        return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
 
 
 def _finished_result(job: Job) -> dict:

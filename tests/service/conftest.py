@@ -178,9 +178,9 @@ def svc(tmp_path_factory):
     try:
         from fastapi.testclient import TestClient
 
-        from api.core.config import Settings
-        from api.db import migrate
         from api.main import create_app
+        from service_core.config import Settings
+        from service_core.db import migrate
 
         migrate(db.url)
         service.settings = Settings()
@@ -195,7 +195,7 @@ def svc(tmp_path_factory):
             w.stop()
         olah.stop()
         redis.kill()
-        from api.db import get_engine
+        from service_core.db import get_engine
 
         get_engine.cache_clear()
         time.sleep(0.2)

@@ -29,13 +29,14 @@ def live(svc, tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(REPO), str(plugins)]),
         OMP_NUM_THREADS="1",
     )
+    # the token first: it creates and migrates the SQLite database, which the server then finds ready
+    token = svc.cli("token", "create", "--team", "client-team", env=env).strip().splitlines()[-1]
     port = free_port()
     log = open(tmp / "serve.log", "w")  # noqa: SIM115
     server = subprocess.Popen([str(BIN / "divmerge"), "serve", "--port", str(port)], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        token = svc.cli("token", "create", "--team", "client-team", env=env).strip().splitlines()[-1]
 
         def up():
             try:

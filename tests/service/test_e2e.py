@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.queue import enqueue
+from service_core.queue import enqueue
 
 pytestmark = pytest.mark.service
 
@@ -119,7 +119,7 @@ def test_transient_hub_error_is_retried_with_backoff(svc, fake_hub_uploads):
 def test_secrets_never_reach_responses_rows_or_logs(svc):
     from sqlalchemy import text
 
-    from api.db import get_engine
+    from service_core.db import get_engine
 
     with get_engine(svc.settings.db_url).connect() as conn:
         rows = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM jobs"))])

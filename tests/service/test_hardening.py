@@ -274,8 +274,8 @@ def test_bad_hub_ids_and_revisions_are_422(svc, ref, where):
 def test_good_hub_ids_are_accepted(svc):
     from fastapi.testclient import TestClient
 
-    from api.core.config import Settings
     from api.main import create_app
+    from service_core.config import Settings
 
     refs = ("acme/tiny-base", "acme/tiny.base@v1.0", "acme/tiny_base@refs/pr/1", "gpt2", "a/b@" + "f" * 40)
     with TestClient(create_app(Settings(cpu_queue="idle", gpu_queue="idle"))) as idle:

@@ -9,7 +9,7 @@ import logging
 
 from celery import Celery
 
-from .core.config import Settings
+from .config import Settings
 
 log = logging.getLogger("divmerge.queue")
 
