@@ -98,7 +98,8 @@ class JobList(BaseModel):
 
 
 def _progress(job: Job) -> Progress:
-    p = dict(job.progress or {"stage": "queued"})
+    # a queued job (new, or back for another attempt) shows "queued", not the stage its last attempt reached
+    p = {"stage": "queued"} if job.status == "queued" or not job.progress else dict(job.progress)
     p.setdefault("total", p.get("total_steps"))
     if job.started_at is not None:
         end = job.finished_at or utcnow()

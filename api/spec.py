@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from divmerge_core.config import LEARNED_METHODS, TASK_VECTOR_METHODS, MergeConfig, is_local_ref
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref
 from divmerge_core.errors import DivMergeError
 from divmerge_core.paths import check_folder, check_local_path
 from service_core.config import Settings
@@ -188,10 +188,9 @@ def is_learned(stored: dict) -> bool:
 
 
 def task_names(stored: dict) -> list[str]:
-    """The models that contribute tasks, as the learned methods name them."""
+    """A learned merge's tasks, as it names them: its models other than the base."""
     base = stored.get("base_model")
-    drop_base = stored.get("merge_method") in TASK_VECTOR_METHODS
-    return [m["model"] for m in stored.get("models", []) if not (drop_base and m["model"] == base)]
+    return [m["model"] for m in stored.get("models", []) if m["model"] != base]
 
 
 def _allowed(raw: str, roots: tuple[Path, ...], field: str) -> Path:

@@ -194,7 +194,11 @@ def test_retry_without_a_kept_result_runs_the_merge_again(svc):
     body["models"][1]["model"] = str(svc.models["other"])
     failed = svc.wait(svc.submit(body)["id"])
     assert failed["status"] == "failed" and failed["kept"] is None
-    assert svc.client.post(f"/v1/merges/{failed['id']}/retry", headers=svc.h()).status_code == 202
+    r = svc.client.post(f"/v1/merges/{failed['id']}/retry", headers=svc.h())
+    assert r.status_code == 202
+    queued = r.json()
+    assert queued["status"] == "queued" and queued["progress"]["stage"] == "queued"
+    assert queued["error"] is None and queued["last_error"] is None
     again = svc.wait(failed["id"])
     assert again["status"] == "failed" and again["error"]["code"] == "incompatible_models"
     evs = events(svc, failed["id"])
