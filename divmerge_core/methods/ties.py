@@ -1,0 +1,48 @@
+"""ties (peft's arithmetic, bit for bit): trim each task vector to its top-``density`` magnitudes, elect
+the sign of the total mass, average the agreeing entries (``normalize``) or sum them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Density, Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Parameters(MethodParameters):
+    weight: Weight | None = None
+    density: Density | None = None
+    normalize: bool = True
+    lambda_: Lambda = lambda_default()
+    int8_mask: bool | None = None
+
+
+class ModelParameters(MethodParameters):
+    weight: Weight = 1.0
+    density: Density = 0.2
+
+
+def merge(x: TensorInputs) -> torch.Tensor:
+    from .sparsify import elect_and_merge_, magnitude_prune_
+    from .task_vectors import add_to_base
+
+    assert x.base is not None
+    stacked = x.stacked().sub_(x.base)  # the task vectors, the same values as t - base
+    for row, p in zip(stacked, x.column("density"), strict=True):
+        magnitude_prune_(row, p)
+    mixed = elect_and_merge_(stacked, x.column("weight"), bool(x.params["normalize"]))
+    return add_to_base(mixed, x.base, float(x.params["lambda_"]))
+
+
+METHOD = MergeMethod(
+    name="ties",
+    kind="classic",
+    parameters=Parameters,
+    model_parameters=ModelParameters,
+    card="TIES: task vectors trimmed to their largest entries, signs elected by total mass, agreeing "
+    "entries averaged",
+    reference="https://arxiv.org/abs/2306.01708",
+    merge=merge,
+)
