@@ -70,10 +70,18 @@ def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
 
 
+def _load(path: str):
+    """The config, its mergekit no-op warnings printed to stderr."""
+    config = load_config(path)
+    for warning in config.warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return config
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
-    config = load_config(args.config)
+    config = _load(args.config)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
@@ -93,11 +101,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .pipeline import prepare
 
-    config = load_config(args.config)
+    config = _load(args.config)
     plan = prepare(config, _options(args))
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
+    method = config.method
     print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
+    print(f"  {method.kind} method ({method.queue} queue): {method.card}")
     for m in models:
         role = "base " if m is plan.base else "model"
         where = f"@{m.commit}" if m.commit else f"({m.path})"

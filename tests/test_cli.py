@@ -103,6 +103,19 @@ def test_bad_inputs_fail_with_one_line(fam, tmp_path_factory, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no output, no temp dir
 
 
+def test_mergekit_no_op_knob_warns_and_unknown_parameter_fails(fam, tmp_path, capsys):
+    cfg = config_dict("ties", fam["base"], [fam["t1"], fam["t2"]], int8_mask=True, density=0.5)
+    code, out, err = _run(capsys, "validate", str(write_config(tmp_path / "a.yaml", cfg)))
+    assert code == 0 and "ok: ties merge" in out
+    assert "divmerge: warning: parameters.int8_mask: accepted for mergekit compatibility and ignored" in err
+    cfg = config_dict("ties", fam["base"], [fam["t1"], fam["t2"]], epochs=3)
+    code, _, err = _run(capsys, "validate", str(write_config(tmp_path / "b.yaml", cfg)))
+    assert code == 2
+    assert "parameters.epochs: merge_method 'ties' has no parameter 'epochs' (it takes: weight, density" in (
+        _error_line(err)
+    )
+
+
 def test_nan_yaml_literal(fam, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(
