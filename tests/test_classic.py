@@ -302,3 +302,39 @@ def test_all_zero_task_vector_is_pruned_like_peft():
     assert torch.equal(
         ties_deltas(deltas, [1.0, 1.0], [0.2, 0.2]), peft_merge.ties(deltas, torch.ones(2), 0.2)
     )
+
+
+def test_dare_masks_differ_across_tensors(tmp_path):
+    """Each tensor draws its own DARE mask (seeded by its name): two same-shaped tensors do not share one."""
+    fam = bert_family(tmp_path / "m", n=1)
+    cfg = config_dict("dare_linear", fam["base"], [fam["t1"]], density=0.5)
+    merged = load_file(run_merge(parse_config(cfg), tmp_path / "out").out_dir / "model.safetensors")
+    base = load_file(fam["base"] / "model.safetensors")
+    names = [f"bert.encoder.layer.0.attention.self.{p}.weight" for p in ("query", "key", "value")]
+    masks = [merged[n] != base[n] for n in names]
+    assert all(0.3 < m.float().mean().item() < 0.7 for m in masks)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_multislerp_with_a_listed_base_leaves_it_out(tmp_path):
+    """A base listed among the models is the sphere's origin, not one more model to interpolate."""
+    fam = bert_family(tmp_path / "m", n=2)
+    listed = config_dict("multislerp", fam["base"], [fam["base"], fam["t1"], fam["t2"]])
+    plan = prepare(parse_config(listed))
+    assert [m.ref.raw for m in plan.models] == [str(fam["t1"]), str(fam["t2"])]
+    with_base = load_file(run_merge(parse_config(listed), tmp_path / "a").out_dir / "model.safetensors")
+    unlisted = config_dict("multislerp", fam["base"], [fam["t1"], fam["t2"]])
+    without = load_file(run_merge(parse_config(unlisted), tmp_path / "b").out_dir / "model.safetensors")
+    assert all(torch.equal(with_base[n], without[n]) for n in with_base)
+    base, t1, t2 = (load_file(fam[k] / "model.safetensors") for k in ("base", "t1", "t2"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    expected = sparsify_free_multislerp([t1[name] - base[name], t2[name] - base[name]]) + base[name]
+    torch.testing.assert_close(with_base[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def sparsify_free_multislerp(deltas):
+    """multislerp of two deltas with equal weights, written out: the slerp midpoint rescaled to the mean norm."""
+    a, b = (d.reshape(-1) for d in deltas)
+    ua, ub = a / a.norm(), b / b.norm()
+    mid = (ua + ub) / (ua + ub).norm()
+    return (mid * (a.norm() + b.norm()) / 2).view(deltas[0].shape)
