@@ -118,6 +118,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods.registry import markdown
+
+    print(markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Merge fine-tuned models of one base model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
     validate.set_defaults(func=cmd_validate)
+
+    methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")
+    methods.set_defaults(func=cmd_methods)
 
     load_plugins(sub)
     return parser

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from .base import Density, Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
 
 if TYPE_CHECKING:
@@ -12,12 +14,16 @@ if TYPE_CHECKING:
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = None
-    density: Density | None = None
-    normalize: bool = False
+    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    density: Density | None = Field(None, description="default density of every model (its own wins)")
+    normalize: bool = Field(False, description="divide the mixed task vector by the sum of the weights")
     lambda_: Lambda = lambda_default()
-    seed: int = 0
-    int8_mask: bool | None = None
+    seed: int = Field(
+        0, description="seed of the random drop (each tensor draws from its own seeded generator)"
+    )
+    int8_mask: bool | None = Field(
+        None, description="mergekit knob, accepted with a warning, changes nothing"
+    )
 
 
 class ModelParameters(MethodParameters):

@@ -16,10 +16,12 @@ class LearnedParameters(MethodParameters):
     granularity: Literal["task", "layer", "tensor"] = Field(
         "layer", description="one coefficient per task, per (layer, task) or per (tensor, task)"
     )
-    divergence: Literal["js", "kl"] = Field("js", description="divmerge: Jensen-Shannon or forward KL")
+    divergence: Literal["js", "kl"] = Field(
+        "js", description="divmerge: Jensen-Shannon or forward KL (teacher first); unused by adamerging"
+    )
     lr: Annotated[float, Field(gt=0)] = Field(1e-2, description="Adam learning rate")
-    epochs: Annotated[int, Field(ge=1)] = 4
-    batch_size_per_task: Annotated[int, Field(ge=1)] = 4
+    epochs: Annotated[int, Field(ge=1)] = Field(4, description="passes over the largest task's inputs")
+    batch_size_per_task: Annotated[int, Field(ge=1)] = Field(4, description="inputs of every task per step")
     init: FiniteFloat | None = Field(None, description="initial coefficient (default 1/n_tasks)")
     max_length: Annotated[int, Field(ge=1)] = Field(128, description="input tokens kept per example")
     max_new_tokens: Annotated[int, Field(ge=1)] = Field(

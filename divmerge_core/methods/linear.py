@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from .base import MergeMethod, MethodParameters, TensorInputs, Weight
 
 if TYPE_CHECKING:
@@ -12,8 +14,8 @@ if TYPE_CHECKING:
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = None
-    normalize: bool = True
+    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
 class ModelParameters(MethodParameters):

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = None
-    normalize: bool = True
-    eps: Annotated[float, Field(gt=0)] = 1e-8
+    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    normalize: bool = Field(True, description="weights divided by their sum")
+    eps: Annotated[float, Field(gt=0)] = Field(1e-8, description="norms below eps count as zero")
 
 
 class ModelParameters(MethodParameters):

@@ -47,3 +47,35 @@ def names(kind: str | None = None) -> tuple[str, ...]:
 def cpu_methods() -> list[str]:
     """The methods the service sends to its cpu queue by default."""
     return [n for n, m in METHODS.items() if m.queue == "cpu"]
+
+
+def markdown() -> str:
+    """Every method with its parameters (defaults, meaning), as docs/methods.md shows them.
+
+    ``divmerge methods`` prints it; a test keeps the docs equal to it.
+    """
+    out = []
+    for name, m in METHODS.items():
+        facts = [m.kind, f"base {m.base}", f"queue `{m.queue}`"]
+        if m.n_models:
+            facts.append(f"exactly {m.n_models} model besides the base")
+        out += [
+            f"### `{name}`",
+            "",
+            f"{m.card[0].upper()}{m.card[1:]} ([reference]({m.reference})); {', '.join(facts)}.",
+            "",
+        ]
+        out += ["| parameter | where | default | meaning |", "| --- | --- | --- | --- |"]
+        for where, cls in (("global", m.parameters), ("per model", m.model_parameters)):
+            for key, f in cls.model_fields.items():
+                default = "required" if f.is_required() else f.get_default()
+                shown = (
+                    "—"
+                    if default is None
+                    else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+                )
+                out.append(
+                    f"| `{f.serialization_alias or key}` | {where} | {shown if default != 'required' else 'required'} | {f.description or ''} |"
+                )
+        out.append("")
+    return "\n".join(out)

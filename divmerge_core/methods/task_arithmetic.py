@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from .base import Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
 
 if TYPE_CHECKING:
@@ -11,10 +13,12 @@ if TYPE_CHECKING:
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = None
-    normalize: bool = False
+    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    normalize: bool = Field(False, description="divide the mixed task vector by the sum of the weights")
     lambda_: Lambda = lambda_default()
-    int8_mask: bool | None = None
+    int8_mask: bool | None = Field(
+        None, description="mergekit knob, accepted with a warning, changes nothing"
+    )
 
 
 class ModelParameters(MethodParameters):

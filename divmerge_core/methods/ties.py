@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from .base import Density, Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
 
 if TYPE_CHECKING:
@@ -12,11 +14,15 @@ if TYPE_CHECKING:
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = None
-    density: Density | None = None
-    normalize: bool = True
+    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    density: Density | None = Field(None, description="default density of every model (its own wins)")
+    normalize: bool = Field(
+        True, description="disjoint mean (divide by the number of agreeing models, as peft); false: their sum"
+    )
     lambda_: Lambda = lambda_default()
-    int8_mask: bool | None = None
+    int8_mask: bool | None = Field(
+        None, description="mergekit knob, accepted with a warning, changes nothing"
+    )
 
 
 class ModelParameters(MethodParameters):
