@@ -36,9 +36,10 @@ def merge(x: TensorInputs) -> torch.Tensor:
     out: torch.Tensor | None = None
     weights = x.column("weight")
     for t, w in zip(x.models, weights, strict=True):
-        if out is None:
-            out = torch.zeros_like(t)
-        out.add_(t, alpha=w)
+        if out is None:  # a new tensor (t may be a reused buffer): 0 + w * t, exactly
+            out = torch.mul(t, w)
+        else:
+            out.add_(t, alpha=w)
     assert out is not None
     return out.div_(sum(weights)) if x.params["normalize"] else out
 

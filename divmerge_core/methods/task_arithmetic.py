@@ -34,9 +34,13 @@ def merge(x: TensorInputs) -> torch.Tensor:
 
     assert x.base is not None
     weights = x.column("weight")
-    mixed = torch.zeros_like(x.base)
+    mixed: torch.Tensor | None = None
     for t, w in zip(x.models, weights, strict=True):
-        mixed.add_(t.sub_(x.base), alpha=w)
+        if mixed is None:  # w * delta into a new tensor (t may be a reused buffer): 0 + w * delta, exactly
+            mixed = torch.mul(t.sub_(x.base), w)
+        else:
+            mixed.add_(t.sub_(x.base), alpha=w)
+    assert mixed is not None
     if x.params["normalize"]:
         mixed.div_(safe_divisor(sum(weights)))
     return add_to_base(mixed, x.base, float(x.params["lambda_"]))
