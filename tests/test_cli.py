@@ -144,14 +144,19 @@ def test_plugins_register_subcommands(monkeypatch, capsys):
     def broken():
         raise ImportError("no such module")
 
+    def service_extra_missing():  # `pip install divmerge` without [service]: serve/token are not offered
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
     eps = [
         SimpleNamespace(name="good", load=lambda: SimpleNamespace(register=register)),
         SimpleNamespace(name="bad", load=broken),
+        SimpleNamespace(name="serve", load=service_extra_missing),
     ]
     monkeypatch.setattr(cli, "entry_points", lambda group: eps if group == cli.PLUGIN_GROUP else [])
     code, out, err = _run(capsys, "hello")
     assert code == 0 and out.strip() == "hi"
     assert "plugin 'bad' failed to load" in err
+    assert "serve" not in err
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess:
