@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -228,6 +229,14 @@ class MergeConfig(_Strict):
             if missing:
                 raise ValueError(f"merge_method {name!r} needs parameters.{missing[0]}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """With ``slices``, ``models`` is derived from them: left out, so that a dump loads again."""
+        data = handler(self)
+        if self.slices is not None:
+            data.pop("models", None)
+        return data
 
     @property
     def method(self) -> registry.MergeMethod:

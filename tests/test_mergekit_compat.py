@@ -296,3 +296,14 @@ def test_bare_local_folder_name_is_resolved_locally(family, tmp_path, monkeypatc
     )
     plan = prepare(cfg)
     assert plan.models[0].path == (tmp_path / "my-expert").resolve() and plan.models[0].commit is None
+
+
+@pytest.mark.parametrize("cfg", [GRADIENT_SLERP, TIES, GRADIENT_TASK_ARITHMETIC], ids=["slerp", "ties", "ta"])
+def test_a_dumped_config_loads_again(cfg):
+    """merge_config.yaml and the service's stored spec (dumps of the config) validate as the same config."""
+    config = parse_config(
+        _fill(cfg, {"base": Path("/m/base"), **{f"t{i}": Path(f"/m/t{i}") for i in (1, 2, 3)}})
+    )
+    again = parse_config(yaml.safe_load(config.to_yaml()))
+    assert again == config
+    assert parse_config(config.model_dump(mode="json", by_alias=True, exclude_none=True)) == config

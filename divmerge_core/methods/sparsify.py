@@ -103,7 +103,9 @@ def elect_and_merge_(stacked: Tensor, weights: Sequence[float], mean: bool) -> T
     # the weights rounded to the tensors' dtype, as peft's weight tensor multiplies them
     for row, w in zip(stacked, weights_like(weights, stacked).reshape(-1).tolist(), strict=True):
         torch.gt(torch.mul(row, majority, out=scratch), 0, out=keep)
-        row.mul_(w).mul_(keep)
+        if w != 1.0:  # x * 1.0 is x exactly: skip the pass
+            row.mul_(w)
+        row.mul_(keep)
         if mean:
             count.add_(keep)
     del majority, scratch, keep
