@@ -125,3 +125,18 @@ def test_adding_a_method_as_the_docs_show(fam, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="has no parameter 'density'"):
         parse_config(config_dict("sign_mean", fam["base"], [fam["t1"]], density=0.5))
     assert "averaged where they agree with the elected sign" in render_model_card(prepare(cfg))
+
+
+def test_the_registry_and_the_config_do_not_import_torch():
+    """The API process validates configs with the registry and has no torch: method modules import it
+    inside their functions only."""
+    import subprocess
+
+    code = (
+        "import sys, divmerge_core.config, divmerge_core.methods.registry; "
+        "from divmerge_core.config import parse_config; "
+        "parse_config({'merge_method': 'ties', 'base_model': '/a', 'models': [{'model': '/b'}]}); "
+        "sys.exit('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr or "torch was imported"

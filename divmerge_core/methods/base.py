@@ -41,7 +41,7 @@ class Condition(BaseModel):
 
 
 #: A number, a gradient over the layers, or a list of conditions (first match wins).
-RawSetting = FiniteFloat | list[FiniteFloat] | list[Condition]
+Setting = FiniteFloat | list[FiniteFloat] | list[Condition]
 
 
 def _numbers(value: Any) -> list[float]:
@@ -57,10 +57,9 @@ def setting(
     description: str,
     *,
     gt: float | None = None,
-    ge: float | None = None,
     le: float | None = None,
 ) -> Any:
-    """An annotated :data:`RawSetting` type whose every number is checked against the bounds."""
+    """An annotated :data:`Setting` type whose every number is checked against the bounds."""
 
     def check(value: Any) -> Any:
         if value is None:
@@ -70,13 +69,11 @@ def setting(
         for v in _numbers(value):
             if gt is not None and not v > gt:
                 raise ValueError(f"must be > {gt} (got {v})")
-            if ge is not None and not v >= ge:
-                raise ValueError(f"must be >= {ge} (got {v})")
             if le is not None and not v <= le:
                 raise ValueError(f"must be <= {le} (got {v})")
         return value
 
-    return Annotated[RawSetting, AfterValidator(check), Field(description=description)]
+    return Annotated[Setting, AfterValidator(check), Field(description=description)]
 
 
 Weight = setting("the model's weight (a number, a gradient over the layers, or filtered values)")
