@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
 from .methods import registry
@@ -206,28 +207,30 @@ class MergeConfig(_Strict):
         method = self.method
         name = self.merge_method
         if method.needs_base and self.base_model is None:
-            raise ValueError(f"'base_model' is required for merge_method {name!r}")
+            _fail(("base_model",), f"'base_model' is required for merge_method {name!r}")
         tasks = self.task_models()
         if not tasks:
-            raise ValueError("'models' lists no model other than the base model")
+            _fail(("models",), "'models' lists no model other than the base model")
         if method.n_models is not None and len(tasks) != method.n_models:
-            raise ValueError(
+            _fail(
+                ("models",),
                 f"merge_method {name!r} merges the base with exactly {method.n_models} other model(s), "
-                f"got {len(tasks)}"
+                f"got {len(tasks)}",
             )
         if method.learned:
             missing = [i for i, m in enumerate(self.models) if m.data is None and m.model != self.base_model]
             if missing:
-                raise ValueError(
-                    f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'"
+                _fail(
+                    ("models", missing[0], "data"),
+                    f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'",
                 )
         if self.slices is not None:
             _check_slices(self.slices, [m.model for m in self.models])
         else:
             required = [k for k, f in method.parameters.model_fields.items() if f.is_required()]
-            missing = [k for k in required if getattr(self.parameters, k) is None]
-            if missing:
-                raise ValueError(f"merge_method {name!r} needs parameters.{missing[0]}")
+            missing_keys = [k for k in required if getattr(self.parameters, k) is None]
+            if missing_keys:
+                _fail(("parameters", missing_keys[0]), f"merge_method {name!r} needs this parameter")
         return self
 
     @model_serializer(mode="wrap")
@@ -280,6 +283,12 @@ class MergeConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
 
 
+def _fail(loc: tuple[str | int, ...], message: str) -> None:
+    """A validation error at ``loc`` (a check that needs several fields still names the one at fault)."""
+    error = InitErrorDetails(type=PydanticCustomError("method_requirement", message), loc=loc, input=None)
+    raise ValidationError.from_exception_data("MergeConfig", [error])
+
+
 def _check_slices(slices: list[SliceSpec], models: list[str]) -> None:
     """Only slices that keep the layer layout: each output layer range is the same range of every
     model, the ranges follow each other from layer 0 (the end is checked against the models in prepare)."""
@@ -287,18 +296,22 @@ def _check_slices(slices: list[SliceSpec], models: list[str]) -> None:
     for i, s in enumerate(slices):
         ranges = {tuple(src.layer_range) for src in s.sources}
         if len(ranges) != 1:
-            raise ValueError(
-                f"slices.{i}: every source must take the same 'layer_range' (the layer layout is kept; "
-                f"got {sorted(ranges)})"
+            _fail(
+                ("slices", i, "sources"),
+                "every source must take the same 'layer_range' (the layer layout is kept; "
+                f"got {sorted(ranges)})",
             )
         start, stop = ranges.pop()
         if start != end:
-            raise ValueError(
-                f"slices.{i}: 'layer_range' starts at {start}, expected {end} (slices must follow each other)"
+            _fail(
+                ("slices", i, "sources"),
+                f"'layer_range' starts at {start}, expected {end} (slices must follow each other)",
             )
         names = [src.model for src in s.sources]
         if len(set(names)) != len(names) or set(names) != set(models):
-            raise ValueError(f"slices.{i}: the sources must list each model once (the models of every slice)")
+            _fail(
+                ("slices", i, "sources"), "the sources must list each model once (the models of every slice)"
+            )
         end = stop
 
 

@@ -140,3 +140,44 @@ def test_the_registry_and_the_config_do_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr or "torch was imported"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field", "message"),
+    [
+        ({"merge_method": "ties", "models": [{"model": "/b"}]}, "base_model", "'base_model' is required"),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "/a",
+                "models": [{"model": "/b"}, {"model": "/c"}],
+                "parameters": {"t": 0.5},
+            },
+            "models",
+            "exactly 1 other model(s), got 2",
+        ),
+        (
+            {"merge_method": "slerp", "base_model": "/a", "models": [{"model": "/b"}]},
+            "parameters.t",
+            "needs this parameter",
+        ),
+        (
+            {
+                "merge_method": "divmerge",
+                "base_model": "/a",
+                "models": [{"model": "/b", "data": {"texts": ["x"]}}, {"model": "/c"}],
+            },
+            "models.1.data",
+            "have no 'data'",
+        ),
+        (
+            {"merge_method": "ties", "base_model": "/a", "models": [{"model": "/a"}]},
+            "models",
+            "no model other than the base",
+        ),
+    ],
+)
+def test_method_requirements_name_the_field(cfg, field, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    assert err.value.field == field and message in str(err.value)
