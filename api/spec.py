@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref
-from divmerge_core.errors import DivMergeError
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref, parse_config
+from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.paths import check_folder, check_local_path
 from service_core.config import Settings
 
@@ -106,12 +105,9 @@ def parse(body: Any) -> MergeConfig:
         field = ".".join(str(p) for p in bad)
         raise ApiError(422, "invalid_config", f"{field}: numbers must be finite (no NaN or infinity)", field)
     try:
-        return MergeConfig.model_validate(body)
-    except ValidationError as err:
-        errs = err.errors()
-        field = ".".join(str(p) for p in errs[0]["loc"]) if errs else None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errs[:10])
-        raise ApiError(422, "invalid_config", msg, field or None) from None
+        return parse_config(body)
+    except ConfigError as err:
+        raise ApiError(422, "invalid_config", err.message, err.field) from None
 
 
 def normalise(config: MergeConfig) -> dict:
@@ -218,8 +214,9 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
         ("max_length", settings.max_length),
         ("batch_size_per_task", settings.max_batch_size_per_task),
     ):
-        if getattr(params, name) > limit:
-            over(f"parameters.{name}", name, getattr(params, name), limit)
+        value = getattr(params, name, None)  # the learned methods' parameters
+        if value is not None and value > limit:
+            over(f"parameters.{name}", name, value, limit)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
         if m.data is None:

@@ -26,6 +26,8 @@ from .progress import ProgressEvent
 
 PROG = "divmerge"
 PLUGIN_GROUP = "divmerge.commands"
+#: Top-level modules of the optional extras: a plugin that needs one that is missing is skipped quietly.
+_OPTIONAL_MODULES = {"pydantic_settings", "fastapi", "uvicorn", "sqlalchemy", "celery", "redis", "alembic"}
 #: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
 USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
 
@@ -70,10 +72,18 @@ def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
 
 
+def _load(path: str):
+    """The config, its mergekit no-op warnings printed to stderr."""
+    config = load_config(path)
+    for warning in config.warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return config
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
-    config = load_config(args.config)
+    config = _load(args.config)
     force = args.force or (config.output is not None and config.output.overwrite)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
@@ -95,7 +105,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Resolve the models, check they can be merged and that each dataset has the columns it needs."""
     from .dryrun import dry_run
 
-    config = load_config(args.config)
+    config = _load(args.config)
     report = dry_run(config, _options(args))
     if not report.ok:
         for p in report.problems:
@@ -106,7 +116,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     assert plan is not None
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
+    method = config.method
     print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
+    print(f"  {method.kind} method ({method.queue} queue): {method.card}")
     for m in models:
         role = "base " if m is plan.base else "model"
         where = f"@{m.commit}" if m.commit else f"({m.path})"
@@ -121,6 +133,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  estimate: {est['parameters']:,} parameters, reads {est['read_bytes'] / 1e6:.1f} MB, "
             f"writes {est['output_bytes'] / 1e6:.1f} MB"
         )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods.registry import markdown
+
+    print(markdown())
     return 0
 
 
@@ -151,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
     validate.set_defaults(func=cmd_validate)
 
+    methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")
+    methods.set_defaults(func=cmd_methods)
+
     load_plugins(sub)
     return parser
 
@@ -166,6 +188,10 @@ def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
             register = getattr(obj, "register", obj)
             register(subparsers)
             loaded.append(ep.name)
+        except ModuleNotFoundError as err:
+            if err.name in _OPTIONAL_MODULES:  # its extra (divmerge[service]) is not installed: no command
+                continue
+            print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands
             print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
     return loaded
