@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from divmerge_core.paths import real_roots
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore", env_ignore_empty=True)
@@ -120,12 +122,7 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
-        out: list[Path] = []
-        for p in [self.home, *self.local_roots]:
-            real = Path(os.path.realpath(os.path.expanduser(p)))
-            if real not in out:
-                out.append(real)
-        return tuple(out)
+        return real_roots([self.home, *self.local_roots]) or ()
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token
