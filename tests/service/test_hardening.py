@@ -338,6 +338,6 @@ def test_job_time_limit_fails_with_timeout_and_cleans_up(svc):
 def test_json_depth_ignores_brackets_inside_strings():
     from api.spec import json_depth
 
-    assert json_depth(json.dumps({"a": "[[[{{{", "b": [["\\\"]]]", {"c": "\\"}]]})) == 4
+    assert json_depth(json.dumps({"a": "[[[{{{", "b": [['\\"]]]', {"c": "\\"}]]})) == 4
     assert json_depth("[" * 50 + "]" * 50, stop_above=32) == 33  # the scan stops past the limit
     assert json_depth('"no nesting"') == 0
