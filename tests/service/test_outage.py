@@ -229,3 +229,26 @@ def test_outage_longer_than_the_lease_records_the_delivered_merge_without_mergin
     assert "recorded without merging again" in log
     assert done["result"]["destination"] == str(dest) and done["result"]["metrics"]["tensors"] > 0
     assert not list(Path(env["DIVMERGE_HOME"]).glob("delivered/*")), "the journal is dropped once recorded"
+
+
+def test_claim_that_outwaits_db_wait_s_gives_the_message_back(svc, stack):
+    """DB_WAIT_S=2: a claim that meets a longer outage hands its message back to Redis (not acked), takes
+    it again, and the job runs once the database returns."""
+    base, h, env, pg = stack["base"], stack["h"], stack["env"], stack["pg"]
+    r = httpx.post(f"{base}/v1/merges", json=svc.classic(), headers=h)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    pg.stop()
+    w = CeleryWorker({**env, "DIVMERGE_DB_WAIT_S": "2"}, stack["tmp"]).start()
+    stack["workers"].append(w)
+    wait_until(lambda: w.log.read_text().count("] received") >= 2, 60, interval=0.2,
+               what="the message to come back after the claim gave up")  # fmt: skip
+    pg.start()
+
+    def finished():
+        j = httpx.get(f"{base}/v1/merges/{job_id}", headers=h, timeout=10).json()
+        return j if j["status"] in ("succeeded", "failed") else None
+
+    done = wait_until(finished, 60, interval=0.2, what="the job")
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert "reject requeue=True" in w.log.read_text()
