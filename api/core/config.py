@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_epochs: int = Field(100, description="upper bound of parameters.epochs")
     max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
     max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
+    max_running_per_team: int = Field(
+        0, description="most jobs of one team running at once (0: no cap); the others wait their turn"
+    )
     max_job_s: float = Field(
         24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
     )

@@ -341,3 +341,24 @@ def test_json_depth_ignores_brackets_inside_strings():
     assert json_depth(json.dumps({"a": "[[[{{{", "b": [['\\"]]]', {"c": "\\"}]]})) == 4
     assert json_depth("[" * 50 + "]" * 50, stop_above=32) == 33  # the scan stops past the limit
     assert json_depth('"no nesting"') == 0
+
+
+def test_per_team_cap_on_running_jobs(svc):
+    """MAX_RUNNING_PER_TEAM=1 with two workers: team-a's second job waits for its first, while team-b's job
+    runs alongside."""
+    svc.stop_worker()
+    cap = {"DIVMERGE_MAX_RUNNING_PER_TEAM": "1", "DIVMERGE_STEP_DELAY_S": "0.02"}
+    workers = [svc.new_worker(**cap), svc.new_worker(**cap)]
+    try:
+        a = [svc.submit(svc.classic("deep_")) for _ in range(2)]
+        b = svc.submit(svc.classic("deep_"), team="team-b")
+        done_a = sorted((svc.wait(j["id"], timeout=120) for j in a), key=lambda j: j["started_at"])
+        done_b = svc.wait(b["id"], timeout=120, team="team-b")
+        assert all(j["status"] == "succeeded" for j in [*done_a, done_b])
+        assert done_a[1]["started_at"] >= done_a[0]["finished_at"], "team-a ran two jobs at once"
+        assert done_b["started_at"] < done_a[0]["finished_at"], "team-b was held back by team-a's cap"
+        assert any("its team already runs 1 job(s)" in w.log.read_text() for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
+        svc.new_worker()
