@@ -10,10 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from divmerge_core.config import MergeConfig, is_local_ref
-from divmerge_core.errors import DivMergeError
+from divmerge_core.config import MergeConfig, is_local_ref, parse_config
+from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.paths import check_folder, check_local_path
 
 from .core.config import Settings
@@ -79,12 +77,9 @@ def parse(body: Any) -> MergeConfig:
         field = ".".join(str(p) for p in bad)
         raise ApiError(422, "invalid_config", f"{field}: numbers must be finite (no NaN or infinity)", field)
     try:
-        return MergeConfig.model_validate(body)
-    except ValidationError as err:
-        errs = err.errors()
-        field = ".".join(str(p) for p in errs[0]["loc"]) if errs else None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errs[:10])
-        raise ApiError(422, "invalid_config", msg, field or None) from None
+        return parse_config(body)
+    except ConfigError as err:
+        raise ApiError(422, "invalid_config", err.message, err.field) from None
 
 
 def normalise(config: MergeConfig) -> dict:
@@ -134,15 +129,15 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
-    params = config.parameters
     for name, limit in (
         ("max_new_tokens", settings.max_new_tokens),
         ("epochs", settings.max_epochs),
         ("max_length", settings.max_length),
         ("batch_size_per_task", settings.max_batch_size_per_task),
     ):
-        if getattr(params, name) > limit:
-            over(f"parameters.{name}", name, getattr(params, name), limit)
+        value = getattr(config.parameters, name, None)  # learned methods' parameters only
+        if value is not None and value > limit:
+            over(f"parameters.{name}", name, value, limit)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
         if m.data is None:

@@ -25,7 +25,7 @@ from .data import TaskInputs, load_task_inputs
 from .divergence import divergence, entropy
 from .errors import ConfigError, IncompatibleModelsError, NumericalError
 from .grouping import group_tensors, layer_group
-from .loading import Checkpoint
+from .loading import DTYPES, Checkpoint
 from .plan import LearnedCoefficients, MergePlan
 from .progress import Reporter
 from .teachers import (
@@ -42,8 +42,6 @@ from .teachers import (
     teacher_batch_size,
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Reporter) -> LearnedCoefficients:
     cfg, params = plan.config, plan.config.parameters
@@ -52,7 +50,7 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
         raise ConfigError(f"learn_coefficients does not handle merge_method {method!r}")
     if plan.base is None:
         raise ConfigError(f"merge_method {method!r} needs a base_model", field="base_model")
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     kind = model_kind(plan.model_config)
     n_tasks = len(plan.models)
 
