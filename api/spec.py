@@ -30,30 +30,30 @@ def load_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(422, "invalid_json", "the body is not valid UTF-8 JSON") from None
-    depth = json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise ApiError(
-            422, "invalid_json", f"the body nests {depth} levels deep, the limit is {MAX_JSON_DEPTH}"
-        )
+    if json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(422, "invalid_json", f"the body nests more than {MAX_JSON_DEPTH} levels deep")
     try:
         return json.loads(text or "null")
     except ValueError:
         raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
 
 
-def json_depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings ignored)."""
+def json_depth(text: str, stop_above: int | None = None) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings ignored); the scan stops
+    as soon as the depth exceeds ``stop_above``."""
     depth = deepest = 0
     for m in _BRACKET.finditer(_STRING.sub('""', text)):
         if m.group() in "[{":
             depth += 1
             deepest = max(deepest, depth)
+            if stop_above is not None and depth > stop_above:
+                break
         else:
             depth -= 1
     return deepest
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
 
 

@@ -33,6 +33,8 @@ class ResolvedModel:
     path: Path
     #: The Hub commit SHA the revision resolved to (None for local directories).
     commit: str | None
+    #: Real paths the folder's files may resolve under (None: anywhere, when no roots are configured).
+    allowed: tuple[Path, ...] | None = None
 
 
 def parse_model_ref(raw: str) -> ModelRef:
@@ -56,11 +58,13 @@ def resolve_model(raw: str, options: EngineOptions) -> ResolvedModel:
         path = check_local_path(strip_scheme(ref.raw), options.local_roots, "model path")
         if not path.is_dir():
             raise ModelNotFoundError(f"model directory {ref.raw!r} does not exist")
-        check_folder(path, real_roots(options.local_roots), f"model {ref.raw!r}")
-        return ResolvedModel(ref=ref, path=path, commit=None)
+        allowed = real_roots(options.local_roots)
+        check_folder(path, allowed, f"model {ref.raw!r}")
+        return ResolvedModel(ref=ref, path=path, commit=None, allowed=allowed)
     snap = _snapshot(ref.repo_id or "", ref.revision, options, "model")
-    check_folder(snap["path"], snapshot_roots(snap["path"], options), f"model {ref.raw!r}")
-    return ResolvedModel(ref=ref, **snap)
+    allowed = snapshot_roots(snap["path"], options)
+    check_folder(snap["path"], allowed, f"model {ref.raw!r}")
+    return ResolvedModel(ref=ref, **snap, allowed=allowed)
 
 
 def snapshot_roots(snapshot: Path, options: EngineOptions) -> tuple[Path, ...] | None:

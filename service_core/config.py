@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from divmerge_core.methods import registry
+from divmerge_core.paths import real_roots
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
     max_epochs: int = Field(100, description="upper bound of parameters.epochs")
     max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
     max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
+    max_running_per_team: int = Field(
+        0, description="most jobs of one team running at once (0: no cap); the others wait their turn"
+    )
     max_job_s: float = Field(
         24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
     )
@@ -128,12 +132,7 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
-        out: list[Path] = []
-        for p in [self.home, *self.local_roots]:
-            real = Path(os.path.realpath(os.path.expanduser(p)))
-            if real not in out:
-                out.append(real)
-        return tuple(out)
+        return real_roots([self.home, *self.local_roots]) or ()
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token

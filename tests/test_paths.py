@@ -182,3 +182,15 @@ def test_learned_merge_refuses_a_base_without_tokenizer_files(layout):
     with pytest.raises(ConfigError, match=r"has no tokenizer files") as err:
         prepare(config, EngineOptions(local_roots=(layout["root"],)))
     assert str(base) in str(err.value) and err.value.field == "base_model"
+
+
+def test_tokenizer_copy_checks_again_at_copy_time(layout):
+    """The folder is clean when resolved, then a tokenizer file becomes a link to a secret before the copy:
+    the copy refuses it (nothing is written at the output)."""
+    opts = EngineOptions(local_roots=(layout["root"],))
+    config = _config(layout["root"])
+    plan = prepare(config, opts)
+    _replace_with_link(layout["root"] / "base" / "tokenizer.json", layout["outside"] / "secret.txt")
+    with pytest.raises(PathNotAllowedError, match="tokenizer.json"):
+        run_merge(config, layout["out"], options=opts, device="cpu", plan=plan)
+    assert not layout["out"].exists()

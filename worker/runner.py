@@ -193,14 +193,21 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     :class:`DatabaseUnavailable` is raised and the caller gives the message back)."""
     worker_id = worker_id or new_worker_id()
     patience = time.monotonic() + settings.db_wait_s
-    claim = with_db(
-        settings,
-        f"claim of job {job_id}",
-        lambda s: jobs.claim(
-            s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts
-        ),
-        patience,
-    )
+
+    def _claim(s):
+        cap = settings.max_running_per_team
+        if cap and jobs.team_at_capacity(s, job_id, cap):
+            return "busy"
+        return jobs.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+
+    claim = with_db(settings, f"claim of job {job_id}", _claim, patience)
+    if claim == "busy":
+        log.info(
+            "job %s: its team already runs %d job(s); trying again later",
+            job_id,
+            settings.max_running_per_team,
+        )
+        return Outcome("retry", settings.retry_backoff_s)
     if claim is None:
         log.info("job %s: not claimable (running elsewhere, finished or cancelled); message dropped", job_id)
         return Outcome("dropped")

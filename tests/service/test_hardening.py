@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from divmerge_core.config import MergeConfig
+from divmerge_core.config import MergeConfig, config_class
 from tests.tiny import make_bert_classifier, perturbed, save
 
 pytestmark = pytest.mark.service
@@ -141,7 +141,6 @@ def test_every_field_round_trips_to_the_worker(svc):
             {"model": str(m["base"]), "data": {"texts": ["yes no", "up down"]}},
             {
                 "model": str(m["ft1"]),
-                "parameters": {"weight": 0.7, "density": 0.9},
                 "data": {
                     "dataset": "acme/tiny-texts",
                     "config": "default",
@@ -155,11 +154,6 @@ def test_every_field_round_trips_to_the_worker(svc):
             {"model": str(m["ft2"]), "data": {"path": str(data), "template": "{x} .", "num_samples": 3}},
         ],
         "parameters": {
-            "weight": 0.9,
-            "density": 0.5,
-            "normalize": True,
-            "lambda": 0.8,
-            "eps": 1e-7,
             "seed": 7,
             "granularity": "tensor",
             "divergence": "kl",
@@ -170,14 +164,15 @@ def test_every_field_round_trips_to_the_worker(svc):
             "max_length": 64,
             "max_new_tokens": 7,
             "top_k": 5,
-        },  # fmt: skip
+        },
         "dtype": "bfloat16",
         "out_dtype": "float32",
         "output": {"path": str(out), "private": False, "overwrite": True},
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
+    schema = {f for f in _leaves(config_class("divmerge")) if not f.startswith("slices.")}  # slices: classic
     covered = _set_leaves(config) | {"output.repo_id"}
-    assert covered == _leaves(MergeConfig), f"set these fields too: {_leaves(MergeConfig) - covered}"
+    assert covered == schema, f"set these fields too: {schema - covered}"
     expected = MergeConfig.model_validate(config).model_dump(mode="json", by_alias=True, exclude_none=True)
     assert _within(config, expected), "normalising keeps every value (it only adds defaults)"
 
@@ -332,4 +327,33 @@ def test_job_time_limit_fails_with_timeout_and_cleans_up(svc):
         assert started and finished
     finally:
         w.stop()
+        svc.new_worker()
+
+
+def test_json_depth_ignores_brackets_inside_strings():
+    from api.spec import json_depth
+
+    assert json_depth(json.dumps({"a": "[[[{{{", "b": [['\\"]]]', {"c": "\\"}]]})) == 4
+    assert json_depth("[" * 50 + "]" * 50, stop_above=32) == 33  # the scan stops past the limit
+    assert json_depth('"no nesting"') == 0
+
+
+def test_per_team_cap_on_running_jobs(svc):
+    """MAX_RUNNING_PER_TEAM=1 with two workers: team-a's second job waits for its first, while team-b's job
+    runs alongside."""
+    svc.stop_worker()
+    cap = {"DIVMERGE_MAX_RUNNING_PER_TEAM": "1", "DIVMERGE_STEP_DELAY_S": "0.02"}
+    workers = [svc.new_worker(**cap), svc.new_worker(**cap)]
+    try:
+        a = [svc.submit(svc.classic("deep_")) for _ in range(2)]
+        b = svc.submit(svc.classic("deep_"), team="team-b")
+        done_a = sorted((svc.wait(j["id"], timeout=120) for j in a), key=lambda j: j["started_at"])
+        done_b = svc.wait(b["id"], timeout=120, team="team-b")
+        assert all(j["status"] == "succeeded" for j in [*done_a, done_b])
+        assert done_a[1]["started_at"] >= done_a[0]["finished_at"], "team-a ran two jobs at once"
+        assert done_b["started_at"] < done_a[0]["finished_at"], "team-b was held back by team-a's cap"
+        assert any("its team already runs 1 job(s)" in w.log.read_text() for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
         svc.new_worker()

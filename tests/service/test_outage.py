@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -193,3 +194,61 @@ def test_postgres_outage_loses_nothing_and_redoes_nothing(svc, stack):
         else:
             assert (status, code) == ("503", "database_unavailable") and retry_after, (name, status, code)
     assert {name for name, *_ in prober.seen} >= {"GET /v1/merges/{id}", "POST /v1/merges", "GET /metrics"}
+
+
+def test_outage_longer_than_the_lease_records_the_delivered_merge_without_merging_again(svc, stack):
+    """Lease 3 s, outage ~8 s: the running job delivers its merge during the outage, its final write gives
+    up when the lease runs out, and the next attempt (after the database returns) finds the journaled
+    delivery and records it: the merge ran once, the job succeeds with attempts=2."""
+    base, h, env, pg = stack["base"], stack["h"], stack["env"], stack["pg"]
+    short = {"DIVMERGE_LEASE_S": "3", "DIVMERGE_HEARTBEAT_S": "0.5", "DIVMERGE_RECONCILE_INTERVAL_S": "0.5"}
+    w = CeleryWorker({**env, **short, "DIVMERGE_STEP_DELAY_S": "0.05"}, stack["tmp"]).start()
+    stack["workers"].append(w)
+    dest = svc.models["base"].parent.parent / "outputs" / f"outage-lease-{stack['tmp'].name}"
+    r = httpx.post(f"{base}/v1/merges", json=svc.classic("deep_", output={"path": str(dest)}), headers=h)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    def job():
+        return httpx.get(f"{base}/v1/merges/{job_id}", headers=h, timeout=10).json()
+
+    def near_the_end():
+        p = job().get("progress") or {}
+        return p.get("stage") == "write" and p["step"] >= p["total_steps"] - 30
+
+    wait_until(near_the_end, 90, interval=0.1, what="the job to near its end")
+    pg.stop()
+    wait_until(lambda: (dest / ".divmerge-job.json").exists(), 60, interval=0.1, what="the delivery")
+    wait_until(lambda: "until the lease ran out" in w.log.read_text(), 30, interval=0.2,
+               what="the final write to give up")  # fmt: skip
+    pg.start()
+    done = wait_until(lambda: (j := job())["status"] in ("succeeded", "failed") and j, 60, interval=0.2,
+                      what="the job to finish")  # fmt: skip
+    log = w.log.read_text()
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    assert "recorded without merging again" in log
+    assert done["result"]["destination"] == str(dest) and done["result"]["metrics"]["tensors"] > 0
+    assert not list(Path(env["DIVMERGE_HOME"]).glob("delivered/*")), "the journal is dropped once recorded"
+
+
+def test_claim_that_outwaits_db_wait_s_gives_the_message_back(svc, stack):
+    """DB_WAIT_S=2: a claim that meets a longer outage hands its message back to Redis (not acked), takes
+    it again, and the job runs once the database returns."""
+    base, h, env, pg = stack["base"], stack["h"], stack["env"], stack["pg"]
+    r = httpx.post(f"{base}/v1/merges", json=svc.classic(), headers=h)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    pg.stop()
+    w = CeleryWorker({**env, "DIVMERGE_DB_WAIT_S": "2"}, stack["tmp"]).start()
+    stack["workers"].append(w)
+    wait_until(lambda: w.log.read_text().count("] received") >= 2, 60, interval=0.2,
+               what="the message to come back after the claim gave up")  # fmt: skip
+    pg.start()
+
+    def finished():
+        j = httpx.get(f"{base}/v1/merges/{job_id}", headers=h, timeout=10).json()
+        return j if j["status"] in ("succeeded", "failed") else None
+
+    done = wait_until(finished, 60, interval=0.2, what="the job")
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert "reject requeue=True" in w.log.read_text()
