@@ -217,7 +217,10 @@ def _post(svc, body):
     ],
 )
 def test_unbounded_work_is_422_naming_the_field(svc, params, field):
-    r = _post(svc, {**svc.classic(), "parameters": params})
+    m = svc.models
+    learned = {"merge_method": "divmerge", "base_model": str(m["gpt_base"]),
+               "models": [{"model": str(m[n]), "data": {"texts": ["a b"]}} for n in ("gpt_ft1", "gpt_ft2")]}  # fmt: skip
+    r = _post(svc, {**learned, "parameters": params})
     assert r.status_code == 422 and r.json()["error"]["code"] == "limit_exceeded", r.text
     assert r.json()["error"]["field"] == field
 
