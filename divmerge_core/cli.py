@@ -27,7 +27,16 @@ from .progress import ProgressEvent
 PROG = "divmerge"
 PLUGIN_GROUP = "divmerge.commands"
 #: Top-level modules of the optional extras: a plugin that needs one that is missing is skipped quietly.
-_OPTIONAL_MODULES = {"pydantic_settings", "fastapi", "uvicorn", "sqlalchemy", "celery", "redis", "alembic"}
+_OPTIONAL_MODULES = {
+    "pydantic_settings",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "celery",
+    "redis",
+    "alembic",
+    "httpx",
+}
 #: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
 USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
 
@@ -189,7 +198,7 @@ def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
             register(subparsers)
             loaded.append(ep.name)
         except ModuleNotFoundError as err:
-            if err.name in _OPTIONAL_MODULES:  # its extra (divmerge[service]) is not installed: no command
+            if err.name in _OPTIONAL_MODULES:  # its extra ([service] or [client]) is not installed
                 continue
             print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands
