@@ -53,6 +53,8 @@ class LearnedCoefficients:
     losses: list[float]
     #: dataset reference -> resolved commit SHA (None for local files and inline texts).
     resolved_datasets: dict[str, str | None] = field(default_factory=dict)
+    #: where the task vectors lived while learning (resident, offload or stream).
+    placement: str = "resident"
 
     def for_tensor(self, name: str) -> list[float]:
         return self.values[self.groups.index(self.group_of[name])]

@@ -11,7 +11,8 @@ and one coefficient per (group, task); Gamma is real, may be negative and is not
 A run goes through named stages, one module each: :mod:`.inputs` (data and tokenising), :mod:`.model`
 (the one module run with ``torch.func.functional_call``, coefficient groups), :mod:`.experts` (one pass over
 the experts: task vectors to the :mod:`.placement`, teacher outputs to the :mod:`.teacher_store`) and
-:mod:`.optimise` (the Adam loop).
+:mod:`.optimise` (the Adam loop, with :mod:`.activations` for gradient checkpointing). :mod:`.memory`
+estimates the memory of each placement and picks one (``placement: auto``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from ..progress import Reporter
 from ..teachers import model_kind
 from .experts import run_experts
 from .inputs import load_inputs, resolve_label_masks
+from .memory import choose_placement, estimate_learned_memory
 from .model import build_merge_module, coefficient_groups
 from .optimise import GradientHook, optimise
-from .placement import Resident
+from .placement import make_task_vectors
 from .teacher_store import InMemoryTeacherStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,30 +48,33 @@ def learn_coefficients(
     kind = model_kind(plan.model_config)
     n_tasks = len(plan.models)
 
+    placement, _ = choose_placement(plan, device)  # refuses before anything is loaded when nothing fits
     inputs = load_inputs(plan, kind, device, reporter)
     model = build_merge_module(plan, kind, dtype, device, inputs.tokenizer)
     groups, group_of = coefficient_groups(plan, model.aliases)
     group_index = {g: i for i, g in enumerate(groups)}
     rows = {n: group_index[group_of[n]] for n in model.merged_names}
-    vectors = Resident(model, rows, n_tasks, dtype, device)
-    store = InMemoryTeacherStore() if method == "divmerge" else None
-    run_experts(plan, model, kind, inputs, vectors, store, dtype=dtype, device=device, reporter=reporter)
-
-    init = params.init if params.init is not None else 1.0 / n_tasks
-    gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
-    losses = optimise(
-        model,
-        vectors,
-        inputs,
-        store,
-        gamma,
-        method=method,
-        kind=kind,
-        params=params,
-        device=device,
-        reporter=reporter,
-        on_gradient=on_gradient,
-    )
+    vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
+    try:
+        store = InMemoryTeacherStore() if method == "divmerge" else None
+        run_experts(plan, model, kind, inputs, vectors, store, dtype=dtype, device=device, reporter=reporter)
+        init = params.init if params.init is not None else 1.0 / n_tasks
+        gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
+        losses = optimise(
+            model,
+            vectors,
+            inputs,
+            store,
+            gamma,
+            method=method,
+            kind=kind,
+            params=params,
+            device=device,
+            reporter=reporter,
+            on_gradient=on_gradient,
+        )
+    finally:
+        vectors.close()
     return LearnedCoefficients(
         method=method,
         granularity=params.granularity,
@@ -79,7 +84,8 @@ def learn_coefficients(
         group_of=group_of,
         losses=losses,
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
+        placement=placement,
     )
 
 
-__all__ = ["DTYPES", "learn_coefficients", "resolve_label_masks"]
+__all__ = ["DTYPES", "estimate_learned_memory", "learn_coefficients", "resolve_label_masks"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,7 @@ from ..divergence import divergence, entropy
 from ..errors import NumericalError
 from ..progress import Reporter
 from ..teachers import Example, collate, per_example_mean, scored_logits
+from .activations import enable_checkpointing
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .placement import TaskVectors
@@ -36,7 +38,12 @@ def optimise(
     reporter: Reporter,
     on_gradient: GradientHook | None = None,
 ) -> list[float]:
-    """Run every step in place on ``gamma``; return the loss of each step."""
+    """Run every step in place on ``gamma``; return the loss of each step.
+
+    A step's loss is ``mean_t (mean over task t's picked inputs of the per-input loss)``; it is a weighted
+    sum over inputs, so the inputs may go through forward/backward in micro-batches (``micro_batch_size``)
+    whose gradients add up to the whole batch's.
+    """
     n_tasks = len(inputs.examples)
     loss_fn = loss_function(method, params.divergence, kind, store)
     sampler = Sampler([len(e) for e in inputs.examples], params.batch_size_per_task, params.seed)
@@ -44,27 +51,37 @@ def optimise(
     optimiser = torch.optim.Adam([gamma], lr=params.lr)
     label_masks = inputs.label_masks
     vectors.start(gamma)
+    current: dict[str, torch.Tensor] = {}
+    if params.gradient_checkpointing:
+        enable_checkpointing(model.module, lambda: current)
     losses: list[float] = []
     for step in range(1, total + 1):
         reporter.check()
         picked = [inputs.examples[t][i] for t, idx in enumerate(sampler.next()) for i in idx]
-        batch = collate(kind, picked, inputs.tokenizer, device)
+        counts = Counter(e.task for e in picked)
+        micro = params.micro_batch_size or len(picked)
         optimiser.zero_grad(set_to_none=True)
-        out = functional_call(
-            model.module, vectors.weights(gamma), args=(), kwargs=batch.inputs, tie_weights=True, strict=False
-        )
-        logits = scored_logits(kind, out.logits, batch).float()
-        owner_task = torch.tensor([e.task for e in picked], device=device)
-        if label_masks is not None:  # each input is scored on its own task's labels only
-            logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
-        per_example = per_example_mean(loss_fn(logits, picked), batch, len(picked))
-        task_means = torch.zeros(n_tasks, device=device).index_add(0, owner_task, per_example)
-        task_means = task_means / torch.bincount(owner_task, minlength=n_tasks).clamp_min(1)
-        loss = task_means.mean()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NumericalError(f"{method}: the loss became {value} at step {step}; try a smaller lr")
-        loss.backward()
+        value = 0.0
+        for lo in range(0, len(picked), micro):
+            chunk = picked[lo : lo + micro]
+            batch = collate(kind, chunk, inputs.tokenizer, device)
+            current = vectors.weights(gamma)
+            out = functional_call(
+                model.module, current, args=(), kwargs=batch.inputs, tie_weights=True, strict=False
+            )
+            logits = scored_logits(kind, out.logits, batch).float()
+            owner_task = torch.tensor([e.task for e in chunk], device=device)
+            if label_masks is not None:  # each input is scored on its own task's labels only
+                logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
+            per_example = per_example_mean(loss_fn(logits, chunk), batch, len(chunk))
+            weight = torch.tensor([1.0 / (counts[e.task] * n_tasks) for e in chunk], device=device)
+            loss = (per_example * weight).sum()
+            value += float(loss.detach())
+            if not math.isfinite(value):
+                raise NumericalError(f"{method}: the loss became {value} at step {step}; try a smaller lr")
+            loss.backward()
+            del out, logits, loss
+        current = {}
         vectors.gradient(gamma)
         if on_gradient is not None:
             on_gradient(gamma.grad)

@@ -1,16 +1,31 @@
 """Where the task vectors live, and the merged weights ``theta_0 + sum_t Gamma[g(n), t] * tau_t,n`` the forward runs on.
 
+* ``resident``: theta_0 and the stacked task vectors ``[K, ...]`` on the compute device; autograd
+  differentiates the merge (fastest; device memory grows with K).
+* ``offload``: the task vectors in host memory (pinned on CUDA), brought to the device tensor by tensor.
+* ``stream``: no task vector is kept; each is formed as ``theta_t - theta_0`` from the experts' safetensors
+  files, tensor by tensor, whenever it is needed (the OS page cache does the caching).
+
+In ``offload`` and ``stream`` the forward runs on merged weights ``W`` held as leaf tensors (the module's own
+storage). As soon as backward has accumulated ``dL/dW_n`` a hook adds ``<dL/dW_n, tau_t,n>`` to
+``dL/dGamma[g(n), t]`` and frees it, and after the Adam step ``W`` is rebuilt tensor by tensor: the device
+holds about two models (theta_0 and W) plus activations, whatever K is.
+
 Life cycle of a :class:`TaskVectors`: ``add`` for every expert tensor during the expert pass (when
 ``keeps_task_vectors``), ``start`` once the module holds theta_0, then per optimisation step
 ``weights(gamma)`` -> forward/backward -> ``gradient(gamma)`` (fills ``gamma.grad`` where autograd did not)
--> optimiser step -> ``update(gamma)``.
+-> optimiser step -> ``update(gamma)``; ``close`` at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..loading import Checkpoint
+from ..plan import MergePlan
 from .model import MergeModule
+
+PLACEMENTS = ("resident", "offload", "stream")  # fastest first
 
 
 class TaskVectors:
@@ -45,6 +60,9 @@ class TaskVectors:
     def update(self, gamma: torch.Tensor) -> None:
         """After the optimiser step: bring the merged weights up to date with Gamma."""
 
+    def close(self) -> None:
+        """Release what the placement holds open."""
+
 
 class Resident(TaskVectors):
     """Base and stacked task vectors ``[K, ...]`` on the compute device; autograd differentiates the merge."""
@@ -71,3 +89,138 @@ class Resident(TaskVectors):
         return {
             n: self.theta0[n] + torch.tensordot(coeffs[self.rows[n]], self.tau[n], dims=1) for n in self.names
         }
+
+
+class _Rebuilt(TaskVectors):
+    """Merged weights as leaves, Gamma's gradient by inner products (``offload`` and ``stream``)."""
+
+    def __init__(
+        self, model: MergeModule, rows: dict[str, int], n_tasks: int, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__(model, rows, n_tasks, dtype, device)
+        self.theta0: dict[str, torch.Tensor] = {}
+        self.merged: dict[str, torch.Tensor] = {}
+        self._grad: torch.Tensor | None = None
+        self._hooks: list = []
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        """``[K, ...]`` task vectors of tensor ``name`` on the compute device, in the compute dtype."""
+        raise NotImplementedError
+
+    def start(self, gamma: torch.Tensor) -> None:
+        self._grad = torch.zeros_like(gamma, dtype=torch.float32)
+        for n in self.names:
+            slot = self.model.slots[n]
+            self.theta0[n] = slot.clone()
+            slot.requires_grad_(True)  # the module's own storage becomes the leaf W_n
+            self.merged[n] = slot
+            self._hooks.append(slot.register_post_accumulate_grad_hook(self._hook(n)))
+        self.update(gamma)
+
+    def _hook(self, name: str):
+        row = self.rows[name]
+
+        def accumulate(w: torch.Tensor) -> None:
+            assert w.grad is not None and self._grad is not None
+            g = w.grad.reshape(-1).float()
+            w.grad = None  # dL/dW_n is not kept: its inner products with the task vectors are
+            tau = self.task_vectors(name)
+            for t in range(self.n_tasks):  # fp32 inner products, one task vector at a time
+                self._grad[row, t] += torch.dot(tau[t].reshape(-1).float(), g)
+
+        return accumulate
+
+    def weights(self, gamma: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.merged
+
+    def gradient(self, gamma: torch.Tensor) -> None:
+        assert self._grad is not None
+        gamma.grad = self._grad.clone() if gamma.grad is None else gamma.grad + self._grad
+        self._grad.zero_()
+
+    @torch.no_grad()
+    def update(self, gamma: torch.Tensor) -> None:
+        coeffs = gamma.detach().to(self.dtype)
+        for n in self.names:
+            self.merged[n].copy_(
+                self.theta0[n] + torch.tensordot(coeffs[self.rows[n]], self.task_vectors(n), dims=1)
+            )
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for w in self.merged.values():
+            w.requires_grad_(False)
+
+
+class Offload(_Rebuilt):
+    """Task vectors in host memory (pinned when the compute device is CUDA), moved per tensor."""
+
+    name = "offload"
+
+    def __init__(
+        self, model: MergeModule, rows: dict[str, int], n_tasks: int, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__(model, rows, n_tasks, dtype, device)
+        pin = device.type == "cuda"
+        self.tau = {
+            n: torch.empty((n_tasks, *model.slots[n].shape), dtype=dtype, pin_memory=pin) for n in self.names
+        }
+
+    def add(self, t: int, name: str, expert: torch.Tensor, base: torch.Tensor) -> None:
+        self.tau[name][t].copy_((expert - base).to(self.dtype))
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        return self.tau[name].to(self.device, non_blocking=True)
+
+
+class Stream(_Rebuilt):
+    """No task vector kept: ``theta_t - theta_0`` read from the checkpoints, tensor by tensor, when needed."""
+
+    name = "stream"
+    keeps_task_vectors = False
+
+    def __init__(
+        self,
+        model: MergeModule,
+        rows: dict[str, int],
+        n_tasks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        plan: MergePlan,
+    ):
+        super().__init__(model, rows, n_tasks, dtype, device)
+        assert plan.base is not None
+        self.base = Checkpoint(plan.base.path, plan.options)
+        self.experts = [Checkpoint(m.path, plan.options) for m in plan.models]
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        base = self.base.get(name, torch.float32, self.device)
+        # the same rounding as resident/offload: (theta_t - theta_0) in fp32, then the compute dtype
+        return torch.stack(
+            [(ck.get(name, torch.float32, self.device) - base).to(self.dtype) for ck in self.experts]
+        )
+
+    def close(self) -> None:
+        super().close()
+        for ck in (self.base, *self.experts):
+            ck.close()
+
+
+def make_task_vectors(
+    placement: str,
+    plan: MergePlan,
+    model: MergeModule,
+    rows: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> TaskVectors:
+    n_tasks = len(plan.models)
+    if placement == "resident":
+        return Resident(model, rows, n_tasks, dtype, device)
+    if placement == "offload":
+        return Offload(model, rows, n_tasks, dtype, device)
+    if placement == "stream":
+        return Stream(model, rows, n_tasks, dtype, device, plan)
+    raise ValueError(f"unknown placement {placement!r}")
