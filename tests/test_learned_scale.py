@@ -166,3 +166,19 @@ def test_nothing_fits_is_refused_before_loading_anything(families, monkeypatch):
         make_plan(base, experts, DATA, epochs=1, placement="stream"), device=CPU, reporter=Reporter()
     )
     assert coeffs.placement == "stream"
+
+
+def test_validate_prints_the_memory_estimate(families, tmp_path, capsys):
+    import yaml
+
+    from divmerge_core.cli import main
+
+    base, experts = families["gpt2"]
+    plan = make_plan(base, experts, DATA, placement="stream")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(plan.config.model_dump(mode="json", by_alias=True)))
+    assert main(["validate", str(tmp_path / "c.yaml"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "memory estimate on cpu (float32, K=3" in out
+    for placement in ("resident", "offload", "stream"):
+        assert f"  {placement} " in out
+    assert "auto would use: resident" in out
