@@ -45,9 +45,11 @@ def run_experts(
                         [f"{expert.ref.raw!r} has no tensor {m!r}" for m in missing[:20]]
                     )
                 for n, slot in model.slots.items():
-                    w = ck.get(n, torch.float32 if slot.is_floating_point() else None, device)
+                    w = ck.get(n, None, device)  # converted on the device, not on the host
+                    if slot.is_floating_point():
+                        w = w.float()
                     if vectors.keeps_task_vectors and n in vectors.names:
-                        vectors.add(t, n, w, base_ck.get(n, torch.float32, device))
+                        vectors.add(t, n, w, base_ck.get(n, None, device).float())
                     slot.copy_(w)
             if store is not None:
                 annotate_teacher(

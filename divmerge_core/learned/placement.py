@@ -196,10 +196,11 @@ class Stream(_Rebuilt):
         self.experts = [Checkpoint(m.path, plan.options) for m in plan.models]
 
     def task_vectors(self, name: str) -> torch.Tensor:
-        base = self.base.get(name, torch.float32, self.device)
-        # the same rounding as resident/offload: (theta_t - theta_0) in fp32, then the compute dtype
+        # read in the stored dtype, converted on the device; the same rounding as resident/offload:
+        # (theta_t - theta_0) in fp32, then the compute dtype
+        base = self.base.get(name, None, self.device).float()
         return torch.stack(
-            [(ck.get(name, torch.float32, self.device) - base).to(self.dtype) for ck in self.experts]
+            [(ck.get(name, None, self.device).float() - base).to(self.dtype) for ck in self.experts]
         )
 
     def close(self) -> None:
