@@ -133,8 +133,8 @@ def test_estimate_is_plain_and_grows_with_k_only_where_it_should(families):
     assert need(three, "resident", "device") - need(one, "resident", "device") == 2 * tau1
     assert need(three, "offload", "host") - need(one, "offload", "host") == 2 * tau1
     assert need(three, "stream", "host") == need(one, "stream", "host")
-    largest = one["parts"]["largest_tensor"]  # stream/offload hold K copies of one tensor at a time
-    assert need(three, "stream", "device") - need(one, "stream", "device") == 2 * largest < tau1
+    assert need(three, "stream", "device") == need(one, "stream", "device")  # one tensor in transit, any K
+    assert need(three, "offload", "device") == need(one, "offload", "device")
 
 
 def test_auto_picks_the_fastest_placement_that_fits(families, monkeypatch):

@@ -5,8 +5,8 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 
 * weights: theta_0, plus the merged weights W (resident: the merged tensors the forward keeps for backward;
   offload/stream: the leaf W), plus dL/dW (resident: all of it; offload/stream: freed tensor by tensor);
-* task vectors: K x the merged tensors (resident: device; offload: host; stream: none, only K copies of the
-  largest tensor while it is formed);
+* task vectors: K x the merged tensors (resident: device; offload: host; stream: none), plus for
+  offload/stream a few fp32 copies of the largest tensor in transit;
 * activations of one forward/backward (``micro_batch_size`` inputs, or the step's ``batch_size_per_task x K``)
   of ``max_length (+ max_new_tokens)`` tokens: the layers' saved tensors (one layer's worth plus each layer's
   input with ``gradient_checkpointing``), the logits and, for the scored positions, their fp32 copies;
@@ -172,7 +172,7 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
     model = sizes["merged"] * b + sizes["other_bytes"]
     return {
         "model": model,
-        "largest_tensor": sizes["largest"] * b,
+        "largest_tensor_fp32": sizes["largest"] * 4,
         "task_vectors": k * sizes["merged"] * b,
         "activations": max(activations, teacher),
         "teacher_outputs": outputs,
@@ -182,14 +182,15 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
 
 
 def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[str, int]:
-    model, largest, k_tau = parts["model"], parts["largest_tensor"], parts["task_vectors"]
-    k = k_tau // max(model, 1) if model else 0
+    model, k_tau = parts["model"], parts["task_vectors"]
+    # offload/stream: one tensor's task vector, base, expert, sum and dL/dW in fp32 at a time
+    transit = 5 * parts["largest_tensor_fp32"]
     if placement == "resident":  # theta_0, the merged tensors, dL/dW, the task vectors
         on_device, on_host = 3 * model + k_tau, 0
-    elif placement == "offload":  # theta_0, W, K copies of a tensor in transit and its fp32 temporaries
-        on_device, on_host = 2 * model + (k + 6) * largest, k_tau
-    else:  # stream: the same on the device; reads of one tensor at a time on the host
-        on_device, on_host = 2 * model + (k + 6) * largest, 4 * largest
+    elif placement == "offload":  # theta_0 and W on the device, the task vectors on the host
+        on_device, on_host = 2 * model + transit, k_tau
+    else:  # stream: the same on the device; one tensor's reads on the host
+        on_device, on_host = 2 * model + transit, 2 * parts["largest_tensor_fp32"]
     on_device += parts["activations"]
     on_host += parts["teacher_outputs"] + RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything

@@ -19,6 +19,8 @@ Life cycle of a :class:`TaskVectors`: ``add`` for every expert tensor during the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..loading import Checkpoint
@@ -92,7 +94,11 @@ class Resident(TaskVectors):
 
 
 class _Rebuilt(TaskVectors):
-    """Merged weights as leaves, Gamma's gradient by inner products (``offload`` and ``stream``)."""
+    """Merged weights as leaves, Gamma's gradient by inner products (``offload`` and ``stream``).
+
+    Task vectors come one at a time (:meth:`task_vectors` yields them), so the device holds a few copies of
+    one tensor at most, whatever K is.
+    """
 
     def __init__(
         self, model: MergeModule, rows: dict[str, int], n_tasks: int, dtype: torch.dtype, device: torch.device
@@ -103,8 +109,8 @@ class _Rebuilt(TaskVectors):
         self._grad: torch.Tensor | None = None
         self._hooks: list = []
 
-    def task_vectors(self, name: str) -> torch.Tensor:
-        """``[K, ...]`` task vectors of tensor ``name`` on the compute device, in the compute dtype."""
+    def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
+        """Task vector of tensor ``name`` for t = 0..K-1, on the compute device, in the compute dtype."""
         raise NotImplementedError
 
     def start(self, gamma: torch.Tensor) -> None:
@@ -124,9 +130,8 @@ class _Rebuilt(TaskVectors):
             assert w.grad is not None and self._grad is not None
             g = w.grad.reshape(-1).float()
             w.grad = None  # dL/dW_n is not kept: its inner products with the task vectors are
-            tau = self.task_vectors(name)
-            for t in range(self.n_tasks):  # fp32 inner products, one task vector at a time
-                self._grad[row, t] += torch.dot(tau[t].reshape(-1).float(), g)
+            for t, tau in enumerate(self.task_vectors(name)):  # fp32 inner products
+                self._grad[row, t] += torch.dot(tau.reshape(-1).float(), g)
 
         return accumulate
 
@@ -140,11 +145,15 @@ class _Rebuilt(TaskVectors):
 
     @torch.no_grad()
     def update(self, gamma: torch.Tensor) -> None:
-        coeffs = gamma.detach().to(self.dtype)
+        # the coefficients rounded to the compute dtype as in resident, the sum over tasks in fp32
+        coeffs = gamma.detach().to(self.dtype).float()
         for n in self.names:
-            self.merged[n].copy_(
-                self.theta0[n] + torch.tensordot(coeffs[self.rows[n]], self.task_vectors(n), dims=1)
-            )
+            row = coeffs[self.rows[n]]
+            acc: torch.Tensor | None = None
+            for t, tau in enumerate(self.task_vectors(n)):
+                acc = row[t] * tau.float() if acc is None else acc.addcmul_(tau.float(), row[t])
+            assert acc is not None
+            self.merged[n].copy_(self.theta0[n] + acc.to(self.dtype))
 
     def close(self) -> None:
         for h in self._hooks:
@@ -155,7 +164,7 @@ class _Rebuilt(TaskVectors):
 
 
 class Offload(_Rebuilt):
-    """Task vectors in host memory (pinned when the compute device is CUDA), moved per tensor."""
+    """Task vectors in host memory (pinned when the compute device is CUDA), moved one at a time."""
 
     name = "offload"
 
@@ -171,12 +180,13 @@ class Offload(_Rebuilt):
     def add(self, t: int, name: str, expert: torch.Tensor, base: torch.Tensor) -> None:
         self.tau[name][t].copy_((expert - base).to(self.dtype))
 
-    def task_vectors(self, name: str) -> torch.Tensor:
-        return self.tau[name].to(self.device, non_blocking=True)
+    def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
+        for tau in self.tau[name]:
+            yield tau.to(self.device, non_blocking=True)
 
 
 class Stream(_Rebuilt):
-    """No task vector kept: ``theta_t - theta_0`` read from the checkpoints, tensor by tensor, when needed."""
+    """No task vector kept: ``theta_t - theta_0`` read from the checkpoints, one tensor at a time, when needed."""
 
     name = "stream"
     keeps_task_vectors = False
@@ -195,13 +205,12 @@ class Stream(_Rebuilt):
         self.base = Checkpoint(plan.base.path, plan.options)
         self.experts = [Checkpoint(m.path, plan.options) for m in plan.models]
 
-    def task_vectors(self, name: str) -> torch.Tensor:
+    def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
         # read in the stored dtype, converted on the device; the same rounding as resident/offload:
         # (theta_t - theta_0) in fp32, then the compute dtype
         base = self.base.get(name, None, self.device).float()
-        return torch.stack(
-            [(ck.get(name, None, self.device).float() - base).to(self.dtype) for ck in self.experts]
-        )
+        for ck in self.experts:
+            yield (ck.get(name, None, self.device).float() - base).to(self.dtype)
 
     def close(self) -> None:
         super().close()
