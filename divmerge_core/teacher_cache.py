@@ -171,6 +171,7 @@ class EntryWriter:
 
     def __init__(self, path: Path, final: Path, fd: int, header: dict[str, Any], data_start: int):
         self.path, self.final, self._fd = path, final, fd
+        self.widths = {name: int(header[name]["shape"][1]) for name in ("logp", "index") if name in header}
         self.dtype = _FROM_ST[header["logp"]["dtype"]]
         self._offsets = {}  # tensor name -> (first byte, bytes per row)
         for name in ("logp", "index"):
@@ -224,6 +225,10 @@ class EntryWriter:
             if value is None:
                 continue
             start, row = self._offsets[name]
+            if value.dim() != 2 or value.shape[1] != self.widths[name]:
+                raise ValueError(
+                    f"{name} rows of width {self.widths[name]} expected, got {tuple(value.shape)}"
+                )
             value = value.detach().to("cpu", dtype).contiguous()
             data = value.reshape(-1).view(torch.uint8).numpy().tobytes()
             _pwrite_all(self._fd, data, start + lo * row)

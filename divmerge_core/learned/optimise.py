@@ -16,6 +16,7 @@ from ..teachers import Example, collate, per_example_mean, scored_logits
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .placement import TaskVectors
+from .ranks import SINGLE, Ranks
 from .teacher_store import TeacherStore
 
 #: Called with Gamma's gradient after backward, before the optimiser step (e.g. an all-reduce across ranks).
@@ -35,8 +36,15 @@ def optimise(
     device: torch.device,
     reporter: Reporter,
     on_gradient: GradientHook | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[float]:
-    """Run every step in place on ``gamma``; return the loss of each step."""
+    """Run every step in place on ``gamma``; return the loss of each step.
+
+    The loss is ``mean_t mean_{x in step's task-t inputs} loss(x)``. With several ranks each takes a share of
+    every step's inputs and computes its part of that sum (each input weighted by 1 / (n_tasks * the
+    step's count of its task)); Gamma's gradient and the loss are summed over the ranks, so every rank
+    takes the same Adam step as a single process would.
+    """
     n_tasks = len(inputs.examples)
     loss_fn = loss_function(method, params.divergence, kind, store)
     sampler = Sampler([len(e) for e in inputs.examples], params.batch_size_per_task, params.seed)
@@ -47,25 +55,40 @@ def optimise(
     losses: list[float] = []
     for step in range(1, total + 1):
         reporter.check()
-        picked = [inputs.examples[t][i] for t, idx in enumerate(sampler.next()) for i in idx]
-        batch = collate(kind, picked, inputs.tokenizer, device)
+        chosen = sampler.next()
+        picked = ranks.share([inputs.examples[t][i] for t, idx in enumerate(chosen) for i in idx])
         optimiser.zero_grad(set_to_none=True)
-        out = functional_call(
-            model.module, vectors.weights(gamma), args=(), kwargs=batch.inputs, tie_weights=True, strict=False
-        )
-        logits = scored_logits(kind, out.logits, batch).float()
-        owner_task = torch.tensor([e.task for e in picked], device=device)
-        if label_masks is not None:  # each input is scored on its own task's labels only
-            logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
-        per_example = per_example_mean(loss_fn(logits, picked), batch, len(picked))
-        task_means = torch.zeros(n_tasks, device=device).index_add(0, owner_task, per_example)
-        task_means = task_means / torch.bincount(owner_task, minlength=n_tasks).clamp_min(1)
-        loss = task_means.mean()
+        if picked:
+            batch = collate(kind, picked, inputs.tokenizer, device)
+            out = functional_call(
+                model.module,
+                vectors.weights(gamma),
+                args=(),
+                kwargs=batch.inputs,
+                tie_weights=True,
+                strict=False,
+            )
+            logits = scored_logits(kind, out.logits, batch).float()
+            owner_task = torch.tensor([e.task for e in picked], device=device)
+            if label_masks is not None:  # each input is scored on its own task's labels only
+                logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
+            per_example = per_example_mean(loss_fn(logits, picked), batch, len(picked))
+            counts = torch.tensor([len(idx) for idx in chosen], device=device, dtype=torch.float32)
+            loss = (per_example / (n_tasks * counts[owner_task])).sum()
+            loss.backward()
+        else:  # more ranks than this step's inputs: this rank adds nothing
+            loss = torch.zeros((), device=device)
+        vectors.gradient(gamma)
+        if gamma.grad is None:
+            gamma.grad = torch.zeros_like(gamma)
+        if ranks.world > 1:
+            flat = torch.cat([gamma.grad.reshape(-1), loss.detach().reshape(1)])
+            ranks.all_reduce_sum(flat)
+            gamma.grad.copy_(flat[:-1].view_as(gamma))
+            loss = flat[-1]
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NumericalError(f"{method}: the loss became {value} at step {step}; try a smaller lr")
-        loss.backward()
-        vectors.gradient(gamma)
         if on_gradient is not None:
             on_gradient(gamma.grad)
         optimiser.step()

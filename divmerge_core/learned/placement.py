@@ -42,6 +42,10 @@ class TaskVectors:
     def gradient(self, gamma: torch.Tensor) -> None:
         """After backward: make sure ``gamma.grad`` holds dL/dGamma."""
 
+    def task_weights(self, t: int) -> dict[str, torch.Tensor]:
+        """Expert ``t``'s weights theta_0 + tau_t for the merged names (after :meth:`start`; online teachers)."""
+        raise NotImplementedError
+
     def update(self, gamma: torch.Tensor) -> None:
         """After the optimiser step: bring the merged weights up to date with Gamma."""
 
@@ -71,3 +75,6 @@ class Resident(TaskVectors):
         return {
             n: self.theta0[n] + torch.tensordot(coeffs[self.rows[n]], self.tau[n], dims=1) for n in self.names
         }
+
+    def task_weights(self, t: int) -> dict[str, torch.Tensor]:
+        return {n: self.theta0[n] + self.tau[n][t] for n in self.names}
