@@ -77,11 +77,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
-            config, args.out, options=_options(args), device=args.device, progress=progress, force=args.force
+            config,
+            args.out,
+            options=_options(args),
+            device=args.device,
+            progress=progress,
+            force=args.force,
+            devices=args.devices,
         )
     finally:
         progress.close()
     metrics = result.metrics
+    if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
+        return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
     print(
         f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
@@ -112,6 +120,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Merge fine-tuned models of one base model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -125,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="learned methods: run as one data-parallel job over N processes (N GPUs with --device cuda)",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 

@@ -125,9 +125,8 @@ def test_estimate_is_plain_and_grows_with_k_only_where_it_should(families):
     assert estimates[1]["parts"]["task_vectors"] == 3 * tau1 > 0
 
     def need(e: dict, placement: str, where: str) -> int:
-        """The placement's need without the parts that grow with the step's batch (activations, outputs)."""
-        part = "activations" if where == "device" else "teacher_outputs"
-        return e["placements"][placement][where] - e["parts"][part]
+        """The placement's need without the activations (they grow with the step's batch, K inputs)."""
+        return e["placements"][placement][where] - (e["parts"]["activations"] if where == "device" else 0)
 
     one, three = estimates
     assert need(three, "resident", "device") - need(one, "resident", "device") == 2 * tau1

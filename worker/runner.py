@@ -149,6 +149,8 @@ def _run_claimed(
         local_roots=settings.roots,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         cache_dir=settings.hf_cache_dir,
+        teacher_cache_dir=settings.teacher_cache,
+        teacher_cache_bytes=settings.teacher_cache_bytes,
     )
     progress = ProgressWriter(settings, claim, lease)
     scratch = settings.home / "tmp" / f"{claim.job_id}-a{claim.attempt}"
@@ -175,6 +177,7 @@ def _run_claimed(
             progress=progress,
             should_stop=lease.should_stop,
             plan=plan,
+            devices=settings.devices_per_job,
         )
         if lease.lost.is_set():
             raise MergeCancelled("lease lost")

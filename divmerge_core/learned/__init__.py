@@ -24,20 +24,30 @@ from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind
 from .experts import run_experts
-from .inputs import load_inputs, resolve_label_masks
+from .inputs import label_names, load_inputs, resolve_label_masks
 from .memory import choose_placement, estimate_learned_memory
 from .model import build_merge_module, coefficient_groups
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
-from .teacher_store import InMemoryTeacherStore
+from .ranks import SINGLE, Ranks
+from .teacher_store import OnlineTeachers, teacher_stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def learn_coefficients(
-    plan: MergePlan, *, device: torch.device, reporter: Reporter, on_gradient: GradientHook | None = None
+    plan: MergePlan,
+    *,
+    device: torch.device,
+    reporter: Reporter,
+    on_gradient: GradientHook | None = None,
+    ranks: Ranks = SINGLE,
 ) -> LearnedCoefficients:
-    """Learn Gamma for ``plan`` (divmerge or adamerging); ``on_gradient`` sees Gamma's gradient every step."""
+    """Learn Gamma for ``plan`` (divmerge or adamerging); ``on_gradient`` sees Gamma's gradient every step.
+
+    ``ranks``: the processes of a data-parallel run (see :mod:`.distributed`); every rank returns the same
+    coefficients.
+    """
     cfg, params = plan.config, plan.config.parameters
     method = cfg.merge_method
     if method not in ("divmerge", "adamerging"):
@@ -55,16 +65,24 @@ def learn_coefficients(
     group_index = {g: i for i, g in enumerate(groups)}
     rows = {n: group_index[group_of[n]] for n in model.merged_names}
     vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
+    teachers = None
+    if method == "divmerge":
+        teachers = teacher_stage(
+            plan, kind, inputs, dtype=dtype, device=device, reporter=reporter, ranks=ranks
+        )
     try:
-        store = InMemoryTeacherStore() if method == "divmerge" else None
-        run_experts(plan, model, kind, inputs, vectors, store, dtype=dtype, device=device, reporter=reporter)
+        run_experts(
+            plan, model, kind, inputs, vectors, teachers, dtype=dtype, device=device, reporter=reporter
+        )
+        if isinstance(teachers, OnlineTeachers):
+            teachers.bind(model.module, vectors)
         init = params.init if params.init is not None else 1.0 / n_tasks
         gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
         losses = optimise(
             model,
             vectors,
             inputs,
-            store,
+            teachers,
             gamma,
             method=method,
             kind=kind,
@@ -72,8 +90,11 @@ def learn_coefficients(
             device=device,
             reporter=reporter,
             on_gradient=on_gradient,
+            ranks=ranks,
         )
     finally:
+        if teachers is not None:
+            teachers.close()
         vectors.close()
     return LearnedCoefficients(
         method=method,
@@ -84,6 +105,7 @@ def learn_coefficients(
         group_of=group_of,
         losses=losses,
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
+        labels=label_names(plan, inputs.label_masks),
         placement=placement,
     )
 

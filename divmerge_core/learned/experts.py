@@ -1,8 +1,9 @@
 """Stage 3 of a learned merge: one pass over the experts.
 
-Each expert's weights are written into the module in place (never K live models); its task vector goes to the
-placement (:mod:`.placement`) and, for divmerge, its outputs on its own task's inputs go to the teacher store.
-The module holds theta_0 again at the end.
+Each expert's task vector goes to the placement (:mod:`.placement`) and, for divmerge, when its teacher must
+run (a teacher-cache miss, a causal continuation, ``labels: auto``), its weights are written into the module
+in place (never K live models) and the teacher stage (:mod:`.teacher_store`) runs it on the expert's own
+task's inputs. The module holds theta_0 at the end.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from ..errors import IncompatibleModelsError
 from ..loading import Checkpoint
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teachers import annotate_teacher, teacher_batch_size
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .placement import TaskVectors
-from .teacher_store import TeacherStore
+from .teacher_store import TeacherStage
 
 
 def run_experts(
@@ -26,47 +26,50 @@ def run_experts(
     kind: str,
     inputs: LearnedInputs,
     vectors: TaskVectors,
-    store: TeacherStore | None,
+    teachers: TeacherStage | None,
     *,
     dtype: torch.dtype,
     device: torch.device,
     reporter: Reporter,
 ) -> None:
-    """Load every expert once; ``store`` None (adamerging) runs no teacher."""
-    params = plan.config.parameters
-    n_tasks = len(plan.models)
+    """Load every expert once; ``teachers`` None (adamerging) runs no teacher."""
     with Checkpoint(plan.base.path, plan.options) as base_ck:
-        for t, expert in enumerate(plan.models):
+        for t in range(len(plan.models)):
             reporter.check()
-            with Checkpoint(expert.path, plan.options) as ck, torch.no_grad():
-                missing = [n for n in model.slots if n not in ck]
-                if missing:
-                    raise IncompatibleModelsError(
-                        [f"{expert.ref.raw!r} has no tensor {m!r}" for m in missing[:20]]
-                    )
-                for n, slot in model.slots.items():
-                    w = ck.get(n, None, device)  # converted on the device, not on the host
-                    if slot.is_floating_point():
-                        w = w.float()
-                    if vectors.keeps_task_vectors and n in vectors.names:
-                        vectors.add(t, n, w, base_ck.get(n, None, device).float())
-                    slot.copy_(w)
-            if store is not None:
-                annotate_teacher(
-                    model.module,
-                    kind,
-                    inputs.tokenizer,
-                    inputs.examples[t],
-                    batch_size=teacher_batch_size(params.batch_size_per_task),
-                    max_new_tokens=params.max_new_tokens,
-                    top_k=params.top_k,
-                    label_mask=None if inputs.label_masks is None else inputs.label_masks[t],
-                    store_dtype=torch.float32 if dtype == torch.float32 else dtype,
-                    device=device,
-                    check=reporter.check,
-                )
-                store.put(t, inputs.examples[t])
-                reporter.report("teacher", t + 1, n_tasks)
+            run_teacher = teachers is not None and teachers.begin(t)
+            if run_teacher or vectors.keeps_task_vectors:
+                _load_expert(plan, t, model, vectors, base_ck, device, into_module=run_teacher)
+            if teachers is not None:
+                teachers.run(t, model.module)
         with torch.no_grad():
             for n, slot in model.slots.items():
                 slot.copy_(base_ck.get(n, None, device))
+
+
+def _load_expert(
+    plan: MergePlan,
+    t: int,
+    model: MergeModule,
+    vectors: TaskVectors,
+    base_ck: Checkpoint,
+    device: torch.device,
+    *,
+    into_module: bool,
+) -> None:
+    """Hand expert ``t``'s task vector to the placement and, ``into_module``, its weights to the module."""
+    expert = plan.models[t]
+    with Checkpoint(expert.path, plan.options) as ck, torch.no_grad():
+        missing = [n for n in model.slots if n not in ck]
+        if missing:
+            raise IncompatibleModelsError([f"{expert.ref.raw!r} has no tensor {m!r}" for m in missing[:20]])
+        for n, slot in model.slots.items():
+            keep = vectors.keeps_task_vectors and n in vectors.names
+            if not (keep or into_module):
+                continue
+            w = ck.get(n, None, device)  # converted on the device, not on the host
+            if slot.is_floating_point():
+                w = w.float()
+            if keep:
+                vectors.add(t, n, w, base_ck.get(n, None, device).float())
+            if into_module:
+                slot.copy_(w)

@@ -58,7 +58,8 @@ def model_field(plan: MergePlan, t: int) -> str:
 def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
     """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
 
-    A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``.
+    A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``. A task with
+    ``labels: auto`` keeps every label here; the teacher stage narrows it to what its expert predicts.
     """
     wanted = [spec.data.labels if spec.data is not None else None for spec in plan.specs]
     if all(w is None for w in wanted):
@@ -74,6 +75,8 @@ def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor |
         field = f"{model_field(plan, t)}.data.labels"
         if kind == CAUSAL:
             raise ConfigError("'labels' applies to sequence-classification models only", field=field)
+        if labels == "auto":
+            continue
         ids = []
         for label in labels:
             i = label if isinstance(label, int) else by_name.get(label)
@@ -87,3 +90,16 @@ def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor |
         masks[t] = False
         masks[t, ids] = True
     return masks.to(device)
+
+
+def label_names(plan: MergePlan, masks: torch.Tensor | None) -> dict[str, list[str | int]] | None:
+    """Task reference -> the labels it is scored on (names from ``id2label``, else ids), for every task that
+    sets ``data.labels`` (explicit or ``auto``); None when none does."""
+    if masks is None:
+        return None
+    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
+    out: dict[str, list[str | int]] = {}
+    for t, row in enumerate(masks.cpu()):
+        if plan.specs[t].data is not None and plan.specs[t].data.labels is not None:
+            out[plan.models[t].ref.raw] = [id2label.get(i, i) for i in row.nonzero().flatten().tolist()]
+    return out

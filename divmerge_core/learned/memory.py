@@ -10,7 +10,10 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 * activations of one forward/backward (``micro_batch_size`` inputs, or the step's ``batch_size_per_task x K``)
   of ``max_length (+ max_new_tokens)`` tokens: the layers' saved tensors (one layer's worth plus each layer's
   input with ``gradient_checkpointing``), the logits and, for the scored positions, their fp32 copies;
-* teacher outputs (host): per input, the scored positions x (vocabulary or ``top_k``) in the storage dtype.
+* teacher outputs: per input, the scored positions x (vocabulary or ``top_k``) in the storage dtype. With
+  ``teacher: cached`` they live in the teacher cache on disk (read row by row, page cache only): they are
+  reported as ``disk``, not host memory. ``teacher: online`` stores none but holds one expert's weights
+  (theta_0 + tau_t) on the device while it recomputes a teacher.
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
         tb = teacher_batch_size(params.batch_size_per_task)
         teacher = tb * length * ((vocab * (b + 4) if causal else 0) + 4 * hidden * b + 2 * layers * kv * b)
     store_b = 4 if plan.config.dtype == "float32" else b
-    if not divmerge:
+    online = divmerge and params.teacher == "online"
+    if not divmerge or online:
         outputs = 0
     elif causal:
         per_pos = params.top_k * (store_b + 8) if params.top_k else vocab * store_b
@@ -175,7 +179,8 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
         "largest_tensor_fp32": sizes["largest"] * 4,
         "task_vectors": k * sizes["merged"] * b,
         "activations": max(activations, teacher),
-        "teacher_outputs": outputs,
+        "online_teacher_weights": model if online else 0,
+        "teacher_outputs_disk": outputs,
         "micro_batch_inputs": batch,
         "tokens_per_input": length,
     }
@@ -191,8 +196,8 @@ def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[
         on_device, on_host = 2 * model + transit, k_tau
     else:  # stream: the same on the device; one tensor's reads on the host
         on_device, on_host = 2 * model + transit, 2 * parts["largest_tensor_fp32"]
-    on_device += parts["activations"]
-    on_host += parts["teacher_outputs"] + RUNTIME_BYTES
+    on_device += parts["activations"] + parts["online_teacher_weights"]
+    on_host += RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything
         on_host, on_device = on_host + on_device, 0
     return {"device": on_device, "host": on_host}

@@ -59,6 +59,10 @@ class TaskVectors:
     def gradient(self, gamma: torch.Tensor) -> None:
         """After backward: make sure ``gamma.grad`` holds dL/dGamma."""
 
+    def task_weights(self, t: int) -> dict[str, torch.Tensor]:
+        """Expert ``t``'s weights theta_0 + tau_t for the merged names (after :meth:`start`; online teachers)."""
+        raise NotImplementedError
+
     def update(self, gamma: torch.Tensor) -> None:
         """After the optimiser step: bring the merged weights up to date with Gamma."""
 
@@ -92,6 +96,9 @@ class Resident(TaskVectors):
             n: self.theta0[n] + torch.tensordot(coeffs[self.rows[n]], self.tau[n], dims=1) for n in self.names
         }
 
+    def task_weights(self, t: int) -> dict[str, torch.Tensor]:
+        return {n: self.theta0[n] + self.tau[n][t] for n in self.names}
+
 
 class _Rebuilt(TaskVectors):
     """Merged weights as leaves, Gamma's gradient by inner products (``offload`` and ``stream``).
@@ -112,6 +119,13 @@ class _Rebuilt(TaskVectors):
     def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
         """Task vector of tensor ``name`` for t = 0..K-1, on the compute device, in the compute dtype."""
         raise NotImplementedError
+
+    def task_vector(self, name: str, t: int) -> torch.Tensor:
+        """Task ``t``'s vector of tensor ``name`` (as :meth:`task_vectors` yields it)."""
+        raise NotImplementedError
+
+    def task_weights(self, t: int) -> dict[str, torch.Tensor]:
+        return {n: self.theta0[n] + self.task_vector(n, t) for n in self.names}
 
     def start(self, gamma: torch.Tensor) -> None:
         self._grad = torch.zeros_like(gamma, dtype=torch.float32)
@@ -181,8 +195,11 @@ class Offload(_Rebuilt):
         self.tau[name][t].copy_((expert - base).to(self.dtype))
 
     def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
-        for tau in self.tau[name]:
-            yield tau.to(self.device, non_blocking=True)
+        for t in range(self.n_tasks):
+            yield self.task_vector(name, t)
+
+    def task_vector(self, name: str, t: int) -> torch.Tensor:
+        return self.tau[name][t].to(self.device, non_blocking=True)
 
 
 class Stream(_Rebuilt):
@@ -211,6 +228,10 @@ class Stream(_Rebuilt):
         base = self.base.get(name, None, self.device).float()
         for ck in self.experts:
             yield (ck.get(name, None, self.device).float() - base).to(self.dtype)
+
+    def task_vector(self, name: str, t: int) -> torch.Tensor:
+        base = self.base.get(name, None, self.device).float()
+        return (self.experts[t].get(name, None, self.device).float() - base).to(self.dtype)
 
     def close(self) -> None:
         super().close()
