@@ -181,3 +181,12 @@ def test_validate_prints_the_memory_estimate(families, tmp_path, capsys):
     for placement in ("resident", "offload", "stream"):
         assert f"  {placement} " in out
     assert "auto would use: resident" in out
+
+
+@pytest.mark.parametrize("placement", ["offload", "stream"])
+def test_online_teachers_work_with_every_placement(families, placement):
+    """``teacher: online`` recomputes each teacher from theta_0 + tau_t, which offload/stream form per tensor."""
+    ref = trajectory(families["gpt2"], placement="resident", teacher="online")
+    assert_same(
+        ref, trajectory(families["gpt2"], placement=placement, teacher="online"), rtol=1e-5, atol=1e-6
+    )

@@ -29,8 +29,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     shape = SHAPES[spec["model"]]
     k = spec["k"]
-    fam = ensure_family(shape, k, Path(spec["cache"]), device)
+    fam = ensure_family(shape, k, Path(spec["cache"]), device, dtype=spec.get("storage", "bfloat16"))
     print(f"  family ready ({fam['bytes'] / GiB:.1f} GiB on disk, built in {fam['build_s']}s)", flush=True)
+    if spec.get("build_only"):
+        return {"ok": True, "built": fam}
     config = parse_config(
         {
             "merge_method": "divmerge",
@@ -60,6 +62,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     cuda = device.type == "cuda"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if cuda:
         torch.cuda.empty_cache()
         if spec.get("memory_cap_gib"):  # emulate a smaller card
