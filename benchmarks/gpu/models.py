@@ -47,7 +47,6 @@ class Shape:
             pad_token_id=0,
         )
         cfg.architectures = ["Qwen2ForCausalLM"]
-        cfg.torch_dtype = "bfloat16"
         return cfg
 
 
