@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .models import SHAPES
 
+    kept: list[dict[str, Any]] = []
+    previous = args.out / f"{stem}.json"
+    if args.only and previous.is_file():  # a partial run updates its cases and keeps the others' figures
+        ran = {c["name"] for c in cases}
+        kept = [c for c in json.loads(previous.read_text())["cases"] if c["spec"]["name"] not in ran]
+    data["cases"] = kept
     for spec in cases:
         spec = dict(spec, cache=str(args.cache))
         left = args.budget_s - (time.monotonic() - start)
