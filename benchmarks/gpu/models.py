@@ -104,7 +104,7 @@ def ensure_family(
 
     t0 = time.perf_counter()
     store = getattr(torch, dtype)
-    folder = root / f"{shape.name}-{dtype}"
+    folder = root.resolve() / f"{shape.name}-{dtype}"
     dirs = [folder / "base"] + [folder / f"expert{t}" for t in range(1, k + 1)]
     base: dict[str, torch.Tensor] | None = None
     for i, d in enumerate(dirs):

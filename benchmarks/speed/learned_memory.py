@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks.gpu.run import CACHE, RESULTS, ROOT, _meta, run_one
 
 GiB = float(1 << 30)
+ORDER = ["resident", "offload", "stream"]
 SPEC = dict(model="causal-110m", storage="float32", dtype="float32", inputs=3, epochs=1, batch_size_per_task=1,
             max_length=32, max_new_tokens=4, prompt_words=24, device="cpu", threads=2)  # fmt: skip
 
@@ -50,18 +51,21 @@ def render(data: dict[str, Any]) -> str:
         f"is the whole run's (teachers, optimisation, writing); the runtime alone (torch + transformers + engine "
         f"imported) peaks at {runtime:.2f} GiB. Step time: median of the optimisation steps after the first.",
         "",
-        "| placement | K | peak RSS GiB | (peak - runtime) / model | step s | end to end s | status |",
-        "|---|---|---|---|---|---|---|",
+        "| placement | K | peak RSS GiB | (peak - runtime) / model | step s | end to end s | engine | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in data["rows"]:
         r = row["result"]
         if not r.get("ok"):
-            lines.append(f"| {row['placement']} | {row['k']} | | | | | FAILED: {r.get('error', '?')[:160]} |")
+            lines.append(
+                f"| {row['placement']} | {row['k']} | | | | | | FAILED: {r.get('error', '?')[:160]} |"
+            )
             continue
         step = f"{1 / r['steps_per_s']:.2f}" if r.get("steps_per_s") else "-"
         lines.append(
             f"| {row['placement']} | {row['k']} | {r['peak_host_rss_gib']:.2f} | "
-            f"{(r['peak_host_rss_gib'] - runtime) / model:.2f} | {step} | {r['e2e_s']} | ok |"
+            f"{(r['peak_host_rss_gib'] - runtime) / model:.2f} | {step} | {r['e2e_s']} | "
+            f"`{row.get('engine_commit')}` | ok |"
         )
     lines += ["", "## Done-means (issue 9)", "", *verdict(data)]
     return "\n".join(lines) + "\n"
@@ -116,13 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_gib": runtime_rss_gib(),
         "rows": [],
     }
+    previous = args.out / "learned_memory.json"
+    if previous.is_file():  # rows of the runs not repeated now are kept (each names its engine commit)
+        old = json.loads(previous.read_text())
+        for row in old["rows"]:
+            row.setdefault("engine_commit", old["meta"].get("engine_commit"))
+        data["rows"] = [r for r in old["rows"] if (r["placement"], r["k"]) not in runs]
     for placement, k in runs:
         print(f"== {placement} K={k}", flush=True)
         t0 = time.monotonic()
         spec = dict(SPEC, name=f"{placement}-k{k}", placement=placement, k=k, cache=str(args.cache))
         result = run_one(spec, timeout=1800)
         print(f"   -> {json.dumps(result)} ({time.monotonic() - t0:.0f}s)", flush=True)
-        data["rows"].append({"placement": placement, "k": k, "result": result})
+        commit = data["meta"].get("engine_commit")
+        data["rows"].append({"placement": placement, "k": k, "engine_commit": commit, "result": result})
+        data["rows"].sort(
+            key=lambda r: (
+                args.placements.index(r["placement"]) if r["placement"] in args.placements else -1,
+                r["k"],
+            )
+        )
         (args.out / "learned_memory.json").write_text(json.dumps(data, indent=1) + "\n")
         (args.out / "learned_memory.md").write_text(render(data))
     return 0

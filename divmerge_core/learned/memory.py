@@ -194,8 +194,8 @@ def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[
         on_device, on_host = 3 * model + k_tau, 0
     elif placement == "offload":  # theta_0 and W on the device, the task vectors on the host
         on_device, on_host = 2 * model + transit, k_tau
-    else:  # stream: the same on the device; one tensor's reads on the host
-        on_device, on_host = 2 * model + transit, 2 * parts["largest_tensor_fp32"]
+    else:  # stream: W only (theta_0 is read from the base's file too); one tensor's reads on the host
+        on_device, on_host = model + transit, 2 * parts["largest_tensor_fp32"]
     on_device += parts["activations"] + parts["online_teacher_weights"]
     on_host += RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything
