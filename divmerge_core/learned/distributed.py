@@ -16,6 +16,7 @@ environment and every process runs the whole merge; only rank 0 writes outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue as queue_mod
 import tempfile
@@ -52,7 +53,7 @@ def learn_distributed(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, devices, init, plan, device.type, threads, events),
+                args=(rank, devices, init, _portable(plan), device.type, threads, events),
                 name=f"divmerge-rank-{rank}",
             )
             for rank in range(devices)
@@ -89,12 +90,22 @@ def _coordinate(procs: list[Any], events: Any, reporter: Reporter) -> LearnedCoe
             return payload
 
 
+def _portable(plan: MergePlan) -> MergePlan:
+    """``plan`` with its config as a plain dict: the config classes are built per method and cannot be pickled."""
+    config = plan.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return dataclasses.replace(plan, config=config, specs=[])  # type: ignore[arg-type]
+
+
 def _rank_main(
     rank: int, world: int, init: str, plan: MergePlan, device_type: str, threads: int, events: Any
 ) -> None:
     import torch.distributed as dist
 
+    from ..config import parse_config
     from . import learn_coefficients
+
+    config = parse_config(plan.config)  # see _portable
+    plan = dataclasses.replace(plan, config=config, specs=config.task_models())
 
     torch.set_num_threads(threads)
     if device_type == "cuda":
