@@ -134,12 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   -> {json.dumps(result)} ({time.monotonic() - t0:.0f}s)", flush=True)
         commit = data["meta"].get("engine_commit")
         data["rows"].append({"placement": placement, "k": k, "engine_commit": commit, "result": result})
-        data["rows"].sort(
-            key=lambda r: (
-                args.placements.index(r["placement"]) if r["placement"] in args.placements else -1,
-                r["k"],
-            )
-        )
+        data["rows"].sort(key=lambda r: (ORDER.index(r["placement"]), r["k"]))
         (args.out / "learned_memory.json").write_text(json.dumps(data, indent=1) + "\n")
         (args.out / "learned_memory.md").write_text(render(data))
     return 0
