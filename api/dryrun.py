@@ -39,6 +39,7 @@ async def validate(raw: bytes, content_type: str | None, settings: Settings, tea
             "local_roots": [str(r) for r in settings.roots],
             "cache_dir": str(settings.hf_cache_dir) if settings.hf_cache_dir else None,
         },
+        "device": settings.device,
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIVMERGE_")}
     env.pop("HF_TOKEN", None)

@@ -97,11 +97,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
-            config, args.out, options=_options(args), device=args.device, progress=progress, force=force
+            config,
+            args.out,
+            options=_options(args),
+            device=args.device,
+            progress=progress,
+            force=force,
+            devices=args.devices,
         )
     finally:
         progress.close()
     metrics = result.metrics
+    if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
+        return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
     print(
         f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
@@ -115,7 +123,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .dryrun import dry_run
 
     config = _load(args.config)
-    report = dry_run(config, _options(args))
+    report = dry_run(config, _options(args), args.device)
     if not report.ok:
         for p in report.problems:
             where = f"{p['field']}: " if p["field"] else ""
@@ -142,7 +150,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  estimate: {est['parameters']:,} parameters, reads {est['read_bytes'] / 1e6:.1f} MB, "
             f"writes {est['output_bytes'] / 1e6:.1f} MB"
         )
+    if est.get("memory") is not None:
+        from .learned.memory import describe
+
+        for line in describe(est["memory"]):
+            print(f"  {line}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -169,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a non-empty output directory (same as output.overwrite: true)",
     )
+    merge.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="learned methods: run as one data-parallel job over N processes (N GPUs with --device cuda)",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 
@@ -177,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    validate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device the memory estimate is for"
+    )
     validate.set_defaults(func=cmd_validate)
 
     methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")

@@ -86,17 +86,17 @@ class DataSpec(_Strict):
     )
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
-    labels: list[str | int] | None = Field(
+    labels: list[str | int] | Literal["auto"] | None = Field(
         None,
         description="sequence classification with one head shared by several tasks: this task's labels "
         "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
-        "are renormalised over them",
+        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
     )
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, v: list[str | int] | None) -> list[str | int] | None:
-        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+    def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
             raise ValueError("'labels' needs at least two distinct labels")
         return v
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MergeConfig, parse_config
+from .config import LEARNED_METHODS, MergeConfig, parse_config
 from .errors import DivMergeError, IncompatibleModelsError
 from .options import EngineOptions
 from .plan import MergePlan
@@ -41,7 +41,7 @@ class DryRun:
         return {"ok": self.ok, "problems": self.problems, "estimate": self.estimate}
 
 
-def dry_run(config: MergeConfig, options: EngineOptions) -> DryRun:
+def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") -> DryRun:
     """Resolve every model (each problem naming its field), check the models can be merged, read a few
     rows of each dataset and check its columns, and estimate the work."""
     from .data import load_task_inputs
@@ -70,13 +70,14 @@ def dry_run(config: MergeConfig, options: EngineOptions) -> DryRun:
             except DivMergeError as err:
                 out.add(err, f"models.{i}.data")
     if out.plan is not None:
-        out.estimate = estimate(out.plan)
+        out.estimate = estimate(out.plan, device)
     return out
 
 
-def estimate(plan: MergePlan) -> dict[str, Any]:
+def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
-    the output dtype). Memory for the learned methods is not estimated here (null)."""
+    the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
+    host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
     from .loading import Checkpoint
 
     read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
@@ -92,8 +93,17 @@ def estimate(plan: MergePlan) -> dict[str, Any]:
         "parameters": elements,
         "read_bytes": read,
         "output_bytes": elements * _DTYPE_BYTES[plan.config.output_dtype],
-        "memory_bytes": None,
+        "memory": _learned_memory(plan, device),
     }
+
+
+def _learned_memory(plan: MergePlan, device: str) -> dict[str, Any] | None:
+    if plan.config.merge_method not in LEARNED_METHODS:
+        return None
+    from .learned.memory import estimate_learned_memory
+    from .pipeline import resolve_device
+
+    return estimate_learned_memory(plan, resolve_device(device))
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -101,7 +111,8 @@ def _weights_bytes(folder: Path) -> int:
 
 
 def main() -> int:
-    """stdin: {"config": {...}, "options": {allow_pickle, local_roots, cache_dir}}; HF_TOKEN from the env."""
+    """stdin: {"config": {...}, "options": {allow_pickle, local_roots, cache_dir}, "device": "cpu"};
+    HF_TOKEN from the env."""
     import os
 
     request = json.load(sys.stdin)
@@ -115,7 +126,7 @@ def main() -> int:
         cache_dir=Path(opts["cache_dir"]) if opts.get("cache_dir") else None,
     )
     try:
-        report = dry_run(parse_config(request["config"]), options).to_json()
+        report = dry_run(parse_config(request["config"]), options, request.get("device", "cpu")).to_json()
     except DivMergeError as err:
         report = {"ok": False, "problems": [{"code": err.code, "message": err.message, "field": err.field}]}
         report["estimate"] = None

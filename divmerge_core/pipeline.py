@@ -266,12 +266,15 @@ def run_merge(
     should_stop: StopCheck | None = None,
     force: bool = False,
     plan: MergePlan | None = None,
+    devices: int = 1,
 ) -> MergeResult:
     """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
 
     ``force`` replaces an existing non-empty ``out_dir``. ``plan``, from an earlier :func:`prepare` of the
-    same config, skips resolving and validating again. Raises a :class:`DivMergeError` on any failure,
-    leaving nothing at ``out_dir``.
+    same config, skips resolving and validating again. ``devices`` > 1 learns the coefficients of a learned
+    method with that many processes as one data-parallel job (``learned.distributed``); under ``torchrun``
+    every process calls this and only rank 0 writes ``out_dir``. Raises a :class:`DivMergeError` on any
+    failure, leaving nothing at ``out_dir``.
     """
     start = time.perf_counter()
     options = options or EngineOptions()
@@ -285,8 +288,18 @@ def run_merge(
     coeffs: LearnedCoefficients | None = None
     if config.method.learned:
         from .learned import learn_coefficients
+        from .learned.distributed import learn_distributed, torchrun_ranks
 
-        coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
+        ranks = torchrun_ranks()
+        if ranks is not None:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter, ranks=ranks)
+            if not ranks.is_main:  # rank 0 writes the outputs
+                metrics = {"rank": ranks.rank, "wall_s": round(time.perf_counter() - start, 3)}
+                return MergeResult(out, [], dict(plan.resolved), None, metrics)
+        elif devices > 1:
+            coeffs = learn_distributed(plan, devices=devices, device=dev, reporter=reporter)
+        else:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
         bad = [v for row in coeffs.values for v in row if not math.isfinite(v)]
         if bad:
             raise NumericalError("the learned merge coefficients contain NaN or inf")
@@ -310,6 +323,7 @@ def run_merge(
         coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
         metrics["final_loss"] = coeffs.losses[-1] if coeffs.losses else None
         metrics["steps"] = len(coeffs.losses)
+        metrics["placement"] = coeffs.placement
     reporter.report("done", 1, 1)
     return MergeResult(
         out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics

@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     )
     hf_cache_dir: Path | None = Field(None, description="HF cache for workers (default: HF_HOME's)")
     device: str = Field("auto", description="worker device: auto (cuda if present), cpu, cuda, cuda:N")
+    teacher_cache_dir: Path | None = Field(
+        None,
+        description="learned merges' teacher-output cache, shared by the jobs of a worker ($DIVMERGE_HOME/cache/teachers)",
+    )
+    teacher_cache_bytes: int | None = Field(
+        None, ge=0, description="teacher cache bound, LRU-evicted (default: the engine's, 16 GiB)"
+    )
+    devices_per_job: int = Field(
+        1,
+        ge=1,
+        description="learned merges: processes (GPUs with a cuda device) one job runs on, data-parallel",
+    )
     hub_uploader: str = Field(
         "worker.upload:HubUploader", description="'module:Class' of the Hub uploader (tests swap a double)"
     )
@@ -133,6 +145,10 @@ class Settings(BaseSettings):
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
         return real_roots([self.home, *self.local_roots]) or ()
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.teacher_cache_dir or self.home / "cache" / "teachers"
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token

@@ -253,6 +253,8 @@ def _options(settings: Settings) -> EngineOptions:
         local_roots=settings.roots,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         cache_dir=settings.hf_cache_dir,
+        teacher_cache_dir=settings.teacher_cache,
+        teacher_cache_bytes=settings.teacher_cache_bytes,
     )
 
 
@@ -289,6 +291,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
                 progress=ctx.progress,
                 should_stop=lease.should_stop,
                 plan=plan,
+                devices=settings.devices_per_job,
             )
         _record_warnings(ctx, caught)
         if lease.lost.is_set():

@@ -132,6 +132,18 @@ def test_validate_names_a_missing_model_and_a_wrong_column(svc):
     assert est["tensors"] > 0 and est["parameters"] > 0 and est["output_bytes"] == 4 * est["parameters"]
     after = svc.client.get("/v1/merges?limit=100", headers=svc.h()).json()["items"]
     assert len(after) == len(before), "the dry run queued a job"
+    assert est["memory"] is None  # classic: streamed per tensor
+
+    m = svc.models
+    learned = {
+        "merge_method": "divmerge",
+        "base_model": str(m["gpt_base"]),
+        "models": [{"model": str(m[n]), "data": {"texts": ["a b", "c d e"]}} for n in ("gpt_ft1", "gpt_ft2")],
+    }
+    report = svc.client.post("/v1/merges/validate", json=learned, headers=svc.h()).json()
+    assert report["ok"], report
+    memory = report["estimate"]["memory"]  # the engine's learned-memory estimate, per placement
+    assert memory["n_tasks"] == 2 and memory["placements"] and memory["chosen"] in memory["placements"]
 
 
 def test_validate_reports_submit_problems_and_incompatible_models(svc):
