@@ -1,4 +1,5 @@
-"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs."""
+"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs, the web
+dashboard at /."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from divmerge_core.config import MergeConfig
 from .core.config import Settings, get_settings
 from .errors import install_handlers
 from .metrics import Metrics
-from .routers import health, merges
+from .routers import dashboard, health, merges
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(merges.router)
     app.include_router(health.router)
+    dashboard.install(app)
     _add_config_schema(app)
     return app
 
