@@ -14,3 +14,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[test,bench]"
   touch "$stamp"
 fi
+# The dashboard's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+fi
