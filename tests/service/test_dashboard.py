@@ -30,7 +30,15 @@ def server(svc):
     """``uvicorn --factory api.main:create_app`` in its own process, on the session's database and broker."""
     port = free_port()
     log = open(svc.tmp / "dashboard-uvicorn.log", "w")  # noqa: SIM115
-    cmd = [str(BIN / "uvicorn"), "--factory", "api.main:create_app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        str(BIN / "uvicorn"),
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=svc.env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -153,7 +161,12 @@ def divmerge_body(svc, epochs: int = 2) -> dict:
             {"model": str(m["gpt_ft1"]), "data": {"texts": TEXTS[0]}},
             {"model": str(m["gpt_ft2"]), "data": {"texts": TEXTS[1]}},
         ],
-        "parameters": {"granularity": "layer", "epochs": epochs, "max_new_tokens": 4, "batch_size_per_task": 2},
+        "parameters": {
+            "granularity": "layer",
+            "epochs": epochs,
+            "max_new_tokens": 4,
+            "batch_size_per_task": 2,
+        },
     }
 
 
@@ -247,7 +260,9 @@ def test_cancel_a_running_learned_job_from_its_page(svc, api, web, token):
     web.shot("job-running.png")
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Cancel").click()
-    page.wait_for_function("() => document.querySelector('#job-status').textContent === 'cancelled'", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#job-status').textContent === 'cancelled'", timeout=30_000
+    )
     assert api.get(f"/v1/merges/{job['id']}")["status"] == "cancelled"
     assert page.get_by_role("button", name="Retry").is_visible()
     assert page.get_by_role("button", name="Cancel").is_hidden()
@@ -269,7 +284,9 @@ def test_submit_from_new_page(svc, api, web, token):
     editor.fill(body)
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url("**/jobs/*")
-    page.wait_for_function("() => document.querySelector('#job-status').textContent === 'succeeded'", timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('#job-status').textContent === 'succeeded'", timeout=60_000
+    )
     job_id = page.url.rsplit("/", 1)[1]
     job = api.get(f"/v1/merges/{job_id}")
     assert job["status"] == "succeeded" and job["spec"]["merge_method"] == "task_arithmetic"
