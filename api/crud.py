@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import FINISHED, Job, utcnow
+from .models import FINISHED, Job, JobEvent, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -21,6 +21,21 @@ class IdempotencyConflict(Exception):
 
 class NotCancellable(Exception):
     """The job has already finished."""
+
+
+class NotRetryable(Exception):
+    """Only a failed job can be retried."""
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str, **data: Any) -> None:
+    """Append to the job's history (in the caller's transaction, so it commits with the state change)."""
+    session.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, message=message, data=data))
+
+
+def list_events(session: Session, job_id: str, limit: int = 1000) -> list[JobEvent]:
+    return list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit))
+    )
 
 
 # ---------------------------------------------------------------- API side
@@ -51,6 +66,8 @@ def create_job(
     try:
         with session.begin_nested():
             session.add(job)
+            session.flush()
+            add_event(session, job.id, "submitted", f"queued on {queue}", queue=queue)
     except IntegrityError:  # a concurrent request with the same key won the race
         existing = _by_key(session, team_id, idempotency_key or "")
         if existing is None:
@@ -127,6 +144,38 @@ def cancel_job(session: Session, team_id: int, job_id: str) -> Job | None:
     return job
 
 
+def retry_job(session: Session, team_id: int, job_id: str) -> Job | None:
+    """Queue a failed job again with fresh attempts: the worker re-delivers its kept result if there is one,
+    else runs the merge from scratch."""
+    now = utcnow()
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.team_id == team_id, Job.status == "failed")
+        .values(
+            status="queued",
+            attempts=0,
+            cancel_requested=False,
+            worker_id=None,
+            lease_expires_at=None,
+            run_after=None,
+            enqueued_at=now,
+            finished_at=None,
+            error_code=None,
+            error_message=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.expire_all()
+    job = get_job(session, team_id, job_id)
+    if job is None:
+        return None
+    if not changed:
+        raise NotRetryable()
+    what = "re-deliver the kept result" if job.kept else "run the merge again"
+    add_event(session, job_id, "retry_requested", f"retry requested: {what}", redeliver=bool(job.kept))
+    return job
+
+
 def count_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
@@ -187,6 +236,14 @@ def claim(
         .execution_options(synchronize_session=False)
     ).first()
     if row is not None:
+        add_event(
+            session,
+            job_id,
+            "claimed",
+            f"attempt {row[0]} on worker {worker_id}",
+            worker=worker_id,
+            attempt=row[0],
+        )
         return Claim(job_id, worker_id, row[0])
     expire_lost(session, max_attempts, job_id=job_id)
     return None
@@ -239,7 +296,7 @@ def update_running(session: Session, c: Claim, **values: Any) -> bool:
     return res.rowcount == 1
 
 
-def finish(session: Session, c: Claim, status: str, **values: Any) -> bool:
+def finish(session: Session, c: Claim, status: str, message: str = "", **values: Any) -> bool:
     now = utcnow()
     res = session.execute(
         update(Job)
@@ -247,6 +304,8 @@ def finish(session: Session, c: Claim, status: str, **values: Any) -> bool:
         .values(status=status, finished_at=now, lease_expires_at=None, **values)
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:
+        add_event(session, c.job_id, status, message or status, code=values.get("error_code"))
     return res.rowcount == 1
 
 
@@ -267,6 +326,15 @@ def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str)
         )
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:
+        add_event(
+            session,
+            c.job_id,
+            "retry",
+            f"{code}: {message}; next attempt in {delay_s:.0f}s",
+            code=code,
+            delay_s=delay_s,
+        )
     return res.rowcount == 1
 
 
@@ -309,3 +377,21 @@ def next_claimable(session: Session) -> str | None:
         .order_by(Job.created_at)
         .limit(1)
     )
+
+
+def expired_kept(session: Session) -> list[str]:
+    """Kept results past their time: the paths to delete. Clears them from their jobs."""
+    now = utcnow()
+    rows = session.execute(select(Job.id, Job.kept).where(Job.kept.is_not(None))).all()
+    paths = []
+    for job_id, kept in rows:
+        if kept and datetime.fromisoformat(kept["until"]) <= now:
+            paths.append(kept["path"])
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(kept=null())
+                .execution_options(synchronize_session=False)
+            )
+            add_event(session, job_id, "kept_expired", "the kept result was deleted (keep_result_s passed)")
+    return paths

@@ -74,10 +74,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
     config = load_config(args.config)
+    force = args.force or (config.output is not None and config.output.overwrite)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
-            config, args.out, options=_options(args), device=args.device, progress=progress, force=args.force
+            config, args.out, options=_options(args), device=args.device, progress=progress, force=force
         )
     finally:
         progress.close()
@@ -91,10 +92,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .pipeline import prepare
+    """Resolve the models, check they can be merged and that each dataset has the columns it needs."""
+    from .dryrun import dry_run
 
     config = load_config(args.config)
-    plan = prepare(config, _options(args))
+    report = dry_run(config, _options(args))
+    if not report.ok:
+        for p in report.problems:
+            where = f"{p['field']}: " if p["field"] else ""
+            print(f"{PROG}: error: {where}{_one_line(p['message'])} [{p['code']}]", file=sys.stderr)
+        return 2
+    plan = report.plan
+    assert plan is not None
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
     print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
@@ -103,6 +112,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = f"@{m.commit}" if m.commit else f"({m.path})"
         print(f"  {role} {m.ref.raw} {where}")
     print(f"  {len(plan.tensor_names)} tensors, all compatible")
+    n_data = sum(1 for m in config.models if m.data is not None)
+    if n_data:
+        print(f"  {n_data} dataset(s) read, columns found")
+    est = report.estimate or {}
+    if est:
+        print(
+            f"  estimate: {est['parameters']:,} parameters, reads {est['read_bytes'] / 1e6:.1f} MB, "
+            f"writes {est['output_bytes'] / 1e6:.1f} MB"
+        )
     return 0
 
 
@@ -118,11 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
     )
-    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory (same as output.overwrite: true)",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 
-    validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
+    validate = sub.add_parser(
+        "validate", help="resolve the models and data, check they can be merged (a dry run, nothing written)"
+    )
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
     validate.set_defaults(func=cmd_validate)

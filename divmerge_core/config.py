@@ -82,7 +82,7 @@ class DataSpec(_Strict):
             raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
         if self.texts is not None and not any(t.strip() for t in self.texts):
             raise ValueError("'texts' holds no non-empty text")
-        if self.dataset is not None and not _HUB_ID.match(self.dataset):
+        if self.dataset is not None and not is_hub_id(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
         return self
 
@@ -138,13 +138,16 @@ class OutputSpec(_Strict):
     repo_id: str | None = Field(None, description="Hub model repo to upload to (created private if missing)")
     path: str | None = Field(None, description="local directory (must be under an allow-listed root)")
     private: bool = True
+    overwrite: bool = Field(
+        False, description="replace an existing local output directory (the CLI's --force)"
+    )
 
     @model_validator(mode="after")
     def _one_destination(self) -> OutputSpec:
         if (self.repo_id is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo_id' or 'path'")
-        if self.repo_id is not None and not _HUB_ID.match(self.repo_id):
-            raise ValueError(f"'repo_id' is not a Hub repo id: {self.repo_id!r}")
+        if self.repo_id is not None and not (is_hub_id(self.repo_id) and "@" not in self.repo_id):
+            raise ValueError(f"'repo_id' is not a Hub repo id ('org/name'): {self.repo_id!r}")
         return self
 
 
@@ -213,9 +216,23 @@ def check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
-    if is_local_ref(value) or _HUB_ID.match(value):
+    if is_local_ref(value) or is_hub_id(value):
         return value
     raise ValueError(f"not a Hub model id ('org/name[@revision]') nor a local path: {value!r}")
+
+
+def is_hub_id(value: str) -> bool:
+    """'name' or 'org/name', optionally '@revision', following the Hub's rules: names of at most 96
+    characters, no '--' or '..', not ending in '.' or '-'; a revision of at most 255 characters without
+    '..', '//' or a leading/trailing '/'."""
+    if not _HUB_ID.match(value):
+        return False
+    repo, _, revision = value.partition("@")
+    for part in repo.split("/"):
+        if len(part) > 96 or "--" in part or ".." in part or part.endswith((".", "-")):
+            return False
+    bad_revision = ".." in revision or "//" in revision or revision.startswith("/") or revision.endswith("/")
+    return not (len(revision) > 255 or bad_revision)
 
 
 def is_local_ref(value: str) -> bool:

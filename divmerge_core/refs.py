@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import is_local_ref
-from .errors import ModelNotFoundError, PathNotAllowedError, TransientError
+from .errors import ModelNotFoundError, PathNotAllowedError, TransientError, http_status, is_transient
 from .options import EngineOptions
 
 #: Files a merge needs from a model repo. Pickle weights are fetched only when allowed.
@@ -49,7 +49,8 @@ def check_local_path(path: Path, options: EngineOptions, what: str) -> Path:
     if options.local_roots is not None:
         roots = [Path(os.path.realpath(r)) for r in options.local_roots]
         if not any(real == r or r in real.parents for r in roots):
-            raise PathNotAllowedError(f"{what} {str(path)!r} is outside the allowed local roots")
+            allowed = ", ".join(str(r) for r in roots)
+            raise PathNotAllowedError(f"{what} {str(path)!r} is outside the allowed local roots ({allowed})")
     return real
 
 
@@ -107,11 +108,13 @@ def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_t
     except EntryNotFoundError:
         raise ModelNotFoundError(f"{name}: a file listed by the Hub could not be found") from None
     except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status is not None and status < 500 and status != 429:
+        status = http_status(err)
+        if not is_transient(err):
             raise ModelNotFoundError(f"{name}: the Hub answered HTTP {status}") from None
         raise TransientError(f"{name}: the Hub is unavailable (HTTP {status})") from None
-    except (OSError, ConnectionError) as err:
+    except Exception as err:
+        if not is_transient(err):
+            raise
         raise TransientError(f"{name}: cannot reach the Hub ({type(err).__name__})") from None
     path = Path(folder)
     # snapshot folders are named after the commit they hold: .../snapshots/<sha>

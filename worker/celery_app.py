@@ -26,7 +26,7 @@ log = logging.getLogger("divmerge.worker")
 
 @worker_ready.connect
 def _start_reconciler(**_kw) -> None:
-    reconciler.start(settings, app)
+    reconciler.start(settings)
     # import the engine (torch, transformers) now rather than in the first job
     threading.Thread(target=lambda: __import__("divmerge_core.pipeline"), daemon=True).start()
 

@@ -1,24 +1,33 @@
 """Run one job end to end: claim, resolve, merge, deliver, report. Shared by the Celery task and the
-embedded worker; the database row is the only state, every write fenced on the claim."""
+embedded worker; the database row is the only state, every write fenced on the claim.
+
+Delivery is a stage of its own: a transient delivery failure is retried with backoff without merging
+again, and a merged result that could not be delivered is kept (``keep_result_s``) for ``POST /retry``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import null
 
 from api import crud
 from api.core.config import Settings
 from api.db import session_scope
 from api.models import Team, utcnow
 from divmerge_core.config import MergeConfig
-from divmerge_core.errors import DivMergeError, MergeCancelled
+from divmerge_core.errors import DivMergeError, MergeCancelled, is_transient
 from divmerge_core.options import EngineOptions
 from divmerge_core.progress import ProgressEvent, Reporter
 from divmerge_core.refs import check_local_path
@@ -79,43 +88,88 @@ class Lease:
 
 
 class ProgressWriter:
-    """Writes progress to the job row, at most every ``progress_interval_s``."""
+    """Writes progress to the job row: at every stage change (with a ``stage`` event) and otherwise at most
+    every ``progress_interval_s``, with the step rate's ``eta_s`` and, for learned methods, the losses so far."""
 
     def __init__(self, settings: Settings, claim: crud.Claim, lease: Lease):
         self.settings, self.claim, self.lease = settings, claim, lease
+        self.losses: list[float] = []
         self._last = 0.0
+        self._stage: str | None = None
+        self._stage_t0 = time.monotonic()
+        self._losses_dirty = False
 
     def __call__(self, ev: ProgressEvent) -> None:
         if self.settings.step_delay_s:
             time.sleep(self.settings.step_delay_s)  # testing knob: makes tiny jobs long enough to interrupt
+        if ev.stage == "done":
+            return  # the runner ends the job, after the delivery
+        if (
+            ev.stage == "optimise"
+            and ev.loss is not None
+            and len(self.losses) < self.settings.max_stored_losses
+        ):
+            self.losses.append(ev.loss)
+            self._losses_dirty = True
+        self.write(ev.stage, ev.step, ev.total, ev.loss)
+
+    def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> dict[str, Any]:
         now = time.monotonic()
-        if now - self._last < self.settings.progress_interval_s and ev.stage != "done":
-            return
-        self._last = now
-        progress = {
-            "stage": ev.stage,
-            "step": ev.step,
-            "total_steps": ev.total,
-            "loss": ev.loss,
+        if stage != self._stage:
+            self._stage, self._stage_t0 = stage, now
+        eta = None
+        if 0 < step < total:
+            eta = round((now - self._stage_t0) / step * (total - step), 1)
+        elif total and step >= total:
+            eta = 0.0
+        return {
+            "stage": stage,
+            "step": step,
+            "total": total,
+            "total_steps": total,
+            "loss": loss,
+            "eta_s": eta,
             "updated_at": utcnow().isoformat(),
         }
+
+    def write(
+        self, stage: str, step: int = 0, total: int = 0, loss: float | None = None, **values: Any
+    ) -> None:
+        changed = stage != self._stage
+        now = time.monotonic()
+        if not changed and not values and now - self._last < self.settings.progress_interval_s:
+            return
+        self._last = now
+        values["progress"] = self.progress(stage, step, total, loss)
+        if self._losses_dirty:
+            values["losses"] = list(self.losses)
+            self._losses_dirty = False
         try:
             with session_scope(self.settings.db_url) as s:
-                if not crud.update_running(s, self.claim, progress=progress):
+                if not crud.update_running(s, self.claim, **values):
                     self.lease.lost.set()
+                    return
+                if changed:
+                    crud.add_event(s, self.claim.job_id, "stage", f"stage {stage}", stage=stage)
         except Exception as err:  # noqa: BLE001 - progress is best effort
             log.warning("progress write failed for job %s: %s", self.claim.job_id, type(err).__name__)
 
 
-def is_transient(err: BaseException) -> bool:
+def describe(err: BaseException) -> tuple[str, str]:
+    """(code, message) for the job row: engine errors say it themselves; anything else stays vague."""
     if isinstance(err, DivMergeError):
-        return err.transient
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(status, int):
-        return status >= 500 or status == 429
-    return type(err).__module__.split(".")[0] in ("requests", "httpx", "urllib3", "redis")
+        return err.code, str(err)
+    return "internal_error", f"unexpected {type(err).__name__} in the worker"
+
+
+@dataclass
+class _Job:
+    claim: crud.Claim
+    config: MergeConfig
+    team: str
+    settings: Settings
+    lease: Lease
+    progress: ProgressWriter
 
 
 def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Outcome:
@@ -129,95 +183,77 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     with session_scope(settings.db_url) as s:
         job = crud.load(s, job_id)
         assert job is not None
-        spec, team, done = job.spec, s.get(Team, job.team_id).name, (job.upload, job.result)
-    if done[0] is not None and done[1] is not None:  # delivered by an earlier attempt that then died
-        with session_scope(settings.db_url) as s:
-            crud.finish(s, claim, "succeeded", error_code=None, error_message=None)
-        return Outcome("succeeded")
+        spec, team, kept, record = job.spec, s.get(Team, job.team_id).name, job.kept, job.result
     with Lease(settings, claim) as lease:
-        return _run_claimed(claim, MergeConfig.model_validate(spec), team, settings, lease)
+        progress = ProgressWriter(settings, claim, lease)
+        ctx = _Job(claim, MergeConfig.model_validate(spec), team, settings, lease, progress)
+        progress.write("starting")
+        if kept and record and Path(kept["path"]).is_dir():
+            return _finish_delivery(ctx, Path(kept["path"]), dict(record))
+        return _run_claimed(ctx)
 
 
-def _run_claimed(
-    claim: crud.Claim, config: MergeConfig, team: str, settings: Settings, lease: Lease
-) -> Outcome:
-    from divmerge_core.output import check_output_dir
-    from divmerge_core.pipeline import prepare, run_merge
-
-    options = EngineOptions(
+def _options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
         allow_pickle=settings.allow_pickle,
         local_roots=settings.roots,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         cache_dir=settings.hf_cache_dir,
     )
-    progress = ProgressWriter(settings, claim, lease)
-    scratch = settings.home / "tmp" / f"{claim.job_id}-a{claim.attempt}"
+
+
+def _run_claimed(ctx: _Job) -> Outcome:
+    """Merge into a staging folder, then deliver it (:func:`_finish_delivery`)."""
+    from divmerge_core.output import check_output_dir
+    from divmerge_core.pipeline import prepare, run_merge
+
+    claim, config, settings, lease = ctx.claim, ctx.config, ctx.settings, ctx.lease
+    options = _options(settings)
+    scratch = _scratch(ctx)
     staged: Path | None = None
     try:
         _remove_leftovers(settings, claim.job_id)
-        plan = prepare(config, options, Reporter(progress, lease.should_stop))
-        _write(settings, claim, resolved=dict(plan.resolved))
-        dest = _local_dest(config, claim.job_id, settings, options)
-        staged = (
-            (dest.parent / f".{dest.name}.divmerge-job-{claim.job_id}-a{claim.attempt}")
-            if dest
-            else scratch / "model"
-        )
-        if dest is not None:
-            _remove_local_leftovers(dest, claim.job_id)
-            if not upload.local_already_delivered(dest, claim.job_id):
-                check_output_dir(dest)  # fail fast (output_exists) before any work
-        result = run_merge(
-            config,
-            staged,
-            options=options,
-            device=settings.device,
-            progress=progress,
-            should_stop=lease.should_stop,
-            plan=plan,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = prepare(config, options, Reporter(ctx.progress, lease.should_stop))
+            _write(settings, claim, resolved=dict(plan.resolved))
+            dest = _local_dest(config, claim.job_id, settings, options)
+            staged = (
+                (dest.parent / f".{dest.name}.divmerge-job-{claim.job_id}-a{claim.attempt}")
+                if dest
+                else scratch / "model"
+            )
+            if dest is not None:
+                _remove_local_leftovers(dest, claim.job_id)
+                if not _overwrite(config) and not upload.local_already_delivered(dest, claim.job_id):
+                    check_output_dir(dest)  # fail fast (output_exists) before any work
+            result = run_merge(
+                config,
+                staged,
+                options=options,
+                device=settings.device,
+                progress=ctx.progress,
+                should_stop=lease.should_stop,
+                plan=plan,
+            )
+        _record_warnings(ctx, caught)
         if lease.lost.is_set():
             raise MergeCancelled("lease lost")
-        if dest is not None:
-            delivery = upload.deliver_local(staged, dest, claim.job_id)
-        else:
-            assert config.output is not None and config.output.repo_id is not None
-            uploader = upload.load_uploader(settings.hub_uploader, settings.hub_write_token(team))
-            delivery = upload.deliver_hub(
-                staged,
-                config.output.repo_id,
-                private=config.output.private,
-                job_id=claim.job_id,
-                uploader=uploader,
-            )
         record: dict[str, Any] = {
-            "destination": delivery.destination,
-            "revision": delivery.revision,
-            "commit": delivery.commit,
             "files": sorted(result.files),
+            "file_info": upload.file_info(staged),
             "coefficients": result.coefficients,
             "metrics": result.metrics,
+            "resolved": dict(result.resolved),
         }
-        with session_scope(settings.db_url) as s:
-            crud.update_running(
-                s, claim, resolved=dict(result.resolved), upload=vars(delivery), result=record
-            )
-            crud.finish(s, claim, "succeeded", error_code=None, error_message=None)
-        log.info("job %s: succeeded -> %s", claim.job_id, delivery.destination)
-        return Outcome("succeeded")
     except MergeCancelled:
-        if lease.lost.is_set() and not lease.cancel.is_set():
-            log.warning("job %s: lease lost; leaving the job to its new owner", claim.job_id)
-            return Outcome("lost")
-        with session_scope(settings.db_url) as s:
-            crud.finish(s, claim, "cancelled", error_code=None, error_message=None)
-        log.info("job %s: cancelled", claim.job_id)
-        return Outcome("cancelled")
+        upload.remove(scratch)
+        upload.remove(staged)
+        return _cancelled(ctx)
     except Exception as err:  # noqa: BLE001 - every failure ends in the job row, never as a traceback
-        code = err.code if isinstance(err, DivMergeError) else "internal_error"
-        message = (
-            str(err) if isinstance(err, DivMergeError) else f"unexpected {type(err).__name__} in the worker"
-        )
+        upload.remove(scratch)
+        upload.remove(staged)
+        code, message = describe(err)
         if not isinstance(err, DivMergeError):
             log.exception("job %s: unexpected error", claim.job_id)
         if is_transient(err) and claim.attempt < settings.max_attempts:
@@ -226,14 +262,149 @@ def _run_claimed(
                 crud.requeue(s, claim, delay, code, message)
             log.warning("job %s: transient %s, retry in %.1fs", claim.job_id, code, delay)
             return Outcome("retry", delay)
-        with session_scope(settings.db_url) as s:
-            crud.finish(s, claim, "failed", error_code=code, error_message=message[:2000])
-        log.info("job %s: failed (%s)", claim.job_id, code)
-        return Outcome("failed")
-    finally:
-        upload.remove(scratch)
-        if staged is not None and staged != scratch / "model":
-            upload.remove(staged)
+        return _failed(ctx, code, message)
+    return _finish_delivery(ctx, staged, record)
+
+
+def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome:
+    """Deliver a merged folder (retrying transient failures); keep it if it cannot be delivered."""
+    claim, settings = ctx.claim, ctx.settings
+    try:
+        delivery = _deliver(ctx, staged)
+    except MergeCancelled:
+        upload.remove(staged)
+        upload.remove(_scratch(ctx))
+        return _cancelled(ctx, kept=null())
+    except Exception as err:  # noqa: BLE001 - the merged result is kept whatever the delivery error
+        code, message = describe(err)
+        if not isinstance(err, DivMergeError):
+            log.exception("job %s: unexpected delivery error", claim.job_id)
+        return _keep(ctx, staged, record, code, message)
+    record.update(destination=delivery.destination, revision=delivery.revision, commit=delivery.commit)
+    resolved = record.pop("resolved", None)
+    values: dict[str, Any] = {"upload": vars(delivery), "result": record, "kept": null()}
+    if resolved is not None:
+        values["resolved"] = resolved
+    if ctx.progress.losses:
+        values["losses"] = list(ctx.progress.losses)
+    with session_scope(settings.db_url) as s:
+        crud.update_running(s, claim, **values)
+        crud.finish(
+            s,
+            claim,
+            "succeeded",
+            f"delivered to {delivery.destination}",
+            error_code=None,
+            error_message=None,
+            progress=ctx.progress.progress("done", 1, 1),
+        )
+    upload.remove(staged)
+    upload.remove(_scratch(ctx))
+    log.info("job %s: succeeded -> %s", claim.job_id, delivery.destination)
+    return Outcome("succeeded")
+
+
+def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
+    """Up to ``delivery_attempts`` tries; between them ``last_error`` shows the reason and the stage is
+    ``upload_wait``. Non-transient errors are not retried."""
+    config, settings, claim = ctx.config, ctx.settings, ctx.claim
+    dest = _local_dest(config, claim.job_id, settings, _options(settings))
+    for attempt in range(1, settings.delivery_attempts + 1):
+        ctx.progress.write("upload", attempt - 1, settings.delivery_attempts)
+        try:
+            if dest is not None:
+                return upload.deliver_local(staged, dest, claim.job_id, overwrite=_overwrite(config))
+            assert config.output is not None and config.output.repo_id is not None
+            uploader = upload.load_uploader(settings.hub_uploader, settings.hub_write_token(ctx.team))
+            return upload.deliver_hub(
+                staged,
+                config.output.repo_id,
+                private=config.output.private,
+                job_id=claim.job_id,
+                uploader=uploader,
+            )
+        except Exception as err:
+            if not is_transient(err) or attempt == settings.delivery_attempts:
+                raise
+            delay = min(settings.delivery_backoff_s * 2 ** (attempt - 1), settings.delivery_backoff_max_s)
+            code, message = describe(err)
+            log.warning(
+                "job %s: delivery try %d failed (%s), next in %.1fs", claim.job_id, attempt, code, delay
+            )
+            ctx.progress.write(
+                "upload_wait", attempt, settings.delivery_attempts, error_code=code, error_message=message
+            )
+            with session_scope(settings.db_url) as s:
+                crud.add_event(
+                    s,
+                    claim.job_id,
+                    "delivery_retry",
+                    f"delivery try {attempt} failed: {message}; next try in {delay:.0f}s",
+                    code=code,
+                    attempt=attempt,
+                    delay_s=delay,
+                )
+            if ctx.lease.cancel.wait(delay) or ctx.lease.lost.is_set():
+                raise MergeCancelled() from None
+    raise AssertionError("unreachable")
+
+
+def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: str) -> Outcome:
+    """Move the merged folder to ``$DIVMERGE_HOME/kept/<job>`` and fail the job saying how to retry."""
+    claim, settings = ctx.claim, ctx.settings
+    kept = settings.home / "kept" / claim.job_id
+    if staged != kept:
+        upload.remove(kept)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), str(kept))
+    upload.remove(_scratch(ctx))
+    until = utcnow() + timedelta(seconds=settings.keep_result_s)
+    note = (
+        f"{message} (the merged result is kept until {until:%Y-%m-%d %H:%M} UTC: "
+        f"POST /v1/merges/{claim.job_id}/retry delivers it again)"
+    )
+    with session_scope(settings.db_url) as s:
+        crud.update_running(s, claim, kept={"path": str(kept), "until": until.isoformat()}, result=record)
+        crud.add_event(
+            s, claim.job_id, "kept", f"merged result kept until {until.isoformat()}", path_kept=True
+        )
+    log.info("job %s: delivery failed (%s); result kept", claim.job_id, code)
+    return _failed(ctx, code, note)
+
+
+def _failed(ctx: _Job, code: str, message: str) -> Outcome:
+    with session_scope(ctx.settings.db_url) as s:
+        crud.finish(s, ctx.claim, "failed", f"failed: {code}", error_code=code, error_message=message[:2000])
+    log.info("job %s: failed (%s)", ctx.claim.job_id, code)
+    return Outcome("failed")
+
+
+def _cancelled(ctx: _Job, **values: Any) -> Outcome:
+    if ctx.lease.lost.is_set() and not ctx.lease.cancel.is_set():
+        log.warning("job %s: lease lost; leaving the job to its new owner", ctx.claim.job_id)
+        return Outcome("lost")
+    with session_scope(ctx.settings.db_url) as s:
+        crud.finish(s, ctx.claim, "cancelled", "cancelled", error_code=None, error_message=None, **values)
+    log.info("job %s: cancelled", ctx.claim.job_id)
+    return Outcome("cancelled")
+
+
+def _record_warnings(ctx: _Job, caught: list[warnings.WarningMessage], limit: int = 20) -> None:
+    """The engine's warnings during the merge become ``warning`` events (the first ``limit``, deduplicated)."""
+    seen = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))[:limit]
+    if seen:
+        with session_scope(ctx.settings.db_url) as s:
+            for text in seen:
+                crud.add_event(s, ctx.claim.job_id, "warning", text[:1000])
+
+
+def _scratch(ctx: _Job) -> Path:
+    """This attempt's temp folder (Hub outputs are staged in it)."""
+    return ctx.settings.home / "tmp" / f"{ctx.claim.job_id}-a{ctx.claim.attempt}"
+
+
+def _overwrite(config: MergeConfig) -> bool:
+    return config.output is not None and config.output.overwrite
 
 
 def _write(settings: Settings, claim: crud.Claim, **values: Any) -> None:
@@ -265,3 +436,12 @@ def _remove_leftovers(settings: Settings, job_id: str) -> None:
     if tmp.is_dir():
         for p in tmp.glob(f"{job_id}-a*"):
             upload.remove(p)
+
+
+def purge_kept(settings: Settings) -> int:
+    """Delete kept results whose ``keep_result_s`` has passed (the reconciler and embedded worker call it)."""
+    with session_scope(settings.db_url) as s:
+        paths = crud.expired_kept(s)
+    for p in paths:
+        upload.remove(Path(p))
+    return len(paths)

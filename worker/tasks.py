@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from api import crud
 from api.db import session_scope
-from api.queue import TASK_NAME
+from api.queue import TASK_NAME, enqueue
 
 from .celery_app import app, settings
 from .runner import new_worker_id, run_job
@@ -19,5 +19,5 @@ def run_merge(job_id: str) -> str:
         with session_scope(settings.db_url) as s:
             job = crud.load(s, job_id)
             queue = job.queue if job else settings.gpu_queue
-        app.send_task(TASK_NAME, args=[job_id], queue=queue, countdown=outcome.retry_in)
+        enqueue(settings, job_id, queue, countdown=outcome.retry_in)
     return outcome.status

@@ -127,6 +127,8 @@ SERVICE_SETTINGS = {
     "DIVMERGE_RETRY_BACKOFF_S": "0.5",
     "DIVMERGE_MAX_ATTEMPTS": "3",
     "DIVMERGE_STEP_DELAY_S": "0.02",
+    "DIVMERGE_DELIVERY_ATTEMPTS": "3",
+    "DIVMERGE_DELIVERY_BACKOFF_S": "0.3",
     "DIVMERGE_HUB_UPLOADER": "tests.service.doubles:FakeHubUploadDouble",
     "DIVMERGE_HUB_TOKEN": "hf_deployment_secret_token",
     "DIVMERGE_TEAM_HUB_TOKENS": json.dumps({"team-a": "hf_team_a_secret_token"}),
