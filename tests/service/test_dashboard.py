@@ -264,7 +264,7 @@ def test_cancel_a_running_learned_job_from_its_page(svc, api, web, token):
         "() => document.querySelector('#job-status').textContent === 'cancelled'", timeout=30_000
     )
     assert api.get(f"/v1/merges/{job['id']}")["status"] == "cancelled"
-    assert page.get_by_role("button", name="Retry").is_visible()
+    assert page.get_by_role("button", name="Retry").is_hidden()  # the API retries failed jobs only
     assert page.get_by_role("button", name="Cancel").is_hidden()
     web.assert_clean()
 
@@ -280,8 +280,25 @@ def test_submit_from_new_page(svc, api, web, token):
     page.select_option("#template", "divmerge")
     page.wait_for_function("() => document.querySelector('#spec').value.includes('merge_method: divmerge')")
 
-    body = yaml.safe_dump(svc.classic(), sort_keys=False)
-    editor.fill(body)
+    bad = svc.classic()
+    bad["models"][1]["model"] = str(svc.models["ft2"].parent / "no-such-model")
+    text = yaml.safe_dump(bad, sort_keys=False)
+    line = 1 + next(i for i, t in enumerate(text.splitlines()) if "no-such-model" in t)
+    editor.fill(text)
+    page.get_by_role("button", name="Validate").click()
+    problem = page.locator("#problems li").first
+    problem.wait_for(timeout=60_000)
+    assert f"line {line} · models.1.model" in problem.inner_text()
+    assert page.locator("#gutter .mark").inner_text() == f"! {line}"
+    problem.get_by_role("button").click()  # puts the caret on that line
+    assert page.evaluate("document.activeElement.id") == "spec"
+
+    editor.fill(yaml.safe_dump(svc.classic(), sort_keys=False))
+    page.get_by_role("button", name="Validate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#new-status').textContent === 'Valid.'", timeout=60_000
+    )
+    assert page.locator("#problems li").count() == 0 and page.locator("#gutter .mark").count() == 0
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url("**/jobs/*")
     page.wait_for_function(
@@ -290,7 +307,7 @@ def test_submit_from_new_page(svc, api, web, token):
     job_id = page.url.rsplit("/", 1)[1]
     job = api.get(f"/v1/merges/{job_id}")
     assert job["status"] == "succeeded" and job["spec"]["merge_method"] == "task_arithmetic"
-    assert page.locator("#files a", has_text="model.safetensors").count() == 1
+    page.locator("#files a", has_text="model.safetensors").wait_for()
     web.assert_clean()
 
 

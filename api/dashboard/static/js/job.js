@@ -44,6 +44,9 @@ function renderProgress(job) {
   if (p.loss !== null && p.loss !== undefined) notes.push(h("p", { class: "muted" }, `Current loss ${Number(p.loss).toPrecision(5)}`));
   const last = job.last_error;
   if (last && !FINISHED.includes(job.status)) notes.push(h("p", { class: "warn" }, `Last attempt failed: `, h("code", {}, last.code), ` ${last.message}`));
+  if (job.kept && job.status === "failed") {
+    notes.push(h("p", {}, "The merged result is kept until ", when(job.kept.until), ": Retry delivers it again without merging."));
+  }
   box.replaceChildren(progressBar(job), ...notes);
 }
 
@@ -51,7 +54,7 @@ function renderButtons(job) {
   const cancel = document.getElementById("cancel");
   cancel.hidden = FINISHED.includes(job.status);
   cancel.disabled = job.cancel_requested;
-  document.getElementById("retry").hidden = !["failed", "cancelled"].includes(job.status);
+  document.getElementById("retry").hidden = job.status !== "failed"; // the API retries failed jobs only
 }
 
 function renderResolved(resolved) {

@@ -35,7 +35,8 @@ start(() => {
     marks = new Map();
     list.replaceChildren(
       ...problems.map((p) => {
-        const line = lineOf(map, p.field);
+        // a YAML syntax error names no field but its line ("... line 7, column 3")
+        const line = lineOf(map, p.field) || Number((/\bline (\d+)/.exec(p.message) || [])[1]) || null;
         if (line) marks.set(line, [...(marks.get(line) || []), p.message]);
         const where = [line ? `line ${line}` : null, p.field].filter(Boolean).join(" · ");
         const head = line

@@ -5,7 +5,9 @@ const SPECIAL = /^(true|false|yes|no|on|off|null|~|y|n)$/i;
 
 function scalar(v) {
   if (v === null || v === undefined) return "null";
-  if (typeof v === "number" || typeof v === "boolean") return String(v);
+  if (typeof v === "boolean") return String(v);
+  // PyYAML (YAML 1.1) reads 1e-8 as a string: its floats need a dot ("1.0e-8")
+  if (typeof v === "number") return String(v).replace(/^(-?\d+)e/, "$1.0e");
   const s = String(v);
   const plain = PLAIN.test(s) && !s.endsWith(" ") && !SPECIAL.test(s) && Number.isNaN(Number(s));
   return plain ? s : JSON.stringify(s); // JSON strings are YAML double-quoted scalars
