@@ -125,9 +125,17 @@ class Browser:
         return self.page.locator("#job-status")
 
     def shot(self, name: str) -> None:
+        """The top of the page (at most 1100 px) as a PNG in $DIVMERGE_DASHBOARD_SHOTS."""
         if SHOTS:
             Path(SHOTS).mkdir(parents=True, exist_ok=True)
-            self.page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
+            height = min(1100, self.page.evaluate("document.documentElement.scrollHeight"))
+            clip = {"x": 0, "y": 0, "width": self.page.viewport_size["width"], "height": height}
+            self.page.screenshot(path=str(Path(SHOTS) / name), full_page=True, clip=clip)
+
+    def fits(self, width: int) -> bool:
+        """At this window width the page needs no horizontal scrolling."""
+        self.page.set_viewport_size({"width": width, "height": 800})
+        return self.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
     def assert_clean(self) -> None:
         assert self.errors == [], self.errors
@@ -190,9 +198,12 @@ def test_list_and_learned_job_page(svc, api, web, token):
     svc.ensure_worker()
     job = api.submit(divmerge_body(svc))
     classic = api.submit(svc.classic())
+    broken = api.submit({**svc.classic(), "models": [{"model": str(svc.models["other"])}] * 2})
     done = api.wait(job["id"])
     assert done["status"] == "succeeded", done["error"]
     api.wait(classic["id"])
+    failed = api.wait(broken["id"])
+    assert failed["status"] == "failed"
     page = web.page
     web.sign_in(token)
 
@@ -200,13 +211,21 @@ def test_list_and_learned_job_page(svc, api, web, token):
     row.wait_for()
     assert "succeeded" in row.inner_text() and "divmerge" in row.inner_text()
     ids = page.locator("tr[data-job-id]").evaluate_all("rows => rows.map(r => r.dataset.jobId)")
-    assert ids[:2] == [classic["id"], job["id"]], "newest first"
-    page.select_option("#status-filter", "running")
-    page.wait_for_selector(f'tr[data-job-id="{job["id"]}"]', state="detached")
-    assert "status=running" in page.url
+    assert ids == [broken["id"], classic["id"], job["id"]], "newest first"
+    assert failed["error"]["code"] in page.locator(f'tr[data-job-id="{broken["id"]}"]').inner_text()
+    page.select_option("#status-filter", "failed")
+    row.wait_for(state="detached")
+    assert "status=failed" in page.url
+    assert page.locator("tr[data-job-id]").count() == 1
     page.select_option("#status-filter", "")
     row.wait_for()
-    web.shot("jobs.png")
+
+    page.locator(f'tr[data-job-id="{broken["id"]}"] a').click()
+    page.locator("#failure").wait_for()
+    assert page.locator("#failure-code").inner_text() == failed["error"]["code"]
+    assert page.locator("#failure-message").inner_text() == failed["error"]["message"]
+    assert page.get_by_role("button", name="Retry").is_visible()
+    page.go_back()
 
     row.get_by_role("link").click()
     page.wait_for_url(f"**/jobs/{job['id']}")
@@ -236,6 +255,10 @@ def test_list_and_learned_job_page(svc, api, web, token):
     readme = Path(done["result"]["destination"]) / "README.md"
     assert Path(dl.value.path()).read_text() == readme.read_text()
     web.shot("job.png")
+    assert web.fits(380), "the job page scrolls sideways on a narrow window"
+    page.go_back()
+    row.wait_for()
+    assert web.fits(380), "the jobs list scrolls sideways on a narrow window"
     web.assert_clean()
 
 
@@ -243,8 +266,18 @@ def test_cancel_a_running_learned_job_from_its_page(svc, api, web, token):
     """A long DivMerge job: its loss curve grows while it runs, then Cancel ends it cancelled."""
     svc.ensure_worker()
     job = api.submit(divmerge_body(svc, epochs=400))
-    web.sign_in(token, f"/jobs/{job['id']}")
+    web.sign_in(token)
     page = web.page
+    label = f'tr[data-job-id="{job["id"]}"] .progress-label'
+    page.wait_for_function(  # the list follows the running job: its stage, step and ETA
+        "sel => /^optimise · \\d+\\/\\d+ · ETA /.test(document.querySelector(sel)?.textContent || '')",
+        arg=label,
+        timeout=60_000,
+    )
+    assert page.locator(f'tr[data-job-id="{job["id"]}"] progress').count() == 1
+    web.shot("jobs.png")
+    page.locator(f'tr[data-job-id="{job["id"]}"] a').click()
+    page.wait_for_url(f"**/jobs/{job['id']}")
     page.wait_for_function(
         "() => (document.querySelector('[data-testid=loss-curve] polyline')?.getAttribute('points') || '')"
         ".split(' ').length >= 3",

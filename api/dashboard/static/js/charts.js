@@ -10,6 +10,13 @@ function s(tag, attrs = {}, text) {
   return el;
 }
 
+/** A label that fits: the last segment of a path ("/models/sst2-expert" -> "sst2-expert"), then cut. */
+function short(name, max) {
+  const str = String(name);
+  const last = str.includes("/") ? str.split("/").filter(Boolean).pop() || str : str;
+  return last.length > max ? `${last.slice(0, max - 1)}…` : last;
+}
+
 const fmt = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : v.toPrecision(4));
 
 /** Draw losses[] (one per step) into container; readout shows the step under the pointer. */
@@ -68,7 +75,7 @@ export function divergingColour(t) {
 export function heatmap(container, { groups, tasks, values }, readout) {
   const maxAbs = Math.max(1e-12, ...values.flat().map((v) => Math.abs(v)));
   const W = 640;
-  const labelW = Math.min(200, 8 + 7 * Math.max(...groups.map((g) => String(g).length)));
+  const labelW = Math.min(200, 8 + 7 * Math.max(...groups.map((g) => short(g, 28).length)));
   const top = 40;
   const cellW = (W - labelW - 8) / tasks.length;
   const cellH = Math.max(4, Math.min(28, 560 / groups.length));
@@ -78,14 +85,14 @@ export function heatmap(container, { groups, tasks, values }, readout) {
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label, tabindex: 0, class: "heatmap" });
   svg.append(s("title", {}, label));
   tasks.forEach((t, j) => {
-    const name = String(t).length > 24 ? `${String(t).slice(0, 23)}…` : String(t);
+    const name = short(t, Math.max(4, Math.floor(cellW / 7)));
     svg.append(s("text", { x: labelW + cellW * (j + 0.5), y: top - 10, "text-anchor": "middle", class: "tick" }, name));
   });
   const every = Math.ceil(12 / cellH); // label every k-th group when rows are thin
   const cells = [];
   groups.forEach((g, i) => {
     if (i % every === 0) {
-      const name = String(g).length > 28 ? `…${String(g).slice(-27)}` : String(g);
+      const name = short(g, 28);
       svg.append(s("text", { x: labelW - 6, y: top + cellH * (i + 0.5) + 4, "text-anchor": "end", class: "tick" }, name));
     }
     cells.push(

@@ -20,7 +20,8 @@ function fail(message) {
 
 function renderMeta(job) {
   const dl = document.getElementById("job-meta");
-  const item = (k, v) => (v === "" || v === null || v === undefined ? [] : [h("div", {}, h("dt", {}, k), h("dd", {}, v))]);
+  const item = (k, v, wide) =>
+    v === "" || v === null || v === undefined ? [] : [h("div", { class: wide ? "wide" : null }, h("dt", {}, k), h("dd", {}, v))];
   const res = job.result || {};
   dl.replaceChildren(
     ...item("Method", method(job)),
@@ -31,7 +32,7 @@ function renderMeta(job) {
     ...item("Started", job.started_at ? when(job.started_at) : ""),
     ...item("Finished", job.finished_at ? when(job.finished_at) : ""),
     ...item("Elapsed", duration(elapsed(job))),
-    ...item("Destination", res.destination ? h("code", {}, res.destination) : ""),
+    ...item("Destination", res.destination ? h("code", {}, res.destination) : "", true),
     ...item("Final loss", res.metrics && res.metrics.final_loss != null ? res.metrics.final_loss.toPrecision(5) : ""),
   );
 }
@@ -75,7 +76,15 @@ async function renderEvents() {
   const list = document.getElementById("events");
   list.replaceChildren(
     ...data.events.map((e) =>
-      h("li", { class: `event ${e.kind}` }, h("span", { class: "event-time" }, when(e.at)), " ", h("strong", {}, e.kind), e.message ? ` ${e.message}` : ""),
+      h(
+        "li",
+        { class: `event ${e.kind}` },
+        h("span", { class: "event-time" }, when(e.at)),
+        " ",
+        h("strong", {}, e.kind),
+        // "stage" events say "stage optimise": the kind is not repeated
+        e.message ? ` ${e.message.startsWith(`${e.kind} `) ? e.message.slice(e.kind.length + 1) : e.message}` : "",
+      ),
     ),
   );
 }
@@ -86,9 +95,15 @@ async function renderCharts(job) {
   const losses = data && data.losses ? data.losses : [];
   show("loss-section", losses.length > 0);
   if (losses.length) lossCurve(document.getElementById("loss-curve"), losses, document.getElementById("loss-readout"));
-  const ok = data && data.values && data.values.length && data.tasks && data.tasks.length;
-  show("heatmap-section", !!ok);
-  if (ok) heatmap(document.getElementById("coefficients-heatmap"), data, document.getElementById("heatmap-readout"));
+  show("heatmap-section", !!data);
+  const box = document.getElementById("coefficients-heatmap");
+  const readout = document.getElementById("heatmap-readout");
+  if (data && data.values && data.values.length && data.tasks.length) heatmap(box, data, readout);
+  else if (data) {
+    const why = FINISHED.includes(job.status) ? "This job ended without coefficients." : "The coefficients appear when the merge is done.";
+    box.replaceChildren(h("p", { class: "muted" }, why));
+    readout.textContent = "";
+  }
 }
 
 /** Download with the bearer header (the token never goes in a URL): fetch, then save the blob. */
