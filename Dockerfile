@@ -14,7 +14,7 @@ FROM ${PYTHON_IMAGE} AS api
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DIVMERGE_HOME=/data
 WORKDIR /app
 RUN pip install --no-cache-dir "fastapi>=0.115" "uvicorn[standard]>=0.30" "sqlalchemy>=2.0" "psycopg[binary]>=3.1" \
-      "alembic>=1.13" "celery[redis]>=5.3" "redis>=5" "prometheus-client>=0.20" "httpx>=0.27" \
+      "alembic>=1.13" "celery[redis]>=5.3" "redis>=5" "prometheus-client>=0.20" "httpx>=0.27" "fastapi-offline>=1.7" \
       "pydantic>=2.7" "pydantic-settings>=2.3" "pyyaml>=6"
 COPY pyproject.toml README.md* alembic.ini ./
 COPY divmerge_core ./divmerge_core
@@ -26,7 +26,7 @@ RUN pip install --no-cache-dir --no-deps . && useradd -r -u 1000 divmerge && mkd
 USER divmerge
 EXPOSE 8000
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-server-header"]
 
 # ---------------------------------------------------------------- worker
 FROM ${BASE_IMAGE} AS worker

@@ -1,11 +1,13 @@
-"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs, the web
-dashboard at /."""
+"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs and /redoc,
+served with their assets from the ``fastapi-offline`` package (no CDN: they work offline); the web dashboard
+at /."""
 
 from __future__ import annotations
 
 import logging
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from divmerge_core.config import MergeConfig
 
@@ -18,10 +20,11 @@ from .routers import dashboard, health, merges
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = FastAPI(
+    app = FastAPIOffline(
         title="DivMerge service",
         version="1",
-        description="Submit model merges (the engine's MergeConfig as JSON) and follow them to completion.",
+        description="Submit model merges (the engine's MergeConfig as JSON or YAML) and follow them to "
+        "completion. Every /v1 call needs `Authorization: Bearer <token>` (the Authorize button).",
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings)
@@ -47,6 +50,9 @@ def _add_config_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(defs)
         comps["MergeConfig"] = cfg
+        for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
+            if param["name"] == "limit":  # the bound is a setting, checked in the handler
+                param["schema"]["maximum"] = app.state.settings.list_limit_max
         return schema
 
     app.openapi = openapi

@@ -89,7 +89,7 @@ class Job(Base):
     #: Upload record ({destination, commit}) written once the upload is done: retries skip the upload.
     upload: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: A merged result whose delivery failed, kept for ``POST /retry``: {path, until} (None when nothing is kept).
-    kept: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    kept: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     #: Learned methods: the loss at each optimisation step so far (bounded by ``max_stored_losses``).
     losses: Mapped[list[float] | None] = mapped_column(JSON, default=None)
     #: The last error: the reason of a failure, or of the retry the job is waiting for.

@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
     """Let installed packages add subcommands. A broken plugin is reported and skipped."""
-    loaded = []
+    loaded: list[str] = []
     for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in loaded:  # the same plugin seen twice on sys.path (e.g. a checkout and an install)
+            continue
         try:
             obj = ep.load()
             register = getattr(obj, "register", obj)

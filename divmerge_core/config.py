@@ -37,7 +37,26 @@ Method = Literal[
 ]
 DType = Literal["float32", "bfloat16", "float16"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.\-]{0,94}[A-Za-z0-9])?$")
+_HUB_REVISION = re.compile(r"^[\w.\-]+(?:/[\w.\-]+)*$")
+
+
+def is_hub_ref(value: str, revision: bool = True) -> bool:
+    """'name', 'org/name' or (with ``revision``) either followed by '@revision', by the Hub's rules: each
+    part alphanumeric at both ends, no '--' or '..'; a revision (branch, tag or commit) has no '..' and no
+    empty or dot-led component, so it can never climb out of the cache folder it names."""
+    repo, at, rev = value.partition("@")
+    parts = repo.split("/")
+    if len(parts) > 2 or not all(_HUB_NAME.match(p) for p in parts) or ".." in repo or "--" in repo:
+        return False
+    if not at:
+        return True
+    return (
+        revision
+        and len(rev) <= 255
+        and bool(_HUB_REVISION.match(rev))
+        and not any(c.startswith(".") for c in rev.split("/"))
+    )
 
 
 class _Strict(BaseModel):
@@ -82,7 +101,7 @@ class DataSpec(_Strict):
             raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
         if self.texts is not None and not any(t.strip() for t in self.texts):
             raise ValueError("'texts' holds no non-empty text")
-        if self.dataset is not None and not is_hub_id(self.dataset):
+        if self.dataset is not None and not is_hub_ref(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
         return self
 
@@ -93,7 +112,7 @@ class ModelParameters(_Strict):
 
 
 class ModelSpec(_Strict):
-    model: str = Field(description="Hub id 'org/name[@revision]' or a local directory")
+    model: str = Field(min_length=1, description="Hub id 'org/name[@revision]' or a local directory")
     parameters: ModelParameters = Field(default_factory=ModelParameters)
     data: DataSpec | None = None
 
@@ -146,14 +165,14 @@ class OutputSpec(_Strict):
     def _one_destination(self) -> OutputSpec:
         if (self.repo_id is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo_id' or 'path'")
-        if self.repo_id is not None and not (is_hub_id(self.repo_id) and "@" not in self.repo_id):
-            raise ValueError(f"'repo_id' is not a Hub repo id ('org/name'): {self.repo_id!r}")
+        if self.repo_id is not None and not is_hub_ref(self.repo_id, revision=False):
+            raise ValueError(f"'repo_id' is not a Hub repo id: {self.repo_id!r}")
         return self
 
 
 class MergeConfig(_Strict):
     merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
-    base_model: str | None = None
+    base_model: Annotated[str, Field(min_length=1)] | None = None
     models: list[ModelSpec] = Field(min_length=1)
     parameters: MergeParameters = Field(default_factory=MergeParameters)
     dtype: DType = Field("float32", description="compute dtype")
@@ -216,23 +235,9 @@ def check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
-    if is_local_ref(value) or is_hub_id(value):
+    if is_local_ref(value) or is_hub_ref(value):
         return value
     raise ValueError(f"not a Hub model id ('org/name[@revision]') nor a local path: {value!r}")
-
-
-def is_hub_id(value: str) -> bool:
-    """'name' or 'org/name', optionally '@revision', following the Hub's rules: names of at most 96
-    characters, no '--' or '..', not ending in '.' or '-'; a revision of at most 255 characters without
-    '..', '//' or a leading/trailing '/'."""
-    if not _HUB_ID.match(value):
-        return False
-    repo, _, revision = value.partition("@")
-    for part in repo.split("/"):
-        if len(part) > 96 or "--" in part or ".." in part or part.endswith((".", "-")):
-            return False
-    bad_revision = ".." in revision or "//" in revision or revision.startswith("/") or revision.endswith("/")
-    return not (len(revision) > 255 or bad_revision)
 
 
 def is_local_ref(value: str) -> bool:

@@ -99,7 +99,9 @@ def prepare(
     )
     if config.merge_method in LEARNED_METHODS:
         from .learned import resolve_label_masks
+        from .teachers import require_tokenizer
 
+        require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
     reporter.report("validate", 1, 1)
     return plan

@@ -20,19 +20,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import null
-
 from api import crud
 from api.core.config import Settings
-from api.db import session_scope
+from api.db import is_unavailable, session_scope
 from api.models import Team, utcnow
 from divmerge_core.config import MergeConfig
 from divmerge_core.errors import DivMergeError, MergeCancelled, is_transient
 from divmerge_core.options import EngineOptions
+from divmerge_core.paths import check_local_path
 from divmerge_core.progress import ProgressEvent, Reporter
-from divmerge_core.refs import check_local_path
 
 from . import upload
+from .bookkeeping import DatabaseUnavailable, drop_delivery, load_delivery, save_delivery, with_db
 
 log = logging.getLogger("divmerge.worker")
 
@@ -50,10 +49,13 @@ class Outcome:
 class Lease:
     """Heartbeat thread: renews the lease and watches for a cancel request or a lost lease."""
 
-    def __init__(self, settings: Settings, claim: crud.Claim):
+    def __init__(self, settings: Settings, claim: crud.Claim, time_left_s: float = float("inf")):
         self.settings, self.claim = settings, claim
         self.cancel = threading.Event()
         self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        self.deadline = time.monotonic() + time_left_s  # the job's time limit (max_job_s)
+        self.last_ok = time.monotonic()  # last time the lease was known renewed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id[:8]}", daemon=True)
 
@@ -66,12 +68,12 @@ class Lease:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        last_ok = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
+                t = time.monotonic()
                 with session_scope(self.settings.db_url) as s:
                     ours, cancel = crud.heartbeat(s, self.claim, self.settings.lease_s)
-                last_ok = time.monotonic()
+                self.last_ok = t
                 if cancel:
                     self.cancel.set()
                 if not ours:
@@ -79,12 +81,19 @@ class Lease:
                     return
             except Exception as err:  # noqa: BLE001 - keep trying until the lease is surely gone
                 log.warning("heartbeat failed for job %s: %s", self.claim.job_id, type(err).__name__)
-                if time.monotonic() - last_ok > self.settings.lease_s:
+                if time.monotonic() - self.last_ok > self.settings.lease_s:
                     self.lost.set()
                     return
 
+    @property
+    def expires(self) -> float:
+        """The monotonic time the lease runs out unless renewed: writes are retried until then."""
+        return self.last_ok + self.settings.lease_s
+
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lost.is_set()
+        if time.monotonic() > self.deadline:
+            self.timed_out.set()
+        return self.cancel.is_set() or self.lost.is_set() or self.timed_out.is_set()
 
 
 class ProgressWriter:
@@ -155,6 +164,12 @@ class ProgressWriter:
             log.warning("progress write failed for job %s: %s", self.claim.job_id, type(err).__name__)
 
 
+def retryable(err: BaseException) -> bool:
+    """Transient: a database outage (:func:`api.db.is_unavailable`) or what the engine's
+    :func:`~divmerge_core.errors.is_transient` says (network, Hub 5xx and 429, by type and status)."""
+    return is_unavailable(err) or is_transient(err)
+
+
 def describe(err: BaseException) -> tuple[str, str]:
     """(code, message) for the job row: engine errors say it themselves; anything else stays vague."""
     if isinstance(err, DivMergeError):
@@ -173,24 +188,55 @@ class _Job:
 
 
 def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Outcome:
+    """Claim and run one job. While the database is unreachable the claim waits (up to ``db_wait_s``, then
+    :class:`DatabaseUnavailable` is raised and the caller gives the message back)."""
     worker_id = worker_id or new_worker_id()
-    with session_scope(settings.db_url) as s:
-        claim = crud.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    patience = time.monotonic() + settings.db_wait_s
+    claim = with_db(
+        settings,
+        f"claim of job {job_id}",
+        lambda s: crud.claim(
+            s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts
+        ),
+        patience,
+    )
     if claim is None:
         log.info("job %s: not claimable (running elsewhere, finished or cancelled); message dropped", job_id)
         return Outcome("dropped")
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, claim.attempt)
-    with session_scope(settings.db_url) as s:
+
+    def _load(s):
         job = crud.load(s, job_id)
         assert job is not None
-        spec, team, kept, record = job.spec, s.get(Team, job.team_id).name, job.kept, job.result
-    with Lease(settings, claim) as lease:
+        return job.spec, s.get(Team, job.team_id).name, job.kept, job.result, job.started_at
+
+    lease_end = time.monotonic() + settings.lease_s
+    spec, team, kept, record, started = with_db(settings, f"job {job_id}", _load, lease_end)
+    journal = load_delivery(settings, job_id)
+    if journal is not None:
+        # delivered by an earlier attempt that could not record it (it died, or the database was down)
+        def _record(s):
+            crud.update_running(s, claim, **journal)
+            crud.finish(
+                s, claim, "succeeded", "recorded an earlier delivery", error_code=None, error_message=None
+            )
+
+        with_db(settings, f"job {job_id}: recording an earlier delivery", _record, lease_end)
+        drop_delivery(settings, job_id)
+        log.info("job %s: delivered by an earlier attempt; recorded without merging again", job_id)
+        return Outcome("succeeded")
+    time_left = settings.max_job_s - (utcnow() - started).total_seconds() if started else settings.max_job_s
+    with Lease(settings, claim, time_left) as lease:
         progress = ProgressWriter(settings, claim, lease)
         ctx = _Job(claim, MergeConfig.model_validate(spec), team, settings, lease, progress)
         progress.write("starting")
-        if kept and record and Path(kept["path"]).is_dir():
-            return _finish_delivery(ctx, Path(kept["path"]), dict(record))
-        return _run_claimed(ctx)
+        try:
+            if kept and record and Path(kept["path"]).is_dir():
+                return _finish_delivery(ctx, Path(kept["path"]), dict(record))
+            return _run_claimed(ctx)
+        except DatabaseUnavailable as err:
+            log.warning("job %s: %s until the lease ran out; the next attempt takes over", job_id, err)
+            return Outcome("lost")
 
 
 def _options(settings: Settings) -> EngineOptions:
@@ -216,7 +262,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan = prepare(config, options, Reporter(ctx.progress, lease.should_stop))
-            _write(settings, claim, resolved=dict(plan.resolved))
+            _write(ctx, resolved=dict(plan.resolved))
             dest = _local_dest(config, claim.job_id, settings, options)
             staged = (
                 (dest.parent / f".{dest.name}.divmerge-job-{claim.job_id}-a{claim.attempt}")
@@ -256,10 +302,14 @@ def _run_claimed(ctx: _Job) -> Outcome:
         code, message = describe(err)
         if not isinstance(err, DivMergeError):
             log.exception("job %s: unexpected error", claim.job_id)
-        if is_transient(err) and claim.attempt < settings.max_attempts:
+        if retryable(err) and claim.attempt < settings.max_attempts:
             delay = settings.retry_backoff_s * 2 ** (claim.attempt - 1)
-            with session_scope(settings.db_url) as s:
-                crud.requeue(s, claim, delay, code, message)
+            with_db(
+                settings,
+                f"job {claim.job_id}: requeue",
+                lambda s: crud.requeue(s, claim, delay, code, message),
+                lease.expires,
+            )
             log.warning("job %s: transient %s, retry in %.1fs", claim.job_id, code, delay)
             return Outcome("retry", delay)
         return _failed(ctx, code, message)
@@ -274,7 +324,7 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
     except MergeCancelled:
         upload.remove(staged)
         upload.remove(_scratch(ctx))
-        return _cancelled(ctx, kept=null())
+        return _cancelled(ctx, kept=None)
     except Exception as err:  # noqa: BLE001 - the merged result is kept whatever the delivery error
         code, message = describe(err)
         if not isinstance(err, DivMergeError):
@@ -282,12 +332,14 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
         return _keep(ctx, staged, record, code, message)
     record.update(destination=delivery.destination, revision=delivery.revision, commit=delivery.commit)
     resolved = record.pop("resolved", None)
-    values: dict[str, Any] = {"upload": vars(delivery), "result": record, "kept": null()}
+    values: dict[str, Any] = {"upload": vars(delivery), "result": record, "kept": None}
     if resolved is not None:
         values["resolved"] = resolved
     if ctx.progress.losses:
         values["losses"] = list(ctx.progress.losses)
-    with session_scope(settings.db_url) as s:
+    save_delivery(settings, claim.job_id, values)  # a later attempt records it, never merges again
+
+    def _record(s):
         crud.update_running(s, claim, **values)
         crud.finish(
             s,
@@ -298,6 +350,9 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
             error_message=None,
             progress=ctx.progress.progress("done", 1, 1),
         )
+
+    with_db(settings, f"job {claim.job_id}: final write", _record, ctx.lease.expires)
+    drop_delivery(settings, claim.job_id)
     upload.remove(staged)
     upload.remove(_scratch(ctx))
     log.info("job %s: succeeded -> %s", claim.job_id, delivery.destination)
@@ -324,7 +379,7 @@ def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
                 uploader=uploader,
             )
         except Exception as err:
-            if not is_transient(err) or attempt == settings.delivery_attempts:
+            if not retryable(err) or attempt == settings.delivery_attempts:
                 raise
             delay = min(settings.delivery_backoff_s * 2 ** (attempt - 1), settings.delivery_backoff_max_s)
             code, message = describe(err)
@@ -334,16 +389,14 @@ def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
             ctx.progress.write(
                 "upload_wait", attempt, settings.delivery_attempts, error_code=code, error_message=message
             )
-            with session_scope(settings.db_url) as s:
-                crud.add_event(
-                    s,
-                    claim.job_id,
-                    "delivery_retry",
-                    f"delivery try {attempt} failed: {message}; next try in {delay:.0f}s",
-                    code=code,
-                    attempt=attempt,
-                    delay_s=delay,
-                )
+            _event(
+                ctx,
+                "delivery_retry",
+                f"delivery try {attempt} failed: {message}; next try in {delay:.0f}s",
+                code=code,
+                attempt=attempt,
+                delay_s=delay,
+            )
             if ctx.lease.cancel.wait(delay) or ctx.lease.lost.is_set():
                 raise MergeCancelled() from None
     raise AssertionError("unreachable")
@@ -363,28 +416,27 @@ def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: s
         f"{message} (the merged result is kept until {until:%Y-%m-%d %H:%M} UTC: "
         f"POST /v1/merges/{claim.job_id}/retry delivers it again)"
     )
-    with session_scope(settings.db_url) as s:
-        crud.update_running(s, claim, kept={"path": str(kept), "until": until.isoformat()}, result=record)
-        crud.add_event(
-            s, claim.job_id, "kept", f"merged result kept until {until.isoformat()}", path_kept=True
-        )
+    _write(ctx, kept={"path": str(kept), "until": until.isoformat()}, result=record)
+    _event(ctx, "kept", f"merged result kept until {until.isoformat()}", until=until.isoformat())
     log.info("job %s: delivery failed (%s); result kept", claim.job_id, code)
     return _failed(ctx, code, note)
 
 
 def _failed(ctx: _Job, code: str, message: str) -> Outcome:
-    with session_scope(ctx.settings.db_url) as s:
-        crud.finish(s, ctx.claim, "failed", f"failed: {code}", error_code=code, error_message=message[:2000])
+    _finish(ctx, "failed", f"failed: {code}", error_code=code, error_message=message[:2000])
     log.info("job %s: failed (%s)", ctx.claim.job_id, code)
     return Outcome("failed")
 
 
 def _cancelled(ctx: _Job, **values: Any) -> Outcome:
+    """The merge or delivery stopped: the job's time limit, a lost lease, or a cancel request."""
+    if ctx.lease.timed_out.is_set():
+        message = f"the job ran longer than the limit of {ctx.settings.max_job_s:g} s"
+        return _failed(ctx, "timeout", message)
     if ctx.lease.lost.is_set() and not ctx.lease.cancel.is_set():
         log.warning("job %s: lease lost; leaving the job to its new owner", ctx.claim.job_id)
         return Outcome("lost")
-    with session_scope(ctx.settings.db_url) as s:
-        crud.finish(s, ctx.claim, "cancelled", "cancelled", error_code=None, error_message=None, **values)
+    _finish(ctx, "cancelled", "cancelled", error_code=None, error_message=None, **values)
     log.info("job %s: cancelled", ctx.claim.job_id)
     return Outcome("cancelled")
 
@@ -392,10 +444,8 @@ def _cancelled(ctx: _Job, **values: Any) -> Outcome:
 def _record_warnings(ctx: _Job, caught: list[warnings.WarningMessage], limit: int = 20) -> None:
     """The engine's warnings during the merge become ``warning`` events (the first ``limit``, deduplicated)."""
     seen = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))[:limit]
-    if seen:
-        with session_scope(ctx.settings.db_url) as s:
-            for text in seen:
-                crud.add_event(s, ctx.claim.job_id, "warning", text[:1000])
+    for text in seen:
+        _event(ctx, "warning", text[:1000])
 
 
 def _scratch(ctx: _Job) -> Path:
@@ -407,9 +457,34 @@ def _overwrite(config: MergeConfig) -> bool:
     return config.output is not None and config.output.overwrite
 
 
-def _write(settings: Settings, claim: crud.Claim, **values: Any) -> None:
-    with session_scope(settings.db_url) as s:
-        crud.update_running(s, claim, **values)
+def _write(ctx: _Job, **values: Any) -> None:
+    """One write on the job we hold, retried through a database outage until the lease would expire."""
+    claim = ctx.claim
+    with_db(
+        ctx.settings,
+        f"job {claim.job_id}",
+        lambda s: crud.update_running(s, claim, **values),
+        ctx.lease.expires,
+    )
+
+
+def _finish(ctx: _Job, status: str, message: str, **values: Any) -> None:
+    """The job's final write (retried like :func:`_write`)."""
+    claim = ctx.claim
+
+    def write(s):
+        crud.finish(s, claim, status, message, **values)
+
+    with_db(ctx.settings, f"job {claim.job_id}: final write", write, ctx.lease.expires)
+
+
+def _event(ctx: _Job, kind: str, message: str, **data: Any) -> None:
+    """Append to the job's history (best effort: an event is never worth failing the job)."""
+    try:
+        with session_scope(ctx.settings.db_url) as s:
+            crud.add_event(s, ctx.claim.job_id, kind, message, **data)
+    except Exception as err:  # noqa: BLE001
+        log.warning("event write failed for job %s: %s", ctx.claim.job_id, type(err).__name__)
 
 
 def _local_dest(config: MergeConfig, job_id: str, settings: Settings, options: EngineOptions) -> Path | None:
@@ -419,8 +494,7 @@ def _local_dest(config: MergeConfig, job_id: str, settings: Settings, options: E
     raw = config.output.path if config.output is not None and config.output.path else None
     if raw is None:
         return settings.home / "outputs" / job_id
-    raw = raw[len("file://") :] if raw.startswith("file://") else raw
-    return check_local_path(Path(raw), options, "output path")
+    return check_local_path(raw, options.local_roots, "output path")
 
 
 def _remove_local_leftovers(dest: Path, job_id: str) -> None:

@@ -35,6 +35,7 @@ router = APIRouter(prefix="/v1/merges", tags=["merges"])
 _ERRORS = {
     401: {"description": "missing, invalid or revoked token"},
     404: {"description": "no such job for this team"},
+    503: {"description": "the database is unavailable (`Retry-After` says when to try again)"},
 }
 #: The request body: the engine's MergeConfig as JSON or YAML.
 _CONFIG_BODY = {

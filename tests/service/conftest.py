@@ -173,7 +173,7 @@ def svc(tmp_path_factory):
     for k in [k for k in os.environ if k.startswith("DIVMERGE_")]:
         mp.delenv(k)
     for k, v in env.items():
-        if k.startswith("DIVMERGE_"):
+        if k.startswith("DIVMERGE_") or k in ("HF_ENDPOINT", "HF_HOME"):  # the API's dry-run subprocess
             mp.setenv(k, v)
     try:
         from fastapi.testclient import TestClient

@@ -141,10 +141,6 @@ def test_bad_inputs_fail_with_codes(svc):
             "models": [{"model": str(m["ft1"])}, {"model": str(m["other"])}],
         },
     }
-    missing_local = svc.classic()
-    missing_local["models"][0]["model"] = str(m["base"].parent / "nope")
-    cases["model_not_found (local)"] = missing_local
-    cases["output_exists"] = svc.classic(output={"path": str(m["ft2"])})  # an existing, non-empty folder
     ids = {code: svc.submit(body)["id"] for code, body in cases.items()}
     for code, job_id in ids.items():
         done = svc.wait(job_id)
