@@ -128,7 +128,8 @@ class Browser:
         """The top of the page (at most 1100 px) as a PNG in $DIVMERGE_DASHBOARD_SHOTS."""
         if SHOTS:
             Path(SHOTS).mkdir(parents=True, exist_ok=True)
-            height = min(1100, self.page.evaluate("document.documentElement.scrollHeight"))
+            bottom = self.page.evaluate("document.querySelector('main').getBoundingClientRect().bottom")
+            height = min(1100, int(bottom))
             clip = {"x": 0, "y": 0, "width": self.page.viewport_size["width"], "height": height}
             self.page.screenshot(path=str(Path(SHOTS) / name), full_page=True, clip=clip)
 
@@ -160,14 +161,15 @@ def web(chromium, server):
     b.context.close()
 
 
-def divmerge_body(svc, epochs: int = 2) -> dict:
+def divmerge_body(svc, epochs: int = 2, repeat: int = 1) -> dict:
+    """A DivMerge job on the tiny GPT-2 models: 2 steps per epoch per repeat of the inline texts."""
     m = svc.models
     return {
         "merge_method": "divmerge",
         "base_model": str(m["gpt_base"]),
         "models": [
-            {"model": str(m["gpt_ft1"]), "data": {"texts": TEXTS[0]}},
-            {"model": str(m["gpt_ft2"]), "data": {"texts": TEXTS[1]}},
+            {"model": str(m["gpt_ft1"]), "data": {"texts": TEXTS[0] * repeat}},
+            {"model": str(m["gpt_ft2"]), "data": {"texts": TEXTS[1] * repeat}},
         ],
         "parameters": {
             "granularity": "layer",
@@ -224,7 +226,10 @@ def test_list_and_learned_job_page(svc, api, web, token):
     page.locator("#failure").wait_for()
     assert page.locator("#failure-code").inner_text() == failed["error"]["code"]
     assert page.locator("#failure-message").inner_text() == failed["error"]["message"]
-    assert page.get_by_role("button", name="Retry").is_visible()
+    page.get_by_role("button", name="Retry").click()  # the same job runs again (and fails again)
+    page.wait_for_function("() => document.querySelector('#events').textContent.includes('retry_requested')")
+    page.wait_for_function("() => document.querySelector('#job-status').textContent === 'failed'")
+    assert api.wait(broken["id"])["status"] == "failed"
     page.go_back()
 
     row.get_by_role("link").click()
@@ -265,7 +270,7 @@ def test_list_and_learned_job_page(svc, api, web, token):
 def test_cancel_a_running_learned_job_from_its_page(svc, api, web, token):
     """A long DivMerge job: its loss curve grows while it runs, then Cancel ends it cancelled."""
     svc.ensure_worker()
-    job = api.submit(divmerge_body(svc, epochs=400))
+    job = api.submit(divmerge_body(svc, epochs=100, repeat=4))  # 800 steps
     web.sign_in(token)
     page = web.page
     label = f'tr[data-job-id="{job["id"]}"] .progress-label'
@@ -325,6 +330,7 @@ def test_submit_from_new_page(svc, api, web, token):
     assert page.locator("#gutter .mark").inner_text() == f"! {line}"
     problem.get_by_role("button").click()  # puts the caret on that line
     assert page.evaluate("document.activeElement.id") == "spec"
+    web.shot("new.png")
 
     editor.fill(yaml.safe_dump(svc.classic(), sort_keys=False))
     page.get_by_role("button", name="Validate").click()
