@@ -248,6 +248,13 @@ def test_list_and_learned_job_page(svc, api, web, token):
     cells.nth(1).hover()
     value = coeffs["values"][0][1]
     assert f"{value:.4f}" in page.locator("#heatmap-readout").inner_text()
+    heat.focus()  # keyboard: arrow keys move from the last cell read
+    page.keyboard.press("ArrowDown")
+    value = coeffs["values"][1][1]
+    assert (
+        f"{coeffs['groups'][1]} × {coeffs['tasks'][1]}: {value:.4f}"
+        == page.locator("#heatmap-readout").inner_text()
+    )
 
     assert page.locator("#model-card h3").first.inner_text() == "Merged model"
     assert "merge_method: divmerge" in page.locator("#spec").inner_text()
@@ -364,4 +371,35 @@ def test_model_card_markdown_is_escaped(web, token):
         assert bad not in html, html
     assert "&lt;script&gt;" in html and "<table>" in html and "<code>&lt;i&gt;c&lt;/i&gt;</code>" in html
     assert '<a href="http://evil.example/x.png"' in html  # an image is a link, never fetched
+    web.assert_clean()
+
+
+def test_problem_fields_map_to_editor_lines(web, token):
+    """/new marks a problem at the line of its field, for lists indented under their key or not."""
+    text = (
+        "merge_method: divmerge  # a comment\n"
+        "models:\n"
+        "  - model: a\n"
+        "    data:\n"
+        "      texts: [x]\n"
+        "  - model: b\n"
+        "    parameters: {weight: 1}\n"
+        "parameters:\n"
+        "  lr: 0.1\n"
+        "other:\n"
+        "- x: 1\n"
+        "- y: 2\n"
+    )
+    fields = ["merge_method", "models.1.model", "models.0.data.texts", "models[1].parameters.weight",
+              "parameters.lr", "parameters.epochs", "other.1.y", "nowhere"]  # fmt: skip
+    web.sign_in(token)
+    lines = web.page.evaluate(
+        """async ([text, fields]) => {
+            const { fieldLines, lineOf } = await import('/static/js/yaml.js');
+            const map = fieldLines(text);
+            return fields.map((f) => lineOf(map, f));
+        }""",
+        [text, fields],
+    )
+    assert lines == [1, 6, 5, 7, 9, 8, 12, None]
     web.assert_clean()

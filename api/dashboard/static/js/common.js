@@ -69,6 +69,9 @@ function showSignIn(message) {
 
 /** Wire the sign-in form and the sign-out button; run main() once signed in. */
 export function start(main) {
+  for (const a of document.querySelectorAll(".top nav a")) {
+    if (a.getAttribute("href") === location.pathname) a.setAttribute("aria-current", "page");
+  }
   const form = document.getElementById("signin-form");
   let started = false;
   const enter = () => {
