@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,11 @@ T = TypeVar("T")
 
 
 class DatabaseUnavailable(Exception):
-    """The database stayed unreachable until the deadline of the write."""
+    """The database stayed unreachable until the deadline of the write (or the worker is shutting down)."""
+
+
+#: Set when the worker is asked to stop: waits for the database end at once (the message goes back).
+shutting_down = threading.Event()
 
 
 def with_db(settings: Settings, what: str, fn: Callable[[Session], T], until: float | None) -> T:
@@ -45,10 +50,10 @@ def with_db(settings: Settings, what: str, fn: Callable[[Session], T], until: fl
         except Exception as err:
             if not is_unavailable(err):
                 raise
-            if until is not None and time.monotonic() + delay > until:
+            if (until is not None and time.monotonic() + delay > until) or shutting_down.is_set():
                 raise DatabaseUnavailable(f"{what}: the database is unavailable") from err
             log.warning("%s: database unavailable (%s); retrying in %.2fs", what, type(err).__name__, delay)
-            time.sleep(delay)
+            shutting_down.wait(delay)
             delay = min(delay * 2, settings.db_retry_max_s)
 
 

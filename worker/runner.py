@@ -106,6 +106,7 @@ class ProgressWriter:
         self._last = 0.0
         self._stage: str | None = None
         self._stage_t0 = time.monotonic()
+        self._stage_step0 = 0
         self._losses_dirty = False
 
     def __call__(self, ev: ProgressEvent) -> None:
@@ -125,12 +126,12 @@ class ProgressWriter:
     def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> dict[str, Any]:
         now = time.monotonic()
         if stage != self._stage:
-            self._stage, self._stage_t0 = stage, now
-        eta = None
-        if 0 < step < total:
-            eta = round((now - self._stage_t0) / step * (total - step), 1)
-        elif total and step >= total:
+            self._stage, self._stage_t0, self._stage_step0 = stage, now, step
+        eta = None  # unknown until the stage has advanced past its first report
+        if total and step >= total:
             eta = 0.0
+        elif step > self._stage_step0:
+            eta = round((now - self._stage_t0) / (step - self._stage_step0) * (total - step), 1)
         return {
             "stage": stage,
             "step": step,

@@ -155,13 +155,25 @@ def test_every_field_round_trips_to_the_worker(svc):
             {"model": str(m["ft2"]), "data": {"path": str(data), "template": "{x} .", "num_samples": 3}},
         ],
         "parameters": {
-            "weight": 0.9, "density": 0.5, "normalize": True, "lambda": 0.8, "eps": 1e-7, "seed": 7,
-            "granularity": "tensor", "divergence": "kl", "lr": 0.02, "epochs": 2, "batch_size_per_task": 2,
-            "init": 0.4, "max_length": 64, "max_new_tokens": 7, "top_k": 5,
+            "weight": 0.9,
+            "density": 0.5,
+            "normalize": True,
+            "lambda": 0.8,
+            "eps": 1e-7,
+            "seed": 7,
+            "granularity": "tensor",
+            "divergence": "kl",
+            "lr": 0.02,
+            "epochs": 2,
+            "batch_size_per_task": 2,
+            "init": 0.4,
+            "max_length": 64,
+            "max_new_tokens": 7,
+            "top_k": 5,
         },  # fmt: skip
         "dtype": "bfloat16",
         "out_dtype": "float32",
-        "output": {"path": str(out), "private": False},
+        "output": {"path": str(out), "private": False, "overwrite": True},
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
     covered = _set_leaves(config) | {"output.repo_id"}
@@ -184,7 +196,7 @@ def test_every_field_round_trips_to_the_worker(svc):
     assert yaml.safe_load((out / "merge_config.yaml").read_text()) == expected
     alt = svc.submit({**config, "output": hub_output}, key="roundtrip-hub")
     svc.client.post(f"/v1/merges/{alt['id']}/cancel", headers=svc.h())
-    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True}
+    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True, "overwrite": False}
 
 
 def _within(part, whole) -> bool:
@@ -285,7 +297,9 @@ def test_deeply_nested_json_is_422(svc, opener):
     if len(body) <= svc.settings.max_body_bytes:
         assert r.json()["error"]["code"] == "invalid_json"
     shallow = b"[" * 40 + b"]" * 40  # small enough for the body limit: still refused for its depth
-    r = svc.client.post("/v1/merges", content=shallow, headers={**svc.h(), "content-type": "application/json"})
+    r = svc.client.post(
+        "/v1/merges", content=shallow, headers={**svc.h(), "content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
     assert "levels deep" in r.json()["error"]["message"]
 
