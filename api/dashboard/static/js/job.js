@@ -46,7 +46,7 @@ function renderProgress(job) {
   const last = job.last_error;
   if (last && !FINISHED.includes(job.status)) notes.push(h("p", { class: "warn" }, `Last attempt failed: `, h("code", {}, last.code), ` ${last.message}`));
   if (job.kept && job.status === "failed") {
-    notes.push(h("p", {}, "The merged result is kept until ", when(job.kept.until), ": Retry delivers it again without merging."));
+    notes.push(h("p", {}, `The merged result is kept until ${new Date(job.kept.until).toLocaleString()}: Retry delivers it again without merging.`));
   }
   box.replaceChildren(progressBar(job), ...notes);
 }
@@ -79,7 +79,7 @@ async function renderEvents() {
       h(
         "li",
         { class: `event ${e.kind}` },
-        h("span", { class: "event-time" }, when(e.at)),
+        h("time", { class: "event-time", datetime: e.at, title: new Date(e.at).toLocaleString() }, new Date(e.at).toLocaleTimeString()),
         " ",
         h("strong", {}, e.kind),
         // "stage" events say "stage optimise": the kind is not repeated
