@@ -1,5 +1,6 @@
 """The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs and /redoc,
-served with their assets from the ``fastapi-offline`` package (no CDN: they work offline)."""
+served with their assets from the ``fastapi-offline`` package (no CDN: they work offline); the web dashboard
+at /."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from service_core.config import Settings, get_settings
 
 from .errors import install_handlers
 from .metrics import Metrics
-from .routers import health, merges
+from .routers import dashboard, health, merges
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(merges.router)
     app.include_router(health.router)
+    dashboard.install(app)
     _add_config_schema(app)
     return app
 
