@@ -257,3 +257,50 @@ def test_coefficients_json_reports_the_labels(shared_head, tmp_path):
         set(saved["labels"]) == {str(d) for d in expert_dirs}
         and result.coefficients["labels"] == saved["labels"]
     )
+
+
+def test_torchrun_ranks_write_one_output(gpt2_setup, tmp_path):
+    """``torchrun -m divmerge_core.cli merge``: both ranks learn, rank 0 alone writes the same merge as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from divmerge_core.pipeline import run_merge
+
+    base, experts, data = gpt2_setup
+    plan = make_plan(base, experts, data, **GPT2_KW)
+    config = tmp_path / "merge.yaml"
+    config.write_text(plan.config.to_yaml())
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": "1",
+        "DIVMERGE_TEACHER_CACHE_DIR": str(tmp_path / "c"),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0"]
+    cmd += [
+        "-m",
+        "divmerge_core.cli",
+        "merge",
+        str(config),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("merged 3 model(s)") == 1  # rank 0 only
+    single = run_merge(plan.config, tmp_path / "single", device="cpu")
+    two = json.loads((tmp_path / "out" / "coefficients.json").read_text())
+    one = {
+        g: [single.coefficients["coefficients"][g][t] for t in single.coefficients["tasks"]]
+        for g in single.coefficients["groups"]
+    }
+    got = {g: [two["coefficients"][g][t] for t in two["tasks"]] for g in two["groups"]}
+    assert torch.allclose(
+        torch.tensor(list(got.values())), torch.tensor(list(one.values())), rtol=1e-5, atol=1e-7
+    )
