@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from .config import load_config
+from .config import LEARNED_METHODS, load_config
 from .errors import (
     ConfigError,
     DatasetError,
@@ -111,6 +111,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = f"@{m.commit}" if m.commit else f"({m.path})"
         print(f"  {role} {m.ref.raw} {where}")
     print(f"  {len(plan.tensor_names)} tensors, all compatible")
+    if config.merge_method in LEARNED_METHODS:
+        from .learned.memory import describe, estimate_learned_memory
+        from .pipeline import resolve_device
+
+        for line in describe(estimate_learned_memory(plan, resolve_device(args.device))):
+            print(f"  {line}")
     return 0
 
 
@@ -149,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    validate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device the memory estimate is for"
+    )
     validate.set_defaults(func=cmd_validate)
 
     load_plugins(sub)

@@ -21,6 +21,9 @@ _LEARNED_ONLY = {
     "max_length",
     "max_new_tokens",
     "top_k",
+    "placement",
+    "gradient_checkpointing",
+    "micro_batch_size",
 }
 _CLASSIC_ONLY = {"weight", "density", "normalize", "lambda", "eps"}
 #: Learned coefficient tables longer than this are cut (coefficients.json holds them all).

@@ -306,6 +306,7 @@ def run_merge(
         coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
         metrics["final_loss"] = coeffs.losses[-1] if coeffs.losses else None
         metrics["steps"] = len(coeffs.losses)
+        metrics["placement"] = coeffs.placement
     reporter.report("done", 1, 1)
     return MergeResult(
         out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics

@@ -11,7 +11,8 @@ and one coefficient per (group, task); Gamma is real, may be negative and is not
 A run goes through named stages, one module each: :mod:`.inputs` (data and tokenising), :mod:`.model`
 (the one module run with ``torch.func.functional_call``, coefficient groups), :mod:`.experts` (one pass over
 the experts: task vectors to the :mod:`.placement`, teacher outputs to the :mod:`.teacher_store`) and
-:mod:`.optimise` (the Adam loop).
+:mod:`.optimise` (the Adam loop, with :mod:`.activations` for gradient checkpointing). :mod:`.memory`
+estimates the memory of each placement and picks one (``placement: auto``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from ..progress import Reporter
 from ..teachers import model_kind
 from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
+from .memory import choose_placement, estimate_learned_memory
 from .model import build_merge_module, coefficient_groups
 from .optimise import GradientHook, optimise
-from .placement import Resident
+from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
 from .teacher_store import OnlineTeachers, teacher_stage
 
@@ -56,12 +58,13 @@ def learn_coefficients(
     kind = model_kind(plan.model_config)
     n_tasks = len(plan.models)
 
+    placement, _ = choose_placement(plan, device)  # refuses before anything is loaded when nothing fits
     inputs = load_inputs(plan, kind, device, reporter)
     model = build_merge_module(plan, kind, dtype, device, inputs.tokenizer)
     groups, group_of = coefficient_groups(plan, model.aliases)
     group_index = {g: i for i, g in enumerate(groups)}
     rows = {n: group_index[group_of[n]] for n in model.merged_names}
-    vectors = Resident(model, rows, n_tasks, dtype, device)
+    vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
     teachers = None
     if method == "divmerge":
         teachers = teacher_stage(
@@ -92,6 +95,7 @@ def learn_coefficients(
     finally:
         if teachers is not None:
             teachers.close()
+        vectors.close()
     return LearnedCoefficients(
         method=method,
         granularity=params.granularity,
@@ -102,7 +106,8 @@ def learn_coefficients(
         losses=losses,
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
         labels=label_names(plan, inputs.label_masks),
+        placement=placement,
     )
 
 
-__all__ = ["DTYPES", "learn_coefficients", "resolve_label_masks"]
+__all__ = ["DTYPES", "estimate_learned_memory", "learn_coefficients", "resolve_label_masks"]

@@ -66,8 +66,10 @@ def _load_expert(
             keep = vectors.keeps_task_vectors and n in vectors.names
             if not (keep or into_module):
                 continue
-            w = ck.get(n, torch.float32 if slot.is_floating_point() else None, device)
+            w = ck.get(n, None, device)  # converted on the device, not on the host
+            if slot.is_floating_point():
+                w = w.float()
             if keep:
-                vectors.add(t, n, w, base_ck.get(n, torch.float32, device))
+                vectors.add(t, n, w, base_ck.get(n, None, device).float())
             if into_module:
                 slot.copy_(w)
