@@ -7,7 +7,7 @@ write their entries), ``cached`` again (a second job: every entry is a hit) and 
 line per run: wall time, teacher-stage and optimisation time, peak RSS, the cache's size on disk, and the
 size the full-vocabulary fp32 teacher outputs (one row per generated token) would take in RAM.
 
-    python -m benchmarks.speed.teacher_memory --vocab 131072 --inputs 48 --new-tokens 64 --threads 2
+    python -m benchmarks.speed.teacher_memory --vocab 32768 --inputs 64 --new-tokens 256 --threads 2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def build(root: Path, vocab: int) -> tuple[Path, list[Path]]:
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=vocab, n_embd=64, n_layer=2, n_head=2, n_positions=256, bos_token_id=2, eos_token_id=1
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=2, n_positions=512, bos_token_id=2, eos_token_id=1
     )
     base = GPT2LMHeadModel(cfg).eval()
     folders = []
