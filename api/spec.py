@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from divmerge_core.config import MergeConfig, is_local_ref
+from divmerge_core.config import MergeConfig, is_local_ref, parse_config
+from divmerge_core.errors import ConfigError
 
 from .core.config import Settings
 from .errors import ApiError
@@ -23,12 +22,9 @@ def parse(body: Any) -> MergeConfig:
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_config", "the body must be a JSON object (a merge config)")
     try:
-        return MergeConfig.model_validate(body)
-    except ValidationError as err:
-        errs = err.errors()
-        field = ".".join(str(p) for p in errs[0]["loc"]) if errs else None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errs[:10])
-        raise ApiError(422, "invalid_config", msg, field or None) from None
+        return parse_config(body)
+    except ConfigError as err:
+        raise ApiError(422, "invalid_config", err.message, err.field) from None
 
 
 def normalise(config: MergeConfig) -> dict:
@@ -80,13 +76,9 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
-    if config.parameters.max_new_tokens > settings.max_new_tokens:
-        over(
-            "parameters.max_new_tokens",
-            "max_new_tokens",
-            config.parameters.max_new_tokens,
-            settings.max_new_tokens,
-        )
+    max_new_tokens = getattr(config.parameters, "max_new_tokens", 0)  # learned methods only
+    if max_new_tokens > settings.max_new_tokens:
+        over("parameters.max_new_tokens", "max_new_tokens", max_new_tokens, settings.max_new_tokens)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
         if m.data is None:

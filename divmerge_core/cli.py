@@ -26,6 +26,8 @@ from .progress import ProgressEvent
 
 PROG = "divmerge"
 PLUGIN_GROUP = "divmerge.commands"
+#: Top-level modules of the optional extras: a plugin that needs one that is missing is skipped quietly.
+_OPTIONAL_MODULES = {"pydantic_settings", "fastapi", "uvicorn", "sqlalchemy", "celery", "redis", "alembic"}
 #: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
 USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
 
@@ -70,10 +72,18 @@ def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
 
 
+def _load(path: str):
+    """The config, its mergekit no-op warnings printed to stderr."""
+    config = load_config(path)
+    for warning in config.warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return config
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
-    config = load_config(args.config)
+    config = _load(args.config)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
@@ -101,11 +111,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .pipeline import prepare
 
-    config = load_config(args.config)
+    config = _load(args.config)
     plan = prepare(config, _options(args))
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
+    method = config.method
     print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
+    print(f"  {method.kind} method ({method.queue} queue): {method.card}")
     for m in models:
         role = "base " if m is plan.base else "model"
         where = f"@{m.commit}" if m.commit else f"({m.path})"
@@ -128,6 +140,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
     return value
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods.registry import markdown
+
+    print(markdown())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(func=cmd_validate)
 
+    methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")
+    methods.set_defaults(func=cmd_methods)
+
     load_plugins(sub)
     return parser
 
@@ -173,6 +195,10 @@ def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
             register = getattr(obj, "register", obj)
             register(subparsers)
             loaded.append(ep.name)
+        except ModuleNotFoundError as err:
+            if err.name in _OPTIONAL_MODULES:  # its extra (divmerge[service]) is not installed: no command
+                continue
+            print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands
             print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
     return loaded

@@ -19,6 +19,9 @@ from safetensors import safe_open
 from .errors import ModelNotFoundError, UnsafeCheckpointError
 from .options import EngineOptions
 
+#: The config's ``dtype``/``out_dtype`` names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,

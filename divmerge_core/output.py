@@ -46,13 +46,14 @@ def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out_dir``; on success it replaces ``out_dir``.
+def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out`` (a path :func:`check_output_dir` returned); on
+    success it replaces ``out``.
 
-    The rename is atomic when ``out_dir`` does not exist (or is empty). With ``force``, the old contents
-    are moved aside first and deleted only after the new directory is in place.
+    ``out`` is checked again just before the rename only (someone may have written there meanwhile). The
+    rename is atomic when ``out`` does not exist (or is empty). With ``force``, the old contents are moved
+    aside first and deleted only after the new directory is in place.
     """
-    out = check_output_dir(out_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.divmerge-tmp-", dir=out.parent))
     try:

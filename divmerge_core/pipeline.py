@@ -1,8 +1,9 @@
 """The engine's entry points: :func:`prepare` (resolve + validate) and :func:`run_merge` (the whole merge).
 
 Classic methods stream tensor by tensor: for each tensor the base and the K task models' copies are read,
-combined on the device, cast to the output dtype, checked for NaN/inf and handed to the streaming writer,
-so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
+combined on the device by the method's function (:mod:`divmerge_core.methods`), with the parameters
+evaluated for that tensor (gradients, filters), cast to the output dtype, checked for NaN/inf and handed
+to the streaming writer, so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
 (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
 """
 
@@ -20,10 +21,11 @@ from typing import Any
 
 import torch
 
-from .config import LEARNED_METHODS, MergeConfig, ModelSpec
+from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
-from .loading import Checkpoint
-from .methods.classic import merge_stacked_
+from .loading import DTYPES, Checkpoint
+from .methods.base import TensorInputs
+from .methods.settings import TensorSettings, layer_index
 from .modelcard import render_model_card
 from .options import EngineOptions
 from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
@@ -33,29 +35,46 @@ from .refs import ResolvedModel, resolve_model
 from .safetensors_writer import ShardedSafetensorsWriter, TensorSpec
 from .validation import validate_models
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def tensor_settings(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[str]) -> TensorSettings:
+    """The method's parameters, evaluated per tensor (mergekit's gradients, filters and slices)."""
+    layers = [i for i in (layer_index(n) for n in tensor_names) if i is not None]
+    return TensorSettings(
+        config.parameters,
+        [(s.model, s.parameters) for s in specs],
+        config.method.model_parameters,
+        config.layer_slices(),
+        max(layers) + 1 if layers else 0,
+    )
 
 
-def task_specs(config: MergeConfig) -> list[ModelSpec]:
-    """The models merged into the base: mergekit drops the base from the list for task-vector methods
-    and for multislerp with a base (the base is then the sphere's origin)."""
-    specs = config.task_models()
-    if config.merge_method == "multislerp" and config.base_model is not None:
-        specs = [s for s in specs if s.model != config.base_model]
-    return specs
-
-
-def _check_parameters(config: MergeConfig, specs: list[ModelSpec]) -> None:
-    if not specs:
-        raise ConfigError("'models' lists no model to merge other than the base model", field="models")
-    method, normalize = config.merge_method, config.parameters.normalize
-    if method in ("linear", "multislerp") and normalize is not False:
-        total = sum(config.weight_of(s) for s in specs)
-        if abs(total) < 1e-12:
+def _check_parameters(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[str]) -> None:
+    """Every tensor's parameter values exist and pass the method's check, before any tensor is read."""
+    method = config.method
+    if method.learned:
+        return
+    settings = tensor_settings(config, specs, tensor_names)
+    slices = config.layer_slices()
+    if slices is not None and slices[-1].end != settings.n_layers:
+        raise ConfigError(
+            f"the slices cover layers 0-{slices[-1].end}, the models have {settings.n_layers} layers "
+            "(slices must cover every layer, in order)",
+            field="slices",
+        )
+    required = [k for k, f in method.parameters.model_fields.items() if f.is_required()]
+    for name in tensor_names:
+        values, per_model = settings.for_tensor(name)
+        missing = [k for k in required if values.get(k) is None]
+        if missing:
             raise ConfigError(
-                f"merge_method {method!r} normalizes by the sum of the model weights, which is 0 "
-                "(set normalize: false or change the weights)",
-                field="models",
+                f"parameter {missing[0]!r} has no value for tensor {name!r} (no filter matches it; "
+                "add a fallback without 'filter')",
+                field=f"parameters.{missing[0]}",
+            )
+        problem = method.check(values, per_model) if method.check else None
+        if problem:
+            raise ConfigError(
+                f"merge_method {config.merge_method!r} {problem} (tensor {name!r})", field="models"
             )
 
 
@@ -65,8 +84,7 @@ def prepare(
     """Resolve every model reference (local folder or Hub snapshot) and check the models are compatible."""
     options = options or EngineOptions()
     reporter = reporter or Reporter()
-    specs = task_specs(config)
-    _check_parameters(config, specs)
+    specs = config.task_models()
     raws = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [s.model for s in specs]))
     resolved: dict[str, ResolvedModel] = {}
     for i, raw in enumerate(raws):
@@ -87,6 +105,7 @@ def prepare(
             seen.add(model.ref.raw)
             labelled.append((f"{role} {model.ref.raw!r}", model.path))
     report = validate_models(labelled, options)
+    _check_parameters(config, specs, report.tensor_names)
     plan = MergePlan(
         config=config,
         options=options,
@@ -97,7 +116,7 @@ def prepare(
         model_config=report.model_config,
         tensor_names=report.tensor_names,
     )
-    if config.merge_method in LEARNED_METHODS:
+    if config.method.learned:
         from .learned import resolve_label_masks
 
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
@@ -137,8 +156,8 @@ class _Merger:
         self.reference = self.base or self.models[0]
         self.cdtype = DTYPES[self.config.dtype]
         self.odtype = DTYPES[self.config.output_dtype]
-        self.weights = [self.config.weight_of(s) for s in plan.specs]
-        self.densities = [self.config.density_of(s) for s in plan.specs]
+        self.method = self.config.method
+        self.settings = tensor_settings(self.config, plan.specs, plan.tensor_names)
 
     def spec(self, name: str) -> TensorSpec:
         dtype = self.reference.dtype(name)
@@ -147,12 +166,11 @@ class _Merger:
     def merge(self, name: str) -> torch.Tensor:
         if not self.reference.dtype(name).is_floating_point:
             return self.reference.get(name)  # integer/bool buffers are copied, never merged
-        # linear ignores the base (unless it is listed among the models)
-        method = self.config.merge_method
-        use_base = self.base is not None and method != "linear"
+        method = self.method
+        use_base = self.base is not None and (self.coeffs is not None or method.base != "unused")
         base = self.base.get(name, self.cdtype, self.device) if use_base else None
         shape = self.reference.shape(name)
-        if self.coeffs is not None or method in ("linear", "task_arithmetic"):
+        if self.coeffs is not None or method.streams:
             # one model at a time, read into one reused buffer: memory stays at ~4 tensors whatever K
             models: Iterable[torch.Tensor] = self._stream(name, shape)
         else:  # the K tensors read straight into one [K, ...] tensor that the method then works in
@@ -161,21 +179,12 @@ class _Merger:
                 m.get_into(name, row)
         if self.coeffs is not None:
             return self._learned(name, base, models)
-        params = self.config.parameters
+        assert method.merge is not None
+        params, per_model = self.settings.for_tensor(name)
         generator = None
-        if method.startswith("dare"):
-            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params.seed, name))
-        return merge_stacked_(
-            method,
-            base,
-            models,
-            self.weights,
-            self.densities,
-            lambda_=params.lambda_,
-            normalize=params.normalize,
-            eps=params.eps,
-            generator=generator,
-        )
+        if method.random:
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params["seed"], name))
+        return method.merge(TensorInputs(name, base, models, per_model, params, generator))
 
     def _stream(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
         """Each model's copy of ``name`` in turn, in the same buffer (consume one before the next)."""
@@ -191,6 +200,12 @@ class _Merger:
         for t, c in zip(tensors, self.coeffs.for_tensor(name), strict=True):
             out.add_(t.sub_(base), alpha=float(c))
         return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: one reduction pass (a finite sum), the exact element test only when the
+    sum is not finite (NaN/inf in ``t``, or finite values whose sum overflows)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def write_weights(
@@ -212,7 +227,7 @@ def write_weights(
         for i, name in enumerate(names):
             reporter.check()
             out = merger.merge(name).to(merger.spec(name).dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out.is_floating_point() and not all_finite(out):
                 what = "overflows the output dtype" if merger.odtype != merger.cdtype else "is not finite"
                 raise NumericalError(f"merged tensor {name!r} has NaN or inf values (the merge {what})")
             writer.write(name, out)
@@ -269,7 +284,7 @@ def run_merge(
     elif plan.config is not config:
         raise ValueError("run_merge: the plan was prepared for another config")
     coeffs: LearnedCoefficients | None = None
-    if config.merge_method in LEARNED_METHODS:
+    if config.method.learned:
         from .learned import learn_coefficients
         from .learned.distributed import learn_distributed, torchrun_ranks
 

@@ -17,7 +17,7 @@ class MergePlan:
 
     config: MergeConfig
     options: EngineOptions
-    #: The base model (None only for linear/multislerp without a base).
+    #: The base model (None when the config names no base_model; linear reads it only if listed in models).
     base: ResolvedModel | None
     #: The task models, in the order of ``config.task_models()``.
     models: list[ResolvedModel]

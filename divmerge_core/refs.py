@@ -35,8 +35,10 @@ class ResolvedModel:
 
 
 def parse_model_ref(raw: str) -> ModelRef:
+    """A local path (absolute, ``./``, ``~``, ``file://``, or, as in mergekit, a bare name such as
+    ``my-expert`` that is an existing folder of the current directory), else a Hub id."""
     raw = raw.strip()
-    if is_local_ref(raw):
+    if is_local_ref(raw) or os.path.isdir(raw):
         text = raw[len("file://") :] if raw.startswith("file://") else raw
         return ModelRef(raw=raw, path=Path(os.path.expanduser(text)))
     repo_id, _, revision = raw.partition("@")

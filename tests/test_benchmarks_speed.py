@@ -141,7 +141,9 @@ def test_run_measured_reports_memory_and_exit_code():
     assert m.rc == 3 and m.stdout == "ok" and m.wall_s > 0
     if m.max_rss_mb is not None:  # /usr/bin/time present
         assert m.max_rss_mb > 60
-    assert json.dumps(m.to_json())
+    record = json.loads(json.dumps(m.to_json()))  # what the results file stores: the same numbers
+    assert record["rc"] == 3 and record["wall_s"] == m.wall_s and record["max_rss_mb"] == m.max_rss_mb
+    assert "stdout" not in record
 
 
 def test_commands(tmp_path):

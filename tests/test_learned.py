@@ -415,3 +415,20 @@ def test_labels_refused_for_causal_lms(gpt2_setup):
     with pytest.raises(ConfigError, match="sequence-classification") as err:
         learn_coefficients(make_plan(base, experts, data, epochs=1), device=CPU, reporter=Reporter())
     assert err.value.field == "models.0.data.labels"
+
+
+def test_sampler_shuffles_each_task_and_covers_every_input():
+    """Batches come from a seeded reshuffle per task (not input order), every input once per pass."""
+    from divmerge_core.learned.optimise import Sampler as _Sampler
+
+    def first_pass(seed: int) -> list[list[int]]:
+        sampler = _Sampler([12, 12], batch=4, seed=seed)
+        steps = [sampler.next() for _ in range(3)]
+        return [[i for step in steps for i in step[t]] for t in range(2)]
+
+    a, b = first_pass(0), first_pass(1)
+    for order in a + b:
+        assert sorted(order) == list(range(12))  # each input exactly once per pass
+    assert a[0] not in (list(range(12)), list(range(11, -1, -1)))  # shuffled, not in (reversed) order
+    assert a[0] != a[1]  # each task its own order
+    assert a != b and first_pass(0) == a  # seeded: another seed, another order; same seed, same order

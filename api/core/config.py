@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from divmerge_core.methods import registry
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore", env_ignore_empty=True)
@@ -79,15 +81,9 @@ class Settings(BaseSettings):
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
     cpu_methods: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [
-            "linear",
-            "task_arithmetic",
-            "ties",
-            "dare_linear",
-            "dare_ties",
-            "multislerp",
-        ],
-        description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue",
+        default_factory=registry.cpu_methods,
+        description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue "
+        "(default: each method's own queue, from divmerge_core.methods.registry)",
     )
     step_delay_s: float = Field(0.0, description="testing only: sleep this long at each progress event")
 

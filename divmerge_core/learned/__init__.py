@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind
@@ -31,8 +32,6 @@ from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
 from .teacher_store import OnlineTeachers, teacher_stage
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def learn_coefficients(

@@ -16,6 +16,7 @@ environment and every process runs the whole merge; only rank 0 writes outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue as queue_mod
 import tempfile
@@ -46,13 +47,16 @@ def learn_distributed(
 
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
+    # the config's classes are built per method at validation time: the ranks get it as data and re-parse it
+    config = plan.config.model_dump(mode="json", by_alias=True)
+    bare = dataclasses.replace(plan, config=None, specs=[])
     threads = max(1, torch.get_num_threads() // devices)
     with tempfile.TemporaryDirectory(prefix="divmerge-dist-") as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, devices, init, plan, device.type, threads, events),
+                args=(rank, devices, init, (config, bare), device.type, threads, events),
                 name=f"divmerge-rank-{rank}",
             )
             for rank in range(devices)
@@ -90,10 +94,11 @@ def _coordinate(procs: list[Any], events: Any, reporter: Reporter) -> LearnedCoe
 
 
 def _rank_main(
-    rank: int, world: int, init: str, plan: MergePlan, device_type: str, threads: int, events: Any
+    rank: int, world: int, init: str, job: tuple[dict, MergePlan], device_type: str, threads: int, events: Any
 ) -> None:
     import torch.distributed as dist
 
+    from ..config import parse_config
     from . import learn_coefficients
 
     torch.set_num_threads(threads)
@@ -103,6 +108,8 @@ def _rank_main(
     else:
         device, backend = torch.device("cpu"), "gloo"
     try:
+        config = parse_config(job[0])
+        plan = dataclasses.replace(job[1], config=config, specs=config.task_models())
         dist.init_process_group(
             backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=30)
         )

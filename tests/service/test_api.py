@@ -120,6 +120,7 @@ def test_cancel_queued_then_finished_is_409(svc, idle):
         (
             lambda b, r: b.update(
                 merge_method="divmerge",
+                parameters={},  # task_arithmetic's lambda is not a divmerge parameter
                 models=[{"model": m["model"], "data": {"path": "/etc/hosts"}} for m in b["models"]],
             ),
             "models.0.data.path",
