@@ -118,7 +118,9 @@ def prepare(
     )
     if config.method.learned:
         from .learned import resolve_label_masks
+        from .teachers import require_tokenizer
 
+        require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
     reporter.report("validate", 1, 1)
     return plan
@@ -239,7 +241,7 @@ def write_weights(
 def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:
     """config.json, tokenizer files, README.md model card, merge_config.yaml and coefficients.json."""
     files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
-    files += copy_tokenizer_files(plan.reference.path, folder)
+    files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
     (folder / "README.md").write_text(render_model_card(plan, coeffs), encoding="utf-8")
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
     files += ["README.md", "merge_config.yaml"]

@@ -48,15 +48,33 @@ def model_kind(model_config: dict[str, Any]) -> str:
     )
 
 
+#: Files that hold a tokenizer's vocabulary (one of them must be present; transformers 5 otherwise builds
+#: an empty tokenizer and the merge would run on meaningless ids).
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def require_tokenizer(folder: Path, label: str) -> None:
+    """Refuse a reference model folder with no tokenizer vocabulary file (ConfigError naming the folder)."""
+    if not any(p.is_file() for pattern in VOCAB_FILES for p in folder.glob(pattern)):
+        raise ConfigError(
+            f"{label} ({str(folder)!r}) has no tokenizer files (none of {', '.join(VOCAB_FILES)}); "
+            "learned methods need the base model's tokenizer",
+            field="base_model",
+        )
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
+    require_tokenizer(folder, "the reference model")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - tokenizers fail with many types
         raise ConfigError(
             f"cannot load the tokenizer of {str(folder)!r}: {err}", field="base_model"
         ) from None
+    if len(tok) == 0:
+        raise ConfigError(f"the tokenizer of {str(folder)!r} has no tokens", field="base_model")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token", field="base_model")

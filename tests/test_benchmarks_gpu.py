@@ -27,6 +27,18 @@ def test_budget_skips_the_remaining_cases_and_still_writes(tmp_path):
     assert (tmp_path / "gpu_quick.md").read_text().count("skipped: budget spent") == 3
 
 
+def test_a_partial_run_keeps_the_other_cases(tmp_path):
+    args = ["--quick", "--budget-s", "0", "--out", str(tmp_path), "--cache", str(tmp_path / "c")]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "gpu_quick.json").read_text())
+    data["cases"][0]["result"] = {"ok": False, "error": "kept from an earlier run"}
+    (tmp_path / "gpu_quick.json").write_text(json.dumps(data))
+    assert main([*args, "--only", "stream"]) == 0
+    cases = json.loads((tmp_path / "gpu_quick.json").read_text())["cases"]
+    assert [c["spec"]["placement"] for c in cases] == ["resident", "offload", "stream"]
+    assert cases[0]["result"]["error"] == "kept from an earlier run"
+
+
 def test_a_failing_case_is_recorded_not_raised(tmp_path):
     spec = dict(plan_for(True)[0], placement="nowhere", cache=str(tmp_path))
     result = run_one(spec, timeout=300)

@@ -125,11 +125,8 @@ def test_estimate_is_plain_and_grows_with_k_only_where_it_should(families):
     assert estimates[1]["parts"]["task_vectors"] == 3 * tau1 > 0
 
     def need(e: dict, placement: str, where: str) -> int:
-        """The placement's need without the part that grows with the step's batch (activations); teacher
-        outputs are on disk (the teacher cache), in neither memory."""
-        if where == "host":
-            return e["placements"][placement][where]
-        return e["placements"][placement][where] - e["parts"]["activations"]
+        """The placement's need without the activations (they grow with the step's batch, K inputs)."""
+        return e["placements"][placement][where] - (e["parts"]["activations"] if where == "device" else 0)
 
     one, three = estimates
     assert need(three, "resident", "device") - need(one, "resident", "device") == 2 * tau1
@@ -184,3 +181,12 @@ def test_validate_prints_the_memory_estimate(families, tmp_path, capsys):
     for placement in ("resident", "offload", "stream"):
         assert f"  {placement} " in out
     assert "auto would use: resident" in out
+
+
+@pytest.mark.parametrize("placement", ["offload", "stream"])
+def test_online_teachers_work_with_every_placement(families, placement):
+    """``teacher: online`` recomputes each teacher from theta_0 + tau_t, which offload/stream form per tensor."""
+    ref = trajectory(families["gpt2"], placement="resident", teacher="online")
+    assert_same(
+        ref, trajectory(families["gpt2"], placement=placement, teacher="online"), rtol=1e-5, atol=1e-6
+    )

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from divmerge_core.methods import registry
+from divmerge_core.paths import real_roots
 
 
 class Settings(BaseSettings):
@@ -62,6 +63,15 @@ class Settings(BaseSettings):
     max_models: int = 16
     max_num_samples: int = 5000
     max_new_tokens: int = 512
+    max_epochs: int = Field(100, description="upper bound of parameters.epochs")
+    max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
+    max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
+    max_running_per_team: int = Field(
+        0, description="most jobs of one team running at once (0: no cap); the others wait their turn"
+    )
+    max_job_s: float = Field(
+        24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
+    )
     max_inline_texts: int = 5000
     max_inline_text_bytes: int = 500_000
     list_limit_max: int = 100
@@ -77,6 +87,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         6 * 3600, description="Redis visibility timeout; must exceed the longest job"
     )
+    db_wait_s: float = Field(
+        600.0, description="a worker whose claim meets a database outage waits this long before giving back"
+    )
+    db_retry_max_s: float = Field(2.0, description="longest pause between retries while the database is down")
     embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
@@ -118,12 +132,7 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
-        out: list[Path] = []
-        for p in [self.home, *self.local_roots]:
-            real = Path(os.path.realpath(os.path.expanduser(p)))
-            if real not in out:
-                out.append(real)
-        return tuple(out)
+        return real_roots([self.home, *self.local_roots]) or ()
 
     @property
     def teacher_cache(self) -> Path:

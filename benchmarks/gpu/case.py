@@ -7,7 +7,9 @@ first optimisation step, steps/s, write), peak device memory (allocated and rese
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -29,8 +31,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     shape = SHAPES[spec["model"]]
     k = spec["k"]
-    fam = ensure_family(shape, k, Path(spec["cache"]), device)
+    fam = ensure_family(shape, k, Path(spec["cache"]), device, dtype=spec.get("storage", "bfloat16"))
     print(f"  family ready ({fam['bytes'] / GiB:.1f} GiB on disk, built in {fam['build_s']}s)", flush=True)
+    if spec.get("build_only"):
+        return {"ok": True, "built": fam}
     config = parse_config(
         {
             "merge_method": "divmerge",
@@ -60,6 +64,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     cuda = device.type == "cuda"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if cuda:
         torch.cuda.empty_cache()
         if spec.get("memory_cap_gib"):  # emulate a smaller card
@@ -83,13 +89,21 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the clock starts
 
-    t0 = time.perf_counter()
-    plan = prepare(config)
-    estimate = estimate_learned_memory(plan, device)
-    with tempfile.TemporaryDirectory(dir=spec.get("scratch")) as tmp:
-        result = run_merge(config, Path(tmp) / "out", device=str(device), progress=progress, plan=plan)
-        out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "out").iterdir())
-    end = time.perf_counter()
+    # a teacher cache of this case's own (cold: the teachers run), removed afterwards to free the disk
+    teacher_cache = Path(tempfile.mkdtemp(prefix="teachers-", dir=spec["cache"]))
+    os.environ["DIVMERGE_TEACHER_CACHE_DIR"] = str(teacher_cache)
+    os.environ["DIVMERGE_TEACHER_CACHE_BYTES"] = str(1 << 40)
+    try:
+        t0 = time.perf_counter()
+        plan = prepare(config)
+        estimate = estimate_learned_memory(plan, device)
+        with tempfile.TemporaryDirectory(dir=spec["cache"]) as tmp:
+            result = run_merge(config, Path(tmp) / "out", device=str(device), progress=progress, plan=plan)
+            out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "out").iterdir())
+        end = time.perf_counter()
+        cache_bytes = sum(p.stat().st_size for p in teacher_cache.rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(teacher_cache, ignore_errors=True)
     row: dict[str, Any] = {
         "ok": True,
         "placement_used": result.metrics.get("placement"),
@@ -101,6 +115,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         "write_s": round(end - marks.get("optimise_done", end), 2),
         "final_loss": result.metrics.get("final_loss"),
         "output_gib": round(out_bytes / GiB, 2),
+        "teacher_cache_gib": round(cache_bytes / GiB, 2),
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "family_build_s": fam["build_s"],
         "checkpoint_gib": round(fam["bytes"] / GiB / (k + 1), 2),

@@ -6,7 +6,6 @@ Each model folder holds config.json, a word-level tokenizer with the model's ful
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +47,6 @@ class Shape:
             pad_token_id=0,
         )
         cfg.architectures = ["Qwen2ForCausalLM"]
-        cfg.torch_dtype = "bfloat16"
         return cfg
 
 
@@ -59,6 +57,8 @@ SHAPES = {
     "qwen7b-4l": Shape(
         "qwen7b-4l", 3584, 4, 28, 4, 18944, 152064, False, "Qwen2.5-7B width/vocab, 4 of 28 layers"
     ),
+    # a 110M-parameter causal LM (GPT-2-small sized: 768 wide, 12 layers, 32k vocabulary) for the CPU figures
+    "causal-110m": Shape("causal-110m", 768, 12, 12, 12, 2048, 32000, True, "110M causal (Qwen2 layout)"),
     "tiny": Shape("tiny", 32, 2, 4, 2, 64, 600, True, "tiny Qwen2 (CPU smoke test)"),
 }
 
@@ -93,50 +93,56 @@ def save_tokenizer(folder: Path, vocab: int) -> None:
     fast.save_pretrained(folder)
 
 
-def ensure_family(shape: Shape, k: int, root: Path, device: torch.device, noise: float = 2e-3) -> dict:
-    """Build (once) ``root/<shape>-k<k>/{base,expert1..k}``; returns {base, experts, build_s, bytes}."""
-    from safetensors.torch import save_file
+def ensure_family(
+    shape: Shape, k: int, root: Path, device: torch.device, noise: float = 2e-3, dtype: str = "bfloat16"
+) -> dict:
+    """Build what is missing of ``root/<shape>-<dtype>/{base,expert1..k}``; {base, experts, build_s, bytes}.
 
-    folder = root / f"{shape.name}-k{k}"
-    done = folder / "complete.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    Expert ``i`` has its own seed, so a family of K experts is a prefix of a larger one (K=2/4/8 share files).
+    """
+    from safetensors.torch import load_file, save_file
+
     t0 = time.perf_counter()
-    names = tensor_shapes(shape)
-    gen = torch.Generator(device=device).manual_seed(0)
-    base: dict[str, torch.Tensor] = {}
-    for n, s in names.items():
-        if n.endswith("norm.weight"):
-            base[n] = torch.ones(s, dtype=torch.bfloat16, device=device)
-        else:
-            base[n] = (torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+    store = getattr(torch, dtype)
+    folder = root.resolve() / f"{shape.name}-{dtype}"
     dirs = [folder / "base"] + [folder / f"expert{t}" for t in range(1, k + 1)]
-    size = 0
+    base: dict[str, torch.Tensor] | None = None
     for i, d in enumerate(dirs):
-        d.mkdir(parents=True, exist_ok=True)
-        shape.config().save_pretrained(d)
-        save_tokenizer(d, shape.vocab)
+        if (d / "model.safetensors").is_file():
+            continue
+        if base is None and i > 0 and (dirs[0] / "model.safetensors").is_file():
+            base = load_file(str(dirs[0] / "model.safetensors"), device=str(device))
+        if base is None:
+            gen = torch.Generator(device=device).manual_seed(0)
+            base = {
+                n: torch.ones(s, dtype=store, device=device)
+                if n.endswith("norm.weight")
+                else (torch.randn(s, generator=gen, device=device) * 0.02).to(store)
+                for n, s in tensor_shapes(shape).items()
+            }
         if i == 0:
             tensors = base
         else:
+            gen = torch.Generator(device=device).manual_seed(1000 + i)
             tensors = {
-                n: (w.float() + torch.randn(w.shape, generator=gen, device=device) * noise).to(torch.bfloat16)
+                n: (w.float() + torch.randn(w.shape, generator=gen, device=device) * noise).to(store)
                 for n, w in base.items()
             }
-        save_file({n: w.cpu().contiguous() for n, w in tensors.items()}, str(d / "model.safetensors"))
-        size += (d / "model.safetensors").stat().st_size
+        d.mkdir(parents=True, exist_ok=True)
+        shape.config().save_pretrained(d)
+        save_tokenizer(d, shape.vocab)
+        save_file({n: w.cpu().contiguous() for n, w in tensors.items()}, str(d / "model.safetensors.tmp"))
+        (d / "model.safetensors.tmp").rename(d / "model.safetensors")
         del tensors
-        print(f"    built {d.name} ({size / 2**30:.1f} GiB so far)", flush=True)
+        print(f"    built {folder.name}/{d.name}", flush=True)
     del base
-    info = {
+    return {
         "base": str(dirs[0]),
         "experts": [str(d) for d in dirs[1:]],
         "build_s": round(time.perf_counter() - t0, 1),
-        "bytes": size,
+        "bytes": sum((d / "model.safetensors").stat().st_size for d in dirs),
         "shape": asdict(shape),
     }
-    done.write_text(json.dumps(info))
-    return info
 
 
 def task_texts(vocab: int, n: int, words: int, task: int) -> list[str]:

@@ -115,11 +115,13 @@ def render(data: dict[str, Any]) -> str:
         "Layer-level DivMerge, bf16 compute (Gamma, loss and divergence in fp32), random-weight Qwen2-shaped "
         "models built from config, experts = base + N(0, 0.002) noise, prompts of random vocabulary words, "
         "full-vocabulary teacher outputs. End to end = prepare + teachers + all epochs + writing the merged "
-        "safetensors; time to first step includes data, tokenising, task vectors and teacher generation.",
+        "safetensors; time to first step includes data, tokenising, task vectors and teacher generation. Teacher "
+        "outputs go to a teacher cache on disk of the case's own (cold), removed after the case.",
         "",
         "| case | shape | placement | inputs/task x epochs | steps | end to end s | teachers s | first step s "
-        "| steps/s | write s | peak device GiB (alloc/reserved) | peak host RSS GiB | estimate device/host GiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| steps/s | write s | peak device GiB (alloc/reserved) | peak host RSS GiB | teacher cache GiB (disk) "
+        "| estimate device/host GiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in data["cases"]:
         s, r = c["spec"], c["result"]
@@ -127,7 +129,7 @@ def render(data: dict[str, Any]) -> str:
         if not r.get("ok"):
             status = "skipped: " + r["skipped"] if "skipped" in r else "FAILED: " + r.get("error", "?")[:200]
             lines.append(
-                f"| {s['name']} | {shape} | {s['placement']} | {s['inputs']} x {s['epochs']} | | | | | | | | | | "
+                f"| {s['name']} | {shape} | {s['placement']} | {s['inputs']} x {s['epochs']} | | | | | | | | | | | "
                 f"{status.replace('|', '/')} |"
             )
             continue
@@ -143,6 +145,7 @@ def render(data: dict[str, Any]) -> str:
             f"| {s['name']} | {shape} | {where} "
             f"| {s['inputs']} x {s['epochs']} | {r['steps']} | {r['e2e_s']} | {r['teachers_s']} "
             f"| {r['time_to_first_step_s']} | {r['steps_per_s']} | {r['write_s']} | {dev} | {r['peak_host_rss_gib']} "
+            f"| {r.get('teacher_cache_gib', '-')} "
             f"| {est.get('device', '-')} / {est.get('host', '-')} | ok |"
         )
     lines += ["", *verdict(data)]
@@ -197,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .models import SHAPES
 
+    kept: list[dict[str, Any]] = []
+    previous = args.out / f"{stem}.json"
+    if args.only and previous.is_file():  # a partial run updates its cases and keeps the others' figures
+        ran = {c["name"] for c in cases}
+        kept = [c for c in json.loads(previous.read_text())["cases"] if c["spec"]["name"] not in ran]
+    data["cases"] = kept
     for spec in cases:
         spec = dict(spec, cache=str(args.cache))
         left = args.budget_s - (time.monotonic() - start)

@@ -109,4 +109,4 @@ def learn_coefficients(
     )
 
 
-__all__ = ["DTYPES", "estimate_learned_memory", "learn_coefficients", "resolve_label_masks"]
+__all__ = ["estimate_learned_memory", "learn_coefficients", "resolve_label_masks"]

@@ -23,13 +23,10 @@ def checkpointed_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Mod
     """The module's repeated blocks (transformers' ``GradientCheckpointingLayer``s), with their names."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # older transformers
-        GradientCheckpointingLayer = ()  # noqa: N806
-    layers = [
-        (n, m)
-        for n, m in module.named_modules()
-        if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)
-    ]
+    except ImportError:  # older transformers have no common layer class
+        layers = []
+    else:
+        layers = [(n, m) for n, m in module.named_modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise ConfigError(
             f"gradient_checkpointing: {type(module).__name__} has no layers that can be checkpointed",

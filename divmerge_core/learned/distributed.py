@@ -47,16 +47,13 @@ def learn_distributed(
 
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
-    # the config's classes are built per method at validation time: the ranks get it as data and re-parse it
-    config = plan.config.model_dump(mode="json", by_alias=True)
-    bare = dataclasses.replace(plan, config=None, specs=[])
     threads = max(1, torch.get_num_threads() // devices)
     with tempfile.TemporaryDirectory(prefix="divmerge-dist-") as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, devices, init, (config, bare), device.type, threads, events),
+                args=(rank, devices, init, _portable(plan), device.type, threads, events),
                 name=f"divmerge-rank-{rank}",
             )
             for rank in range(devices)
@@ -93,13 +90,22 @@ def _coordinate(procs: list[Any], events: Any, reporter: Reporter) -> LearnedCoe
             return payload
 
 
+def _portable(plan: MergePlan) -> MergePlan:
+    """``plan`` with its config as a plain dict: the config classes are built per method and cannot be pickled."""
+    config = plan.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return dataclasses.replace(plan, config=config, specs=[])  # type: ignore[arg-type]
+
+
 def _rank_main(
-    rank: int, world: int, init: str, job: tuple[dict, MergePlan], device_type: str, threads: int, events: Any
+    rank: int, world: int, init: str, plan: MergePlan, device_type: str, threads: int, events: Any
 ) -> None:
     import torch.distributed as dist
 
     from ..config import parse_config
     from . import learn_coefficients
+
+    config = parse_config(plan.config)  # see _portable
+    plan = dataclasses.replace(plan, config=config, specs=config.task_models())
 
     torch.set_num_threads(threads)
     if device_type == "cuda":
@@ -108,8 +114,6 @@ def _rank_main(
     else:
         device, backend = torch.device("cpu"), "gloo"
     try:
-        config = parse_config(job[0])
-        plan = dataclasses.replace(job[1], config=config, specs=config.task_models())
         dist.init_process_group(
             backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=30)
         )

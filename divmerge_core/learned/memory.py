@@ -10,10 +10,10 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 * activations of one forward/backward (``micro_batch_size`` inputs, or the step's ``batch_size_per_task x K``)
   of ``max_length (+ max_new_tokens)`` tokens: the layers' saved tensors (one layer's worth plus each layer's
   input with ``gradient_checkpointing``), the logits and, for the scored positions, their fp32 copies;
-* teacher outputs: per input, the scored positions x (vocabulary or ``top_k``) in the storage dtype; they live
-  in the teacher cache on disk (``teacher: cached``; read a step's rows at a time) or nowhere (``online``,
-  which instead holds one expert's weights theta_0 + tau_t on the device while computing a step's targets),
-  so they are reported but counted in neither memory.
+* teacher outputs: per input, the scored positions x (vocabulary or ``top_k``) in the storage dtype. With
+  ``teacher: cached`` they live in the teacher cache on disk (read row by row, page cache only): they are
+  reported as ``disk``, not host memory. ``teacher: online`` stores none but holds one expert's weights
+  (theta_0 + tau_t) on the device while it recomputes a teacher.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
         "largest_tensor_fp32": sizes["largest"] * 4,
         "task_vectors": k * sizes["merged"] * b,
         "activations": max(activations, teacher),
-        "teacher_outputs": outputs,
-        "online_teacher_weights": sizes["merged"] * b if online else 0,
+        "online_teacher_weights": model if online else 0,
+        "teacher_outputs_disk": outputs,
         "micro_batch_inputs": batch,
         "tokens_per_input": length,
     }
@@ -194,10 +194,10 @@ def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[
         on_device, on_host = 3 * model + k_tau, 0
     elif placement == "offload":  # theta_0 and W on the device, the task vectors on the host
         on_device, on_host = 2 * model + transit, k_tau
-    else:  # stream: the same on the device; one tensor's reads on the host
-        on_device, on_host = 2 * model + transit, 2 * parts["largest_tensor_fp32"]
+    else:  # stream: W only (theta_0 is read from the base's file too); one tensor's reads on the host
+        on_device, on_host = model + transit, 2 * parts["largest_tensor_fp32"]
     on_device += parts["activations"] + parts["online_teacher_weights"]
-    on_host += RUNTIME_BYTES  # teacher outputs are on disk (the teacher cache), not in memory
+    on_host += RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything
         on_host, on_device = on_host + on_device, 0
     return {"device": on_device, "host": on_host}

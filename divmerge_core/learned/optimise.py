@@ -41,11 +41,11 @@ def optimise(
 ) -> list[float]:
     """Run every step in place on ``gamma``; return the loss of each step.
 
-    A step's loss is ``mean_t (mean over task t's picked inputs of the per-input loss)``; it is a weighted
-    sum over inputs (each weighted by 1 / (n_tasks * the step's count of its task)), so the inputs may go
-    through forward/backward in micro-batches (``micro_batch_size``) whose gradients add up to the whole
-    batch's, and with several ranks each takes a share of every step's inputs: Gamma's gradient and the
-    loss are summed over the ranks, so every rank takes the same Adam step as a single process would.
+    The loss is ``mean_t mean_{x in step's task-t inputs} loss(x)``, a weighted sum over inputs (each input
+    weighted by 1 / (n_tasks * the step's count of its task)). So the inputs may go through forward/backward
+    in micro-batches (``micro_batch_size``) whose gradients add up to the whole batch's, and with several
+    ranks each takes a share of every step's inputs and computes its part of that sum; Gamma's gradient and
+    the loss are summed over the ranks, so every rank takes the same Adam step as a single process would.
     """
     n_tasks = len(inputs.examples)
     loss_fn = loss_function(method, params.divergence, kind, store)
@@ -61,12 +61,12 @@ def optimise(
     for step in range(1, total + 1):
         reporter.check()
         chosen = sampler.next()
-        counts = [len(idx) for idx in chosen]
         picked = ranks.share([inputs.examples[t][i] for t, idx in enumerate(chosen) for i in idx])
+        counts = torch.tensor([len(idx) for idx in chosen], device=device, dtype=torch.float32)
         micro = params.micro_batch_size or max(1, len(picked))
         optimiser.zero_grad(set_to_none=True)
-        value = torch.zeros((), device=device)
-        for lo in range(0, len(picked), micro):  # no input for this rank (more ranks than inputs): no pass
+        loss = torch.zeros((), device=device)  # this rank's part; stays 0 with more ranks than inputs
+        for lo in range(0, len(picked), micro):
             chunk = picked[lo : lo + micro]
             batch = collate(kind, chunk, inputs.tokenizer, device)
             current = vectors.weights(gamma)
@@ -78,25 +78,20 @@ def optimise(
             if label_masks is not None:  # each input is scored on its own task's labels only
                 logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
             per_example = per_example_mean(loss_fn(logits, chunk), batch, len(chunk))
-            weight = torch.tensor([1.0 / (counts[e.task] * n_tasks) for e in chunk], device=device)
-            loss = (per_example * weight).sum()
-            value += loss.detach()
-            if not math.isfinite(float(value)):
-                raise NumericalError(
-                    f"{method}: the loss became {float(value)} at step {step}; try a smaller lr"
-                )
-            loss.backward()
-            del out, logits, loss
+            part = (per_example / (n_tasks * counts[owner_task])).sum()
+            part.backward()
+            loss = loss + part.detach()
+            del out, logits, part
         current = {}
         vectors.gradient(gamma)
         if gamma.grad is None:
             gamma.grad = torch.zeros_like(gamma)
         if ranks.world > 1:
-            flat = torch.cat([gamma.grad.reshape(-1), value.reshape(1)])
+            flat = torch.cat([gamma.grad.reshape(-1), loss.detach().reshape(1)])
             ranks.all_reduce_sum(flat)
             gamma.grad.copy_(flat[:-1].view_as(gamma))
-            value = flat[-1]
-        value = float(value)
+            loss = flat[-1]
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise NumericalError(f"{method}: the loss became {value} at step {step}; try a smaller lr")
         if on_gradient is not None:

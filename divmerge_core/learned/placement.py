@@ -9,7 +9,8 @@
 In ``offload`` and ``stream`` the forward runs on merged weights ``W`` held as leaf tensors (the module's own
 storage). As soon as backward has accumulated ``dL/dW_n`` a hook adds ``<dL/dW_n, tau_t,n>`` to
 ``dL/dGamma[g(n), t]`` and frees it, and after the Adam step ``W`` is rebuilt tensor by tensor: the device
-holds about two models (theta_0 and W) plus activations, whatever K is.
+holds two models (theta_0 and W; ``stream`` reads theta_0 from the base's file too, so one) plus
+activations and a few copies of one tensor, whatever K is.
 
 Life cycle of a :class:`TaskVectors`: ``add`` for every expert tensor during the expert pass (when
 ``keeps_task_vectors``), ``start`` once the module holds theta_0, then per optimisation step
@@ -107,6 +108,9 @@ class _Rebuilt(TaskVectors):
     one tensor at most, whatever K is.
     """
 
+    #: whether theta_0 is kept as a copy (else :meth:`theta0_of` reads it when needed)
+    keeps_theta0 = True
+
     def __init__(
         self, model: MergeModule, rows: dict[str, int], n_tasks: int, dtype: torch.dtype, device: torch.device
     ):
@@ -121,17 +125,22 @@ class _Rebuilt(TaskVectors):
         raise NotImplementedError
 
     def task_vector(self, name: str, t: int) -> torch.Tensor:
-        """Task ``t``'s vector of tensor ``name``, on the compute device, in the compute dtype."""
+        """Task ``t``'s vector of tensor ``name`` (as :meth:`task_vectors` yields it)."""
         raise NotImplementedError
 
+    def theta0_of(self, name: str) -> torch.Tensor:
+        """theta_0 of tensor ``name`` in the compute dtype, on the compute device."""
+        return self.theta0[name]
+
     def task_weights(self, t: int) -> dict[str, torch.Tensor]:
-        return {n: self.theta0[n] + self.task_vector(n, t) for n in self.names}
+        return {n: self.theta0_of(n) + self.task_vector(n, t) for n in self.names}
 
     def start(self, gamma: torch.Tensor) -> None:
         self._grad = torch.zeros_like(gamma, dtype=torch.float32)
         for n in self.names:
             slot = self.model.slots[n]
-            self.theta0[n] = slot.clone()
+            if self.keeps_theta0:
+                self.theta0[n] = slot.clone()
             slot.requires_grad_(True)  # the module's own storage becomes the leaf W_n
             self.merged[n] = slot
             self._hooks.append(slot.register_post_accumulate_grad_hook(self._hook(n)))
@@ -167,7 +176,7 @@ class _Rebuilt(TaskVectors):
             for t, tau in enumerate(self.task_vectors(n)):
                 acc = row[t] * tau.float() if acc is None else acc.addcmul_(tau.float(), row[t])
             assert acc is not None
-            self.merged[n].copy_(self.theta0[n] + acc.to(self.dtype))
+            self.merged[n].copy_(acc.to(self.dtype)).add_(self.theta0_of(n))
 
     def close(self) -> None:
         for h in self._hooks:
@@ -195,8 +204,8 @@ class Offload(_Rebuilt):
         self.tau[name][t].copy_((expert - base).to(self.dtype))
 
     def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
-        for tau in self.tau[name]:
-            yield tau.to(self.device, non_blocking=True)
+        for t in range(self.n_tasks):
+            yield self.task_vector(name, t)
 
     def task_vector(self, name: str, t: int) -> torch.Tensor:
         return self.tau[name][t].to(self.device, non_blocking=True)
@@ -207,6 +216,7 @@ class Stream(_Rebuilt):
 
     name = "stream"
     keeps_task_vectors = False
+    keeps_theta0 = False  # read from the base's file like the task vectors: one model (W) on the device
 
     def __init__(
         self,
@@ -228,6 +238,9 @@ class Stream(_Rebuilt):
         base = self.base.get(name, None, self.device).float()
         for ck in self.experts:
             yield (ck.get(name, None, self.device).float() - base).to(self.dtype)
+
+    def theta0_of(self, name: str) -> torch.Tensor:
+        return self.base.get(name, None, self.device).to(self.dtype)
 
     def task_vector(self, name: str, t: int) -> torch.Tensor:
         base = self.base.get(name, None, self.device).float()

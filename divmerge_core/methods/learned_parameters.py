@@ -32,12 +32,7 @@ class LearnedParameters(MethodParameters):
         description="store only the teacher's top-k token probabilities (approximation; default full vocab)",
     )
     seed: int = Field(0, description="seed of the data sampling and of the batch order")
-    teacher: Literal["cached", "online"] = Field(
-        "cached",
-        description="divmerge: teacher outputs computed once into the worker's teacher cache (on disk, shared "
-        "across jobs), or recomputed at every step from theta_0 + tau_t (online, nothing stored)",
-    )
-    # --- learned methods at scale: memory placement and activation memory (docs/scale.md) ---
+    # --- at scale: memory placement and activation memory (docs/scale.md) ---
     placement: Literal["auto", "resident", "offload", "stream"] = Field(
         "auto",
         description="where the task vectors live: on the compute device (resident), in host memory "
@@ -50,4 +45,10 @@ class LearnedParameters(MethodParameters):
         None,
         description="inputs per forward/backward; a step's batch_size_per_task x K inputs are split into "
         "micro-batches whose gradients add up (default: the whole step at once)",
+    )
+    # --- teacher outputs (docs/teachers.md) ---
+    teacher: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: teacher outputs computed once into the worker's teacher cache (on disk, shared "
+        "across jobs); online: recomputed at every step from theta_0 + tau_t, nothing stored",
     )
