@@ -135,6 +135,9 @@ class OutputSpec(_Strict):
     repo_id: str | None = Field(None, description="Hub model repo to upload to (created private if missing)")
     path: str | None = Field(None, description="local directory (must be under an allow-listed root)")
     private: bool = True
+    overwrite: bool = Field(
+        False, description="replace an existing local output directory (the CLI's --force)"
+    )
 
     @model_validator(mode="after")
     def _one_destination(self) -> OutputSpec:

@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="lease renewal and cancel poll interval")
     progress_interval_s: float = Field(2.0, description="minimum seconds between progress writes")
     retry_backoff_s: float = Field(10.0, description="first retry delay for transient errors (doubles)")
+    delivery_attempts: int = Field(5, ge=1, description="tries to deliver a finished merge (Hub or local)")
+    delivery_backoff_s: float = Field(
+        5.0, description="first wait between delivery tries (doubles, at most delivery_backoff_max_s)"
+    )
+    delivery_backoff_max_s: float = Field(300.0, description="longest wait between delivery tries")
+    keep_result_s: float = Field(
+        7 * 24 * 3600.0, description="how long a merged result whose delivery failed is kept for POST /retry"
+    )
+    max_stored_losses: int = Field(
+        10_000, description="losses per job kept for /coefficients (first N steps)"
+    )
+    validate_timeout_s: float = Field(120.0, description="POST /v1/merges/validate gives up after this long")
     reconcile_interval_s: float = Field(30.0, description="how often workers look for lost jobs")
     queued_stale_s: float = Field(300.0, description="re-enqueue a job still queued after this long")
     visibility_timeout_s: int = Field(
