@@ -68,6 +68,15 @@ class DataSpec(_Strict):
         "are renormalised over them",
     )
 
+    chat_template: bool = Field(
+        False,
+        description="causal LMs: present each input as the user turn of the tokenizer's chat template, "
+        "followed by the assistant generation prompt (for the teachers and the merged model alike)",
+    )
+    system_prompt: str | None = Field(
+        None, description="with chat_template: the system turn placed before each input"
+    )
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: list[str | int] | None) -> list[str | int] | None:
@@ -84,6 +93,8 @@ class DataSpec(_Strict):
             raise ValueError("'texts' holds no non-empty text")
         if self.dataset is not None and not _HUB_ID.match(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("'system_prompt' needs 'chat_template: true'")
         return self
 
 

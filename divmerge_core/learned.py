@@ -30,6 +30,7 @@ from .plan import LearnedCoefficients, MergePlan
 from .progress import Reporter
 from .teachers import (
     CAUSAL,
+    ChatFormat,
     Example,
     annotate_teacher,
     build_module,
@@ -69,7 +70,16 @@ def learn_coefficients(plan: MergePlan, *, device: torch.device, reporter: Repor
     label_masks = resolve_label_masks(plan, device)
     tokenizer = load_tokenizer(plan.reference.path)
     examples = [
-        encode(kind, tokenizer, inputs, t, params.max_length, params.max_new_tokens, plan.model_config)
+        encode(
+            kind,
+            tokenizer,
+            inputs,
+            t,
+            params.max_length,
+            params.max_new_tokens,
+            plan.model_config,
+            _chat_format(plan, t),
+        )
         for t, inputs in enumerate(tasks)
     ]
 
@@ -180,6 +190,14 @@ def _model_field(plan: MergePlan, t: int) -> str:
     """The config path of task model ``t`` (``models.<i>``; the base may sit in the list before it)."""
     i = next((i for i, m in enumerate(plan.config.models) if m is plan.specs[t]), t)
     return f"models.{i}"
+
+
+def _chat_format(plan: MergePlan, t: int) -> ChatFormat | None:
+    """Task ``t``'s ``data.chat_template`` / ``data.system_prompt`` as a :class:`ChatFormat` (None when off)."""
+    data = plan.specs[t].data
+    if data is None or not data.chat_template:
+        return None
+    return ChatFormat(data.system_prompt, field=f"{_model_field(plan, t)}.data.chat_template")
 
 
 def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
