@@ -146,6 +146,8 @@ def build_llm_base(cache: Path, gguf: Path | None = None, log=print) -> Path:
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if tok.pad_token is None:  # older transformers leave the GGUF tokenizer without one
+        tok.pad_token = tok.eos_token
     cfg = quant.config
     del cfg.quantization_config  # a GGUF-loaded model refuses save_pretrained
     model = LlamaForCausalLM(cfg)
@@ -161,6 +163,10 @@ def _save(model, tok, out: Path, meta: dict[str, Any]) -> Path:
     (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1))
     tmp.replace(out)
     return out
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _pad_right(seqs: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +227,7 @@ def train_llm_expert(
         rng.shuffle(order)
         for s in range(0, len(order), recipe.batch_size):
             loss = answer_loss(
-                model, [data[i] for i in order[s : s + recipe.batch_size]], tok.pad_token_id, device
+                model, [data[i] for i in order[s : s + recipe.batch_size]], _pad_id(tok), device
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -258,14 +264,14 @@ def generate_answers(
     examples: list[Example],
     recipe: LlmRecipe,
     device: torch.device,
-    batch_size: int = 16,
 ) -> list[str]:
     """Greedy continuation (left-padded batches) of each example's chat prompt, decoded."""
+    batch_size = 64 if device.type == "cuda" else 16
     longest = max(len(answer_ids(tok, task, lab)) for lab in range(len(ANSWERS[task])))
     prompts = [prompt_ids(tok, instruction(task, ex, recipe.max_words), recipe) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
     out: list[str] = [""] * len(prompts)
-    pad = tok.pad_token_id
+    pad = _pad_id(tok)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -339,7 +345,7 @@ class LlmTrack:
 
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
-        out = {}
+        out, self.last_unparsed = {}, {}
         for t in tasks:
             answers = generate_answers(model, tok, t, self.evals[t], self.recipe, self.device)
             self.last_unparsed[t] = sum(parse_answer(t, a) is None for a in answers) / len(answers)

@@ -139,6 +139,7 @@ def _setup_md(
     complete: bool,
     n_items: int,
     n_expected: int,
+    device: str = "cpu",
 ) -> str:
     combos = ", ".join(f"k={k}: {len(mode.combos(k))}" for k in sorted(mode.ks))
     lr = mode.learned
@@ -172,7 +173,12 @@ def _setup_md(
         f"* Compute time: {wall_s / 60:.1f} min of merges + evaluations (sum over the items, including items "
         f"cached from earlier invocations); expert training (s): "
         f"{json.dumps(expert_time)}. Machine: {platform.processor() or platform.machine()}, "
-        f"torch threads {torch.get_num_threads()}, CPU shared with other jobs.",
+        f"torch threads {torch.get_num_threads()}, "
+        + (
+            f"device {device} ({torch.cuda.get_device_name()})."
+            if device.startswith("cuda")
+            else "CPU shared with other jobs."
+        ),
     ]
     return "\n".join(rows)
 
@@ -276,8 +282,9 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         "table": table,
         "records": records,
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "engine_commit": engine_commit(),
     }
-    notes = list(args.note or [])
+    notes = [f"Engine: divmerge_core at commit {payload['engine_commit']}.", *(args.note or [])]
     setup_md = _setup_md(
         mode,
         track.setup(),
@@ -286,10 +293,28 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         complete,
         len(records),
         n_expected,
+        args.device,
     )
     files = write_report(args.results, stem, title, payload, setup_md, notes)
     log(f"wrote {', '.join(str(f) for f in files)}")
     return files[0]
+
+
+def engine_commit(repo: Path = REPO) -> str:
+    """The last commit that changed ``divmerge_core`` (``+modified`` when the working tree differs from it)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        sha = git("log", "-1", "--format=%h", "--", "divmerge_core")
+        dirty = git("status", "--porcelain", "--", "divmerge_core")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout)"
+    return f"{sha}{'+modified' if dirty else ''}" if sha else "unknown"
 
 
 def report_stem(kind: str, mode_name: str, given: str | None = None) -> str:
@@ -343,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run only items I, I+N, I+2N, ... (N processes share the work and the cache)",
     )
     ap.add_argument("--ks", type=int, nargs="+", help="ablation: only these k")
+    ap.add_argument("--tasks", nargs="+", help="ablation: only these tasks")
     ap.add_argument("--num-samples", type=int, help="ablation: merge inputs per task")
     ap.add_argument("--epochs", type=int, help="ablation: epochs of the learned methods")
     ap.add_argument("--lr", type=float, help="ablation: learning rate of the learned methods")
@@ -388,6 +414,8 @@ def _with_overrides(mode: Mode, args: argparse.Namespace) -> Mode:
         changes["learned"] = learned
     if args.ks:
         changes["ks"] = tuple(args.ks)
+    if getattr(args, "tasks", None):
+        changes["tasks"] = tuple(args.tasks)
     if args.num_samples is not None:
         changes["num_samples"] = args.num_samples
     if not changes:
