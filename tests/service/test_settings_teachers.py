@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from api.core.config import Settings
+from service_core.config import Settings
 
 
 def test_teacher_cache_and_devices_settings(tmp_path, monkeypatch):
