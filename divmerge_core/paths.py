@@ -52,9 +52,13 @@ def check_local_path(raw: str | Path, roots: Roots, what: str) -> Path:
     if "\x00" in text:
         raise PathNotAllowedError(f"{what} {text!r} contains a NUL byte")
     if not os.path.isabs(text):
-        raise PathNotAllowedError(f"{what} {text!r}: local paths must be absolute")
+        raise PathNotAllowedError(
+            f"{what} {text!r}: local paths must be absolute (allowed roots: {_describe(allowed)})"
+        )
     if ".." in Path(text).parts:
-        raise PathNotAllowedError(f"{what} {text!r}: '..' is not allowed in local paths")
+        raise PathNotAllowedError(
+            f"{what} {text!r}: '..' is not allowed in local paths (allowed roots: {_describe(allowed)})"
+        )
     real = Path(os.path.realpath(text))
     if not is_under(real, allowed):
         raise PathNotAllowedError(

@@ -35,8 +35,8 @@ class Delivery:
 class Uploader(Protocol):
     def __init__(self, token: str | None): ...
 
-    def find_commit(self, repo_id: str, marker: str) -> str | None:
-        """The oid of an earlier commit whose message contains ``marker`` (an upload of this job), if any."""
+    def commits(self, repo_id: str) -> list[tuple[str, str]]:
+        """(oid, title and message) of each commit of the repo; empty when the repo does not exist."""
 
     def upload(self, folder: Path, repo_id: str, *, private: bool, message: str) -> tuple[str, str]:
         """Create the repo if needed and commit the folder. Returns (revision, commit oid)."""
@@ -50,16 +50,14 @@ class HubUploader:
 
         self._api = HfApi(token=token)
 
-    def find_commit(self, repo_id: str, marker: str) -> str | None:
+    def commits(self, repo_id: str) -> list[tuple[str, str]]:
         from huggingface_hub.errors import RepositoryNotFoundError
 
         try:
-            for c in self._api.list_repo_commits(repo_id, repo_type="model"):
-                if marker in (c.title or "") or marker in (c.message or ""):
-                    return c.commit_id
+            found = self._api.list_repo_commits(repo_id, repo_type="model")
         except RepositoryNotFoundError:
-            return None
-        return None
+            return []
+        return [(c.commit_id, f"{c.title or ''}\n{c.message or ''}") for c in found]
 
     def upload(self, folder: Path, repo_id: str, *, private: bool, message: str) -> tuple[str, str]:
         self._api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -74,10 +72,23 @@ def load_uploader(spec: str, token: str | None) -> Uploader:
     return getattr(importlib.import_module(module), name)(token)
 
 
+def earlier_upload(uploader: Uploader, repo_id: str, job_id: str) -> str | None:
+    """The oid of a commit of ``repo_id`` made by an earlier attempt of this job (its message carries the
+    job's marker), if any: the job then delivered already and must not upload again."""
+    marker = upload_marker(job_id)
+    return next((oid for oid, text in uploader.commits(repo_id) if marker in text), None)
+
+
+def upload_marker(job_id: str) -> str:
+    return f"divmerge job {job_id}"
+
+
 def deliver_hub(folder: Path, repo_id: str, *, private: bool, job_id: str, uploader: Uploader) -> Delivery:
-    marker = f"divmerge job {job_id}"
+    """Upload the folder once per job: an attempt after one that uploaded but could not record it (killed,
+    database down) finds that commit (:func:`earlier_upload`) and reports it instead."""
+    marker = upload_marker(job_id)
     try:
-        commit = uploader.find_commit(repo_id, marker)
+        commit = earlier_upload(uploader, repo_id, job_id)
         if commit is not None:
             return Delivery(f"hf://{repo_id}", "main", commit)
         revision, commit = uploader.upload(

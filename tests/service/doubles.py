@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -36,7 +37,9 @@ class FakeHubUploadDouble:
     - the first N uploads to a repo named ``*connfail-N*`` fail with a real connection error (httpx
       connecting to a local port nothing listens on);
     - every upload to a repo fails that way while the file ``blocked-<org>__<name>`` exists in the fake
-      Hub's folder (the Hub is "down" until the test removes it).
+      Hub's folder (the Hub is "down" until the test removes it);
+    - the first upload to a repo named ``*dies-after-upload*`` is recorded, then the worker process is
+      killed (SIGKILL) before it can record it: the next attempt must find that upload, not upload again.
     """
 
     def __init__(self, token: str | None):
@@ -51,11 +54,10 @@ class FakeHubUploadDouble:
             return []
         return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
-    def find_commit(self, repo_id: str, marker: str) -> str | None:
-        for rec in self.uploads(self.root):
-            if rec["repo_id"] == repo_id and marker in rec["message"]:
-                return rec["commit"]
-        return None
+    def commits(self, repo_id: str) -> list[tuple[str, str]]:
+        """The Hub's side of :meth:`worker.upload.HubUploader.commits`: the commits recorded for the repo,
+        newest first. Whether one of them is this job's upload is decided by ``worker.upload``."""
+        return [(r["commit"], r["message"]) for r in reversed(self.uploads(self.root)) if r["repo_id"] == repo_id]
 
     @staticmethod
     def blocked_marker(root: Path, repo_id: str) -> Path:
@@ -85,6 +87,10 @@ class FakeHubUploadDouble:
         }
         with open(self.root / "uploads.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        died = self.root / f"died-after-{slug}"
+        if "dies-after-upload" in repo_id and not died.exists():
+            died.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
         return "main", commit
 
 

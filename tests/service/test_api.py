@@ -110,13 +110,13 @@ def test_cancel_queued_then_finished_is_409(svc, idle):
 
 
 @pytest.mark.parametrize(
-    ("mutate", "field"),
+    ("mutate", "field", "offending"),
     [
-        (lambda b, r: b["models"][0].update(model="/etc"), "models.0.model"),
-        (lambda b, r: b.update(base_model=f"{r}/../../etc"), "base_model"),
-        (lambda b, r: b["models"][1].update(model="file:///etc/passwd"), "models.1.model"),
-        (lambda b, r: b["models"][0].update(model="./models/ft1"), "models.0.model"),
-        (lambda b, r: b.update(output={"path": "/tmp/elsewhere"}), "output.path"),
+        (lambda b, r: b["models"][0].update(model="/etc"), "models.0.model", "/etc"),
+        (lambda b, r: b.update(base_model=f"{r}/../../etc"), "base_model", "{r}/../../etc"),
+        (lambda b, r: b["models"][1].update(model="file:///etc/passwd"), "models.1.model", "/etc/passwd"),
+        (lambda b, r: b["models"][0].update(model="./models/ft1"), "models.0.model", "./models/ft1"),
+        (lambda b, r: b.update(output={"path": "/tmp/elsewhere"}), "output.path", "/tmp/elsewhere"),
         (
             lambda b, r: b.update(
                 merge_method="divmerge",
@@ -124,19 +124,22 @@ def test_cancel_queued_then_finished_is_409(svc, idle):
                 models=[{"model": m["model"], "data": {"path": "/etc/hosts"}} for m in b["models"]],
             ),
             "models.0.data.path",
+            "/etc/hosts",
         ),
     ],
 )
-def test_paths_outside_roots_are_422(svc, mutate, field):
+def test_paths_outside_roots_are_422(svc, mutate, field, offending):
+    """Refused with the field, and a message naming the offending path and the allowed roots."""
     body = svc.classic()
-    mutate(body, str(svc.models["base"].parent))
+    parent = str(svc.models["base"].parent)
+    mutate(body, parent)
     r = svc.client.post("/v1/merges", json=body, headers=svc.h())
     assert r.status_code == 422, r.text
-    assert r.json()["error"] == {
-        "code": "path_not_allowed",
-        "message": r.json()["error"]["message"],
-        "field": field,
-    }
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("path_not_allowed", field), error
+    assert repr(offending.format(r=parent)) in error["message"], error["message"]
+    for root in svc.settings.roots:  # the allow-list: DIVMERGE_HOME and DIVMERGE_LOCAL_ROOTS
+        assert repr(str(root)) in error["message"], error["message"]
 
 
 def test_invalid_configs_and_limits(svc):

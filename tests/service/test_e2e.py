@@ -119,17 +119,48 @@ def test_transient_hub_error_is_retried_with_backoff(svc, fake_hub_uploads):
     assert [e["data"]["stage"] for e in events if e["kind"] == "stage"].count("write") == 1  # merged once
 
 
-def test_secrets_never_reach_responses_rows_or_logs(svc):
+def test_secrets_never_reach_responses_rows_or_logs(svc, fake_hub_uploads):
+    """The secrets really flow (a job downloads from the Hub with the deployment token and uploads with the
+    team's token; a submit tries to carry a token), yet none of them is in any response, in any row of any
+    table, in the worker logs or in any file the service wrote (outputs, kept results, journals, uploads)."""
     from sqlalchemy import text
 
     from service_core.db import get_engine
+    from service_core.models import Base
 
+    team_token, deployment_token = "hf_team_a_secret_token", "hf_deployment_secret_token"
+    secrets = (team_token, deployment_token, svc.tokens["team-a"])
+    smuggled = svc.client.post("/v1/merges", json={**svc.classic(), "hf_token": team_token}, headers=svc.h())
+    assert smuggled.status_code == 422 and smuggled.json()["error"]["field"] == "hf_token", smuggled.text
+    repo = "team-a/secrets-check"
+    hub_job = {
+        "merge_method": "task_arithmetic",
+        "base_model": "acme/tiny-base",
+        "models": [{"model": "acme/tiny-ft1"}, {"model": "acme/tiny-ft2"}],
+        "output": {"repo_id": repo},
+    }
+    ids = [svc.submit(hub_job)["id"], svc.submit(svc.classic())["id"]]
+    for job_id in ids:
+        assert svc.wait(job_id)["status"] == "succeeded"
+    uploads = [u for u in fake_hub_uploads() if u["repo_id"] == repo]  # the token did reach the uploader
+    assert [u["token_sha256"] for u in uploads] == [hashlib.sha256(team_token.encode()).hexdigest()]
+
+    responses = [smuggled.text, svc.client.get("/v1/merges?limit=100", headers=svc.h()).text]
+    for job_id in ids:
+        for tail in ("", "/events", "/files", "/coefficients", "/files/README.md", "/files/config.json"):
+            responses.append(svc.client.get(f"/v1/merges/{job_id}{tail}", headers=svc.h()).text)
     with get_engine(svc.settings.db_url).connect() as conn:
-        rows = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM jobs"))])
-    listed = svc.client.get("/v1/merges?limit=100", headers=svc.h()).text
+        tables = {t: conn.execute(text(f"SELECT * FROM {t}")).all() for t in Base.metadata.tables}
+    assert tables["jobs"] and tables["job_events"] and tables["api_tokens"]
+    rows = json.dumps({t: [list(map(str, r)) for r in rs] for t, rs in tables.items()})
     logs = "".join(w.log.read_text() for w in svc.workers)
-    for secret in ("hf_team_a_secret_token", "hf_deployment_secret_token", svc.tokens["team-a"]):
-        assert secret not in rows and secret not in listed and secret not in logs
+    written = [p for root in (svc.settings.home, svc.fake_hub) for p in Path(root).rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written)
+    for secret in secrets:
+        assert not [r for r in responses if secret in r], "a secret in a response"
+        assert secret not in rows, "a secret in a database row"
+        assert secret not in logs, "a secret in the worker logs"
+        assert not [p for p in written if secret.encode() in p.read_bytes()], "a secret in a written file"
 
 
 def test_bad_inputs_fail_with_codes(svc):

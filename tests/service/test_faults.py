@@ -84,6 +84,27 @@ def test_kill9_worker_mid_job_recovers_and_uploads_once(svc, fake_hub_uploads):
     assert t_reclaim >= svc.settings.lease_s - 2 * svc.settings.heartbeat_s  # not before the lease expired
 
 
+def test_worker_killed_right_after_its_upload_does_not_upload_again(svc, fake_hub_uploads):
+    """The worker dies (SIGKILL, in FakeHubUploadDouble) just after its Hub commit, before it can record
+    it. The other worker takes the job over (attempt 2), merges again, and ``worker.upload`` finds the
+    first attempt's commit by the job's marker: no second upload, and the job reports that commit."""
+    svc.stop_worker()
+    workers = [svc.new_worker(), svc.new_worker()]
+    repo = "team-a/dies-after-upload"
+    job = svc.submit(svc.classic(output={"repo_id": repo}))
+    done = wait_until(
+        lambda: (j := svc.get(job["id"]))["status"] in ("succeeded", "failed", "cancelled") and j,
+        90,
+        interval=0.2,
+        what="the job to finish after its worker died",
+    )
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    assert sum(not w.alive() for w in workers) == 1, "the uploading worker was not killed"
+    uploads = [u for u in fake_hub_uploads() if u["repo_id"] == repo]
+    assert len(uploads) == 1, "uploaded again"
+    assert done["result"]["commit"] == uploads[0]["commit"]
+
+
 def test_redis_loses_messages(svc):
     svc.stop_worker()
     a = svc.submit(svc.classic())  # its message is in Redis...
