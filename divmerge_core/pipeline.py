@@ -256,6 +256,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+@contextlib.contextmanager
+def _into(out: Path) -> Iterator[Path]:
+    """The caller's own staging folder, written in place (``run_merge(staged=False)``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    yield out
+
+
 def run_merge(
     config: MergeConfig,
     out_dir: str | Path,
@@ -267,8 +274,13 @@ def run_merge(
     force: bool = False,
     plan: MergePlan | None = None,
     devices: int = 1,
+    staged: bool = True,
 ) -> MergeResult:
     """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
+
+    ``staged=False``: ``out_dir`` is already the caller's own staging folder (absent or empty; the service
+    worker's hidden sibling of the destination); the files are written straight into it and the caller
+    renames it into place, or removes it on failure.
 
     ``force`` replaces an existing non-empty ``out_dir``. ``plan``, from an earlier :func:`prepare` of the
     same config, skips resolving and validating again. ``devices`` > 1 learns the coefficients of a learned
@@ -304,7 +316,7 @@ def run_merge(
         if bad:
             raise NumericalError("the learned merge coefficients contain NaN or inf")
     reporter.check()
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force) if staged else _into(out) as tmp:
         files = write_weights(plan, tmp, dev, reporter, coeffs)
         files += write_metadata(plan, tmp, coeffs)
         reporter.check()

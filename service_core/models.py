@@ -86,7 +86,9 @@ class Job(Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    #: Upload record ({destination, commit}) written once the upload is done: retries skip the upload.
+    #: Where the merge was delivered ({destination, revision, commit}), written with the job's success. Not
+    #: read back: a later attempt knows a delivery from the worker's journal (``worker.bookkeeping``) or the
+    #: job's marker on the Hub commit / in the local output (``worker.upload``).
     upload: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: A merged result whose delivery failed, kept for ``POST /retry``: {path, until} (None when nothing is kept).
     kept: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)

@@ -259,7 +259,13 @@ def _options(settings: Settings) -> EngineOptions:
 
 
 def _run_claimed(ctx: _Job) -> Outcome:
-    """Merge into a staging folder, then deliver it (:func:`_finish_delivery`)."""
+    """Merge into this attempt's staging folder, then deliver it (:func:`_finish_delivery`).
+
+    The staging folder is the only one: for a local destination a hidden sibling of it
+    (``.<name>.divmerge-job-<id>-a<attempt>``), renamed into place once; for a Hub destination a folder of
+    the attempt's scratch space, uploaded from there. The engine writes straight into it
+    (``run_merge(staged=False)``); on a failure or a cancel it is removed, so nothing half-written stays.
+    """
     from divmerge_core.output import check_output_dir
     from divmerge_core.pipeline import prepare, run_merge
 
@@ -292,6 +298,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
                 should_stop=lease.should_stop,
                 plan=plan,
                 devices=settings.devices_per_job,
+                staged=False,  # ``staged`` is the one staging folder: written in place, renamed once
             )
         _record_warnings(ctx, caught)
         if lease.lost.is_set():
@@ -509,9 +516,9 @@ def _local_dest(config: MergeConfig, job_id: str, settings: Settings, options: E
 
 
 def _remove_local_leftovers(dest: Path, job_id: str) -> None:
-    """Staging folders an interrupted attempt left next to the local destination (ours and the engine's)."""
+    """Staging folders an interrupted attempt (a killed worker) left next to the local destination."""
     if dest.parent.is_dir():
-        for p in dest.parent.glob(f".*{dest.name}.divmerge-job-{job_id}-a*"):
+        for p in dest.parent.glob(f".{dest.name}.divmerge-job-{job_id}-a*"):
             upload.remove(p)
 
 

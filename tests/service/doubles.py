@@ -57,7 +57,9 @@ class FakeHubUploadDouble:
     def commits(self, repo_id: str) -> list[tuple[str, str]]:
         """The Hub's side of :meth:`worker.upload.HubUploader.commits`: the commits recorded for the repo,
         newest first. Whether one of them is this job's upload is decided by ``worker.upload``."""
-        return [(r["commit"], r["message"]) for r in reversed(self.uploads(self.root)) if r["repo_id"] == repo_id]
+        return [
+            (r["commit"], r["message"]) for r in reversed(self.uploads(self.root)) if r["repo_id"] == repo_id
+        ]
 
     @staticmethod
     def blocked_marker(root: Path, repo_id: str) -> Path:
