@@ -518,7 +518,7 @@ def _local_dest(config: MergeConfig, job_id: str, settings: Settings, options: E
 def _remove_local_leftovers(dest: Path, job_id: str) -> None:
     """Staging folders an interrupted attempt (a killed worker) left next to the local destination."""
     if dest.parent.is_dir():
-        for p in dest.parent.glob(f".{dest.name}.divmerge-job-{job_id}-a*"):
+        for p in dest.parent.glob(f".{dest.name}.divmerge-job-{job_id}-*"):
             upload.remove(p)
 
 

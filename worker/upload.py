@@ -113,11 +113,23 @@ def local_already_delivered(dest: Path, job_id: str) -> bool:
 
 
 def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False) -> Delivery:
-    """Rename the staged folder into place (atomic when it is a sibling of ``dest``). ``overwrite`` replaces
-    an existing ``dest``: it is renamed aside first and removed once the new one is in place."""
+    """Rename the staged folder (a hidden sibling of ``dest``) into place, atomically. A kept result
+    re-delivered from elsewhere (``$DIVMERGE_HOME/kept``, maybe another filesystem) is first copied into such
+    a sibling, so ``dest`` never holds half a model; the kept folder stays until the rename succeeded.
+    ``overwrite`` replaces an existing ``dest``: it is renamed aside first and removed once the new one is in
+    place."""
     if local_already_delivered(dest, job_id):
         return Delivery(str(dest))
     (staged / MARKER_FILE).write_text(json.dumps({"job_id": job_id}))
+    source = staged
+    if staged.parent != dest.parent:
+        staged = dest.parent / f".{dest.name}.divmerge-job-{job_id}-kept"
+        remove(staged)
+        try:
+            shutil.copytree(source, staged)
+        except OSError as err:
+            remove(staged)
+            raise UploadError(f"cannot copy the result next to {str(dest)!r}: {err.strerror}") from None
     if dest.exists() and dest.is_dir() and not any(dest.iterdir()):
         dest.rmdir()
     old = dest.parent / f".{dest.name}.divmerge-replaced-{job_id}"
@@ -125,19 +137,18 @@ def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False
     if aside:
         os.rename(dest, old)
     try:
-        if staged.parent == dest.parent:
-            os.rename(staged, dest)
-        else:  # a kept result re-delivered: it may be on another filesystem
-            if dest.exists():
-                raise FileExistsError(dest)
-            shutil.move(str(staged), str(dest))
+        os.rename(staged, dest)
     except OSError as err:
         if aside and not dest.exists():
             os.rename(old, dest)  # put the previous output back
+        if staged != source:
+            remove(staged)
         if dest.exists():
             raise OutputExistsError(f"output path {str(dest)!r} already exists") from None
         raise UploadError(f"cannot move the result into {str(dest)!r}: {err.strerror}") from None
     remove(old)
+    if staged != source:
+        remove(source)
     return Delivery(str(dest))
 
 
