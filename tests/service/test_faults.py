@@ -94,14 +94,18 @@ def test_worker_killed_right_after_its_upload_does_not_upload_again(svc, fake_hu
     workers = [svc.new_worker(), svc.new_worker()]
     repo = "team-a/dies-after-upload"
     job = svc.submit(svc.classic(output={"repo_id": repo}))
-    done = wait_until(
-        lambda: (j := svc.get(job["id"]))["status"] in ("succeeded", "failed", "cancelled") and j,
-        90,
-        interval=0.2,
-        what="the job to finish after its worker died",
-    )
+    try:
+        done = wait_until(
+            lambda: (j := svc.get(job["id"]))["status"] in ("succeeded", "failed", "cancelled") and j,
+            90,
+            interval=0.2,
+            what="the job to finish after its worker died",
+        )
+        assert sum(not w.alive() for w in workers) == 1, "the uploading worker was not killed"
+    finally:
+        for w in workers:  # later tests start the worker they need
+            w.stop()
     assert done["status"] == "succeeded" and done["attempts"] == 2, done
-    assert sum(not w.alive() for w in workers) == 1, "the uploading worker was not killed"
     uploads = [u for u in fake_hub_uploads() if u["repo_id"] == repo]
     assert len(uploads) == 1, "uploaded again"
     assert done["result"]["commit"] == uploads[0]["commit"]
