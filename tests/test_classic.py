@@ -238,7 +238,10 @@ def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9, 0.999])
-def test_magnitude_prune_equals_peft_topk_with_ties(make, density):
+@pytest.mark.parametrize("radix", [False, True], ids=["topk", "radix"])
+def test_magnitude_prune_equals_peft_topk_with_ties(make, density, radix, monkeypatch):
+    if radix:  # every float32 tensor takes the radix threshold (falling back to topk on a straddling tie)
+        monkeypatch.setattr(sparsify, "RADIX_MIN_NUMEL", 1)
     t = make(torch.Generator().manual_seed(3))
     ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
     assert torch.equal(ours.isnan(), theirs.isnan())
@@ -267,6 +270,30 @@ def test_ties_large_tensor_equals_peft():
     w = [0.4, 0.3, 0.2, 0.1]
     theirs = peft_merge.ties(deltas, torch.tensor(w), 0.35)
     assert torch.equal(ties_deltas(deltas, w, [0.35] * 4), theirs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(300_000, generator=g),
+        lambda g: torch.randn(300_000, generator=g) * 1e-30,  # subnormal and tiny magnitudes
+        lambda g: torch.randint(-2000, 2001, (300_000,), generator=g).float(),  # ties everywhere
+        lambda g: torch.cat([torch.zeros(200_000), torch.randn(100_000, generator=g)]),  # k-th is zero
+        lambda g: torch.cat([torch.randn(99_990, generator=g), torch.tensor([float("nan")] * 10)]),
+    ],
+)
+@pytest.mark.parametrize("density", [1e-5, 0.1, 0.5, 0.77, 0.99999])
+def test_radix_threshold_gives_peft_topk_set(make, density):
+    """Large float32 tensors: the radix k-th magnitude is exact, and the mask is peft's wherever it applies."""
+    t = make(torch.Generator().manual_seed(11))
+    k = int(density * t.numel())
+    bits, threshold, reaching = sparsify._kth_largest_magnitude(t, k)
+    kth = torch.topk(t.abs(), k).values[-1]
+    assert torch.equal(torch.tensor(threshold, dtype=torch.int32).view(torch.float32), kth) or kth.isnan()
+    assert reaching == int((bits >= threshold).sum())
+    ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num().view(torch.int32), theirs.nan_to_num().view(torch.int32))
 
 
 @pytest.mark.parametrize("n", [100, 1000, 70_001])
