@@ -365,3 +365,29 @@ def sparsify_free_multislerp(deltas):
     ua, ub = a / a.norm(), b / b.norm()
     mid = (ua + ub) / (ua + ub).norm()
     return (mid * (a.norm() + b.norm()) / 2).view(deltas[0].shape)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
+    """Tensors read ahead in the reader thread merge exactly as tensors read when their turn comes."""
+    from divmerge_core import pipeline
+
+    fam = bert_family(tmp_path / "m", n=2)
+    params = {} if method == "task_arithmetic" else {"density": 0.5}
+    cfg = config_dict(method, fam["base"], [fam["t1"], fam["t2"]], **params)
+    reads: list[tuple[str, bool]] = []
+    original = pipeline._Merger.read
+
+    def spy(self, name, whole=False):
+        reads.append((name, whole))
+        return original(self, name, whole)
+
+    monkeypatch.setattr(pipeline._Merger, "read", spy)
+    ahead = load_file(run_merge(parse_config(cfg), tmp_path / "a").out_dir / "model.safetensors")
+    assert sum(whole for _, whole in reads) == len(ahead) - 1  # every tensor but the first read ahead
+    reads.clear()
+    monkeypatch.setattr(pipeline, "PREFETCH_BYTES", 0)
+    in_turn = load_file(run_merge(parse_config(cfg), tmp_path / "b").out_dir / "model.safetensors")
+    assert reads and not any(whole for _, whole in reads)
+    assert ahead.keys() == in_turn.keys()
+    assert all(torch.equal(ahead[n].view(torch.uint8), in_turn[n].view(torch.uint8)) for n in ahead)
