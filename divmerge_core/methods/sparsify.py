@@ -63,6 +63,7 @@ def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
     ``sorted``, only the order of the returned indices does, so ``sorted=False`` gives the same set,
     ties included. Other devices keep peft's exact call.
     """
+    flat = tensor.reshape(-1)
     found = _kth_largest_magnitude(tensor, k)
     if found is not None:
         bits, threshold, reaching = found
@@ -70,12 +71,16 @@ def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
             return None
         if reaching == k:
             return (bits >= threshold).view(tensor.shape)
+        magnitudes = bits.view(torch.float32)  # |x|, the same bits as flat.abs(): no second copy
+        del found, bits
     elif not bool(tensor.any()):  # all zeros: topk over ties only would be slow, x * mask is x
         return None
-    flat = tensor.reshape(-1)
+    else:
+        magnitudes = flat.abs()
+    indices = torch.topk(magnitudes, k=k, largest=True, sorted=flat.device.type != "cpu").indices
+    del magnitudes
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    top = torch.topk(flat.abs(), k=k, largest=True, sorted=flat.device.type != "cpu")
-    keep[top.indices] = True
+    keep[indices] = True
     return keep.view(tensor.shape)
 
 
