@@ -3,8 +3,9 @@
 Classic methods stream tensor by tensor: for each tensor the base and the K task models' copies are read,
 combined on the device by the method's function (:mod:`divmerge_core.methods`), with the parameters
 evaluated for that tensor (gradients, filters), cast to the output dtype, checked for NaN/inf and handed
-to the streaming writer, so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
-(``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
+to the streaming writer, so memory stays near K+2 tensors whatever the model size. A reader thread reads
+the next tensor's inputs while the current one merges (:data:`PREFETCH_BYTES`). Learned methods first learn
+their coefficients (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
 """
 
 from __future__ import annotations
