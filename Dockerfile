@@ -26,7 +26,7 @@ RUN pip install --no-cache-dir --no-deps . && useradd -r -u 1000 divmerge && mkd
 USER divmerge
 EXPOSE 8000
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-server-header"]
 
 # ---------------------------------------------------------------- worker
 FROM ${BASE_IMAGE} AS worker

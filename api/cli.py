@@ -50,7 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         print(f"divmerge: embedded worker started (pid {worker.pid}); database {settings.db_url}", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            server_header=False,  # no "server: uvicorn" banner
+        )
     finally:
         if worker is not None:
             worker.terminate()

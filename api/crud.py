@@ -192,6 +192,30 @@ def claim(
     return None
 
 
+def team_at_capacity(session: Session, job_id: str, cap: int) -> bool:
+    """Whether the job's team already has ``cap`` other jobs running with a live lease. On PostgreSQL the
+    team's claims are serialised for the rest of the transaction (an advisory lock), so that concurrent
+    claims cannot both slip under the cap; call it in the transaction that then claims."""
+    team_id = session.scalar(
+        select(Job.team_id).where(Job.id == job_id, Job.status.in_(("queued", "running")))
+    )
+    if team_id is None:
+        return False
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(0x0D1F_0000 + team_id)))
+    running = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.team_id == team_id,
+            Job.id != job_id,
+            Job.status == "running",
+            Job.lease_expires_at >= utcnow(),
+        )
+    )
+    return (running or 0) >= cap
+
+
 def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) -> int:
     """End jobs whose lease expired: cancelled if a cancel was requested, failed (worker_lost) when out of
     attempts. Returns how many rows changed."""

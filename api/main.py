@@ -45,6 +45,9 @@ def _add_config_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(defs)
         comps["MergeConfig"] = cfg
+        for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
+            if param["name"] == "limit":  # the bound is a setting, checked in the handler
+                param["schema"]["maximum"] = app.state.settings.list_limit_max
         return schema
 
     app.openapi = openapi

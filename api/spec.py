@@ -4,23 +4,78 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from divmerge_core.config import MergeConfig, is_local_ref, parse_config
-from divmerge_core.errors import ConfigError
+from divmerge_core.errors import ConfigError, DivMergeError
+from divmerge_core.paths import check_folder, check_local_path
 
 from .core.config import Settings
 from .errors import ApiError
 
-_SECRET_WORDS = ("token", "secret", "password", "authorization")
+#: Deepest JSON nesting accepted in a body (a merge config needs 5); checked before parsing.
+MAX_JSON_DEPTH = 32
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a JSON body; 422 ``invalid_json`` for bad JSON or nesting deeper than :data:`MAX_JSON_DEPTH`
+    (checked before parsing, which would otherwise recurse without bound)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "invalid_json", "the body is not valid UTF-8 JSON") from None
+    if json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(422, "invalid_json", f"the body nests more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
+
+
+def json_depth(text: str, stop_above: int | None = None) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings ignored); the scan stops
+    as soon as the depth exceeds ``stop_above``."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if stop_above is not None and depth > stop_above:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _non_finite(value: Any, path: tuple = ()) -> tuple | None:
+    """The path of the first NaN or infinite number in a parsed body (JSON ``NaN``, ``Infinity``,
+    ``1e999``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def parse(body: Any) -> MergeConfig:
     """Validate against the engine's schema; 422 ``invalid_config`` naming the first bad field."""
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_config", "the body must be a JSON object (a merge config)")
+    bad = _non_finite(body)
+    if bad is not None:
+        field = ".".join(str(p) for p in bad)
+        raise ApiError(422, "invalid_config", f"{field}: numbers must be finite (no NaN or infinity)", field)
     try:
         return parse_config(body)
     except ConfigError as err:
@@ -28,16 +83,9 @@ def parse(body: Any) -> MergeConfig:
 
 
 def normalise(config: MergeConfig) -> dict:
-    """The spec as stored and returned: the validated config as JSON, secrets removed."""
-    return redact(config.model_dump(mode="json", by_alias=True, exclude_none=True))
-
-
-def redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items() if not any(w in k.lower() for w in _SECRET_WORDS)}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    """The spec as stored, hashed and returned: the validated config as JSON, every field kept. No secret
+    can be in it: the schema forbids unknown keys and has no field for one (Hub tokens are settings)."""
+    return config.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def spec_hash(spec: dict) -> str:
@@ -45,28 +93,33 @@ def spec_hash(spec: dict) -> str:
 
 
 def check_paths(config: MergeConfig, settings: Settings) -> None:
-    """Every local path the spec names must be absolute, free of '..', and under an allow-listed root."""
+    """Every local path the spec names must be absolute, free of '..', and under an allow-listed root, and
+    every file of a local model folder must resolve under one too (the engine's allow-list, applied at
+    submit so that the caller gets a 422 rather than a failed job; the worker checks again)."""
     roots = settings.roots
-    if config.base_model and is_local_ref(config.base_model):
-        _check_path(config.base_model, roots, "base_model")
+    models = [("base_model", config.base_model)] if config.base_model else []
+    models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    for field, raw in models:
+        if is_local_ref(raw):
+            real = _allowed(raw, roots, field)
+            if real.is_dir():
+                _guard(field, lambda: check_folder(real, roots, f"model {raw!r}"))  # noqa: B023
     for i, m in enumerate(config.models):
-        if is_local_ref(m.model):
-            _check_path(m.model, roots, f"models.{i}.model")
         if m.data is not None and m.data.path is not None:
-            _check_path(m.data.path, roots, f"models.{i}.data.path")
+            _allowed(m.data.path, roots, f"models.{i}.data.path")
     if config.output is not None and config.output.path is not None:
-        _check_path(config.output.path, roots, "output.path")
+        _allowed(config.output.path, roots, "output.path")
 
 
-def _check_path(raw: str, roots: tuple[Path, ...], field: str) -> None:
-    text = raw[len("file://") :] if raw.startswith("file://") else raw
-    if not os.path.isabs(text):
-        raise ApiError(422, "path_not_allowed", f"local paths must be absolute: {raw!r}", field)
-    if ".." in Path(text).parts:
-        raise ApiError(422, "path_not_allowed", f"'..' is not allowed in local paths: {raw!r}", field)
-    real = Path(os.path.realpath(text))
-    if not any(real == r or r in real.parents for r in roots):
-        raise ApiError(422, "path_not_allowed", f"{raw!r} is outside the allowed local roots", field)
+def _allowed(raw: str, roots: tuple[Path, ...], field: str) -> Path:
+    return _guard(field, lambda: check_local_path(raw, roots, field))
+
+
+def _guard(field: str, check: Callable[[], Any]) -> Any:
+    try:
+        return check()
+    except DivMergeError as err:
+        raise ApiError(422, err.code, err.message, field) from None
 
 
 def check_limits(config: MergeConfig, settings: Settings) -> None:
@@ -76,9 +129,15 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
-    max_new_tokens = getattr(config.parameters, "max_new_tokens", 0)  # learned methods only
-    if max_new_tokens > settings.max_new_tokens:
-        over("parameters.max_new_tokens", "max_new_tokens", max_new_tokens, settings.max_new_tokens)
+    for name, limit in (
+        ("max_new_tokens", settings.max_new_tokens),
+        ("epochs", settings.max_epochs),
+        ("max_length", settings.max_length),
+        ("batch_size_per_task", settings.max_batch_size_per_task),
+    ):
+        value = getattr(config.parameters, name, None)  # learned methods' parameters only
+        if value is not None and value > limit:
+            over(f"parameters.{name}", name, value, limit)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
         if m.data is None:

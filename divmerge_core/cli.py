@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from .config import load_config
+from .config import LEARNED_METHODS, load_config
 from .errors import (
     ConfigError,
     DatasetError,
@@ -87,11 +87,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
-            config, args.out, options=_options(args), device=args.device, progress=progress, force=args.force
+            config,
+            args.out,
+            options=_options(args),
+            device=args.device,
+            progress=progress,
+            force=args.force,
+            devices=args.devices,
         )
     finally:
         progress.close()
     metrics = result.metrics
+    if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
+        return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
     print(
         f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
@@ -115,7 +123,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = f"@{m.commit}" if m.commit else f"({m.path})"
         print(f"  {role} {m.ref.raw} {where}")
     print(f"  {len(plan.tensor_names)} tensors, all compatible")
+    if config.merge_method in LEARNED_METHODS:
+        from .learned.memory import describe, estimate_learned_memory
+        from .pipeline import resolve_device
+
+        for line in describe(estimate_learned_memory(plan, resolve_device(args.device))):
+            print(f"  {line}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -138,12 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="learned methods: run as one data-parallel job over N processes (N GPUs with --device cuda)",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 
     validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    validate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device the memory estimate is for"
+    )
     validate.set_defaults(func=cmd_validate)
 
     methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")

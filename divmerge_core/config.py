@@ -43,7 +43,26 @@ LEARNED_METHODS = registry.names("learned")
 Method = Literal[METHODS]  # type: ignore[valid-type]
 DType = Literal["float32", "bfloat16", "float16"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.\-]{0,94}[A-Za-z0-9])?$")
+_HUB_REVISION = re.compile(r"^[\w.\-]+(?:/[\w.\-]+)*$")
+
+
+def is_hub_ref(value: str, revision: bool = True) -> bool:
+    """'name', 'org/name' or (with ``revision``) either followed by '@revision', by the Hub's rules: each
+    part alphanumeric at both ends, no '--' or '..'; a revision (branch, tag or commit) has no '..' and no
+    empty or dot-led component, so it can never climb out of the cache folder it names."""
+    repo, at, rev = value.partition("@")
+    parts = repo.split("/")
+    if len(parts) > 2 or not all(_HUB_NAME.match(p) for p in parts) or ".." in repo or "--" in repo:
+        return False
+    if not at:
+        return True
+    return (
+        revision
+        and len(rev) <= 255
+        and bool(_HUB_REVISION.match(rev))
+        and not any(c.startswith(".") for c in rev.split("/"))
+    )
 
 
 class _Strict(BaseModel):
@@ -67,17 +86,17 @@ class DataSpec(_Strict):
     )
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
-    labels: list[str | int] | None = Field(
+    labels: list[str | int] | Literal["auto"] | None = Field(
         None,
         description="sequence classification with one head shared by several tasks: this task's labels "
         "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
-        "are renormalised over them",
+        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
     )
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, v: list[str | int] | None) -> list[str | int] | None:
-        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+    def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
             raise ValueError("'labels' needs at least two distinct labels")
         return v
 
@@ -88,13 +107,13 @@ class DataSpec(_Strict):
             raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
         if self.texts is not None and not any(t.strip() for t in self.texts):
             raise ValueError("'texts' holds no non-empty text")
-        if self.dataset is not None and not _HUB_ID.match(self.dataset):
+        if self.dataset is not None and not is_hub_ref(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
         return self
 
 
 class ModelSpec(_Strict):
-    model: str = Field(description="Hub id 'org/name[@revision]' or a local directory")
+    model: str = Field(min_length=1, description="Hub id 'org/name[@revision]' or a local directory")
     #: The method's per-model parameters (``MergeConfig.model_validate`` sets the method's own class).
     parameters: MethodParameters = Field(default_factory=MethodParameters)
     data: DataSpec | None = None
@@ -121,7 +140,7 @@ class OutputSpec(_Strict):
     def _one_destination(self) -> OutputSpec:
         if (self.repo_id is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo_id' or 'path'")
-        if self.repo_id is not None and not _HUB_ID.match(self.repo_id):
+        if self.repo_id is not None and not is_hub_ref(self.repo_id, revision=False):
             raise ValueError(f"'repo_id' is not a Hub repo id: {self.repo_id!r}")
         return self
 
@@ -154,7 +173,7 @@ class SliceSpec(_Strict):
 
 class MergeConfig(_Strict):
     merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
-    base_model: str | None = None
+    base_model: Annotated[str, Field(min_length=1)] | None = None
     models: list[ModelSpec] = Field(min_length=1)
     slices: list[SliceSpec] | None = Field(
         None, description="mergekit slices (instead of 'models'): per-layer-range parameters"
@@ -360,7 +379,7 @@ def check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
-    if is_local_ref(value) or _HUB_ID.match(value):
+    if is_local_ref(value) or is_hub_ref(value):
         return value
     raise ValueError(f"not a Hub model id ('org/name[@revision]') nor a local path: {value!r}")
 

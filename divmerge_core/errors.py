@@ -78,3 +78,13 @@ class OutputExistsError(ConfigError):
     """The output path exists and is not an empty directory (and replacing it was not asked for)."""
 
     code = "output_exists"
+
+
+class InsufficientMemoryError(ConfigError):
+    """A learned merge fits in no placement; ``estimate`` holds the figures (refused before loading anything)."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, estimate: dict):
+        super().__init__(message, field="parameters.placement")
+        self.estimate = estimate

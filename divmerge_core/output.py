@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputExistsError
+from .paths import check_file
 
 #: Tokenizer and generation files copied from the reference (base) model.
 TOKENIZER_PATTERNS = (
@@ -78,12 +79,15 @@ def _umask() -> int:
     return mask
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path, allowed: Sequence[Path] | None = None) -> list[str]:
+    """Copy the reference model's tokenizer and generation files; each must resolve under ``allowed``
+    (checked again at copy time: the folder may have changed since it was resolved)."""
     copied: list[str] = []
     for pattern in TOKENIZER_PATTERNS:
         for path in sorted(src.glob(pattern)):
             if path.is_file() and path.name not in copied:
-                shutil.copyfile(path, dst / path.name)
+                real = check_file(path, allowed, "tokenizer file")
+                shutil.copyfile(real, dst / path.name)
                 copied.append(path.name)
     return copied
 

@@ -121,7 +121,9 @@ def prepare(
     )
     if config.method.learned:
         from .learned import resolve_label_masks
+        from .teachers import require_tokenizer
 
+        require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
     reporter.report("validate", 1, 1)
     return plan
@@ -307,7 +309,7 @@ def _read_ahead(merger: _Merger, name: str) -> _TensorReads | None:
 def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:
     """config.json, tokenizer files, README.md model card, merge_config.yaml and coefficients.json."""
     files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
-    files += copy_tokenizer_files(plan.reference.path, folder)
+    files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
     (folder / "README.md").write_text(render_model_card(plan, coeffs), encoding="utf-8")
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
     files += ["README.md", "merge_config.yaml"]
@@ -332,12 +334,15 @@ def run_merge(
     should_stop: StopCheck | None = None,
     force: bool = False,
     plan: MergePlan | None = None,
+    devices: int = 1,
 ) -> MergeResult:
     """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
 
     ``force`` replaces an existing non-empty ``out_dir``. ``plan``, from an earlier :func:`prepare` of the
-    same config, skips resolving and validating again. Raises a :class:`DivMergeError` on any failure,
-    leaving nothing at ``out_dir``.
+    same config, skips resolving and validating again. ``devices`` > 1 learns the coefficients of a learned
+    method with that many processes as one data-parallel job (``learned.distributed``); under ``torchrun``
+    every process calls this and only rank 0 writes ``out_dir``. Raises a :class:`DivMergeError` on any
+    failure, leaving nothing at ``out_dir``.
     """
     start = time.perf_counter()
     options = options or EngineOptions()
@@ -351,8 +356,18 @@ def run_merge(
     coeffs: LearnedCoefficients | None = None
     if config.method.learned:
         from .learned import learn_coefficients
+        from .learned.distributed import learn_distributed, torchrun_ranks
 
-        coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
+        ranks = torchrun_ranks()
+        if ranks is not None:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter, ranks=ranks)
+            if not ranks.is_main:  # rank 0 writes the outputs
+                metrics = {"rank": ranks.rank, "wall_s": round(time.perf_counter() - start, 3)}
+                return MergeResult(out, [], dict(plan.resolved), None, metrics)
+        elif devices > 1:
+            coeffs = learn_distributed(plan, devices=devices, device=dev, reporter=reporter)
+        else:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
         bad = [v for row in coeffs.values for v in row if not math.isfinite(v)]
         if bad:
             raise NumericalError("the learned merge coefficients contain NaN or inf")
@@ -376,6 +391,7 @@ def run_merge(
         coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
         metrics["final_loss"] = coeffs.losses[-1] if coeffs.losses else None
         metrics["steps"] = len(coeffs.losses)
+        metrics["placement"] = coeffs.placement
     reporter.report("done", 1, 1)
     return MergeResult(
         out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics

@@ -15,7 +15,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from api.core.config import get_settings
 from api.queue import celery_config
 
-from . import reconciler
+from . import bookkeeping, reconciler
 
 settings = get_settings()
 app = Celery("divmerge-worker", include=["worker.tasks"])
@@ -34,3 +34,4 @@ def _start_reconciler(**_kw) -> None:
 @worker_shutting_down.connect
 def _stop_reconciler(**_kw) -> None:
     reconciler.stop()
+    bookkeeping.shutting_down.set()  # a task waiting for the database gives its message back

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from divmerge_core.methods import registry
+from divmerge_core.paths import real_roots
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,18 @@ class Settings(BaseSettings):
     )
     hf_cache_dir: Path | None = Field(None, description="HF cache for workers (default: HF_HOME's)")
     device: str = Field("auto", description="worker device: auto (cuda if present), cpu, cuda, cuda:N")
+    teacher_cache_dir: Path | None = Field(
+        None,
+        description="learned merges' teacher-output cache, shared by the jobs of a worker ($DIVMERGE_HOME/cache/teachers)",
+    )
+    teacher_cache_bytes: int | None = Field(
+        None, ge=0, description="teacher cache bound, LRU-evicted (default: the engine's, 16 GiB)"
+    )
+    devices_per_job: int = Field(
+        1,
+        ge=1,
+        description="learned merges: processes (GPUs with a cuda device) one job runs on, data-parallel",
+    )
     hub_uploader: str = Field(
         "worker.upload:HubUploader", description="'module:Class' of the Hub uploader (tests swap a double)"
     )
@@ -50,6 +63,15 @@ class Settings(BaseSettings):
     max_models: int = 16
     max_num_samples: int = 5000
     max_new_tokens: int = 512
+    max_epochs: int = Field(100, description="upper bound of parameters.epochs")
+    max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
+    max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
+    max_running_per_team: int = Field(
+        0, description="most jobs of one team running at once (0: no cap); the others wait their turn"
+    )
+    max_job_s: float = Field(
+        24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
+    )
     max_inline_texts: int = 5000
     max_inline_text_bytes: int = 500_000
     list_limit_max: int = 100
@@ -65,6 +87,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         6 * 3600, description="Redis visibility timeout; must exceed the longest job"
     )
+    db_wait_s: float = Field(
+        600.0, description="a worker whose claim meets a database outage waits this long before giving back"
+    )
+    db_retry_max_s: float = Field(2.0, description="longest pause between retries while the database is down")
     embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
@@ -106,12 +132,11 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
-        out: list[Path] = []
-        for p in [self.home, *self.local_roots]:
-            real = Path(os.path.realpath(os.path.expanduser(p)))
-            if real not in out:
-                out.append(real)
-        return tuple(out)
+        return real_roots([self.home, *self.local_roots]) or ()
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.teacher_cache_dir or self.home / "cache" / "teachers"
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
@@ -21,6 +20,7 @@ router = APIRouter(prefix="/v1/merges", tags=["merges"])
 _ERRORS = {
     401: {"description": "missing, invalid or revoked token"},
     404: {"description": "no such job for this team"},
+    503: {"description": "the database is unavailable (`Retry-After` says when to try again)"},
 }
 
 
@@ -66,11 +66,7 @@ async def create_merge(
     """Submit a merge: the body is the engine's MergeConfig (the CLI's YAML, as JSON)."""
     settings = _settings(request)
     raw = await _read_body(request, settings.max_body_bytes)
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
-    config = spec.parse(body)
+    config = spec.parse(spec.load_json(raw))
     spec.check_limits(config, settings)
     spec.check_paths(config, settings)
     stored = spec.normalise(config)

@@ -32,3 +32,23 @@ class LearnedParameters(MethodParameters):
         description="store only the teacher's top-k token probabilities (approximation; default full vocab)",
     )
     seed: int = Field(0, description="seed of the data sampling and of the batch order")
+    # --- at scale: memory placement and activation memory (docs/scale.md) ---
+    placement: Literal["auto", "resident", "offload", "stream"] = Field(
+        "auto",
+        description="where the task vectors live: on the compute device (resident), in host memory "
+        "(offload), read from the experts' files at every step (stream); auto picks the fastest that fits",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in backward instead of keeping them"
+    )
+    micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="inputs per forward/backward; a step's batch_size_per_task x K inputs are split into "
+        "micro-batches whose gradients add up (default: the whole step at once)",
+    )
+    # --- teacher outputs (docs/teachers.md) ---
+    teacher: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: teacher outputs computed once into the worker's teacher cache (on disk, shared "
+        "across jobs); online: recomputed at every step from theta_0 + tau_t, nothing stored",
+    )

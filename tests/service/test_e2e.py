@@ -71,6 +71,9 @@ def test_divmerge_with_hub_dataset_and_inline_texts(svc):
     assert out.parent == svc.settings.home / "outputs"
     AutoModelForCausalLM.from_pretrained(out)
     assert "divmerge" in (out / "README.md").read_text()
+    # the teacher outputs went to the worker's teacher cache under its home, one entry per task
+    teachers = svc.settings.home / "cache" / "teachers"
+    assert len(list(teachers.glob("*.teacher.safetensors"))) == 2
 
 
 def test_hub_models_via_local_hub_and_upload_once(svc, fake_hub_uploads):
