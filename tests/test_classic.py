@@ -383,7 +383,13 @@ def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
         return original(self, name, whole)
 
     monkeypatch.setattr(pipeline._Merger, "read", spy)
-    ahead = load_file(run_merge(parse_config(cfg), tmp_path / "a").out_dir / "model.safetensors")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the merge loop runs on 1 (a core left to the reader), then sets 2 back
+    try:
+        ahead = load_file(run_merge(parse_config(cfg), tmp_path / "a").out_dir / "model.safetensors")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert sum(whole for _, whole in reads) == len(ahead) - 1  # every tensor but the first read ahead
     reads.clear()
     monkeypatch.setattr(pipeline, "PREFETCH_BYTES", 0)
