@@ -19,6 +19,7 @@ COPY pyproject.toml constraints.txt README.md* alembic.ini ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['service']))" \
       > /tmp/service.txt && pip install --no-cache-dir -c constraints.txt -r /tmp/service.txt
 COPY divmerge_core ./divmerge_core
+COPY service_core ./service_core
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
@@ -41,6 +42,7 @@ COPY pyproject.toml constraints.txt README.md* alembic.ini ./
 # CPU with the cpu index)
 RUN pip install --no-cache-dir -c constraints.txt torch --index-url "${TORCH_INDEX_URL}"
 COPY divmerge_core ./divmerge_core
+COPY service_core ./service_core
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .db import is_unavailable
+from service_core.db import is_unavailable
 
 log = logging.getLogger("divmerge.api")
 

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from divmerge_core.config import MergeConfig, is_local_ref, parse_config
+import yaml
+
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.paths import check_folder, check_local_path
+from service_core.config import Settings
 
-from .core.config import Settings
 from .errors import ApiError
 
 #: Deepest JSON nesting accepted in a body (a merge config needs 5); checked before parsing.
@@ -68,6 +70,32 @@ def _non_finite(value: Any, path: tuple = ()) -> tuple | None:
     return None
 
 
+#: Media types a config body may have (YAML as the CLI writes it, or JSON).
+BODY_TYPES = ("application/json", "application/yaml")
+_YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+def load_body(raw: bytes, content_type: str | None) -> Any:
+    """Decode a (size-checked) body as YAML when its media type says so, else as JSON. YAML is read with
+    ``safe_load`` and refused if it uses aliases (a few bytes of aliases can expand to gigabytes)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in _YAML_TYPES:
+        try:
+            text = raw.decode("utf-8")
+            if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text)):
+                raise ApiError(422, "invalid_yaml", "YAML aliases (*name) are not accepted")
+            return yaml.safe_load(text)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ApiError(
+                422, "invalid_yaml", f"the body is not valid YAML: {_one_line(str(err))}"
+            ) from None
+    return load_json(raw)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
 def parse(body: Any) -> MergeConfig:
     """Validate against the engine's schema; 422 ``invalid_config`` naming the first bad field."""
     if not isinstance(body, dict):
@@ -111,6 +139,56 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
         _allowed(config.output.path, roots, "output.path")
 
 
+def local_path(raw: str) -> Path:
+    return Path(raw[len("file://") :] if raw.startswith("file://") else raw)
+
+
+def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
+    """The cheap checks that would otherwise fail the job late (after check_paths): local models and data
+    exist, a local output does not (unless ``output.overwrite``), a Hub output has a write token."""
+    if config.base_model and is_local_ref(config.base_model) and not local_path(config.base_model).is_dir():
+        raise ApiError(
+            422, "model_not_found", f"model directory {config.base_model!r} does not exist", "base_model"
+        )
+    for i, m in enumerate(config.models):
+        if is_local_ref(m.model) and not local_path(m.model).is_dir():
+            raise ApiError(
+                422, "model_not_found", f"model directory {m.model!r} does not exist", f"models.{i}.model"
+            )
+        if m.data is not None and m.data.path is not None and not local_path(m.data.path).is_file():
+            raise ApiError(
+                422, "invalid_dataset", f"data file {m.data.path!r} does not exist", f"models.{i}.data.path"
+            )
+    out = config.output
+    if out is not None and out.repo_id is not None and settings.hub_write_token(team) is None:
+        raise ApiError(
+            422,
+            "no_hub_token",
+            f"no Hub write token is configured for team {team!r}: set DIVMERGE_TEAM_HUB_TOKENS or "
+            "DIVMERGE_HUB_TOKEN on the server, or write to a local output.path",
+            "output.repo_id",
+        )
+    if out is not None and out.path is not None and not out.overwrite:
+        dest = local_path(out.path)
+        if dest.is_file() or (dest.is_dir() and any(dest.iterdir())):
+            raise ApiError(
+                409,
+                "output_exists",
+                f"output path {out.path!r} already exists (set output.overwrite: true to replace it)",
+                "output.path",
+            )
+
+
+def is_learned(stored: dict) -> bool:
+    return stored.get("merge_method") in LEARNED_METHODS
+
+
+def task_names(stored: dict) -> list[str]:
+    """A learned merge's tasks, as it names them: its models other than the base."""
+    base = stored.get("base_model")
+    return [m["model"] for m in stored.get("models", []) if m["model"] != base]
+
+
 def _allowed(raw: str, roots: tuple[Path, ...], field: str) -> Path:
     return _guard(field, lambda: check_local_path(raw, roots, field))
 
@@ -129,13 +207,14 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
+    params = config.parameters
     for name, limit in (
         ("max_new_tokens", settings.max_new_tokens),
         ("epochs", settings.max_epochs),
         ("max_length", settings.max_length),
         ("batch_size_per_task", settings.max_batch_size_per_task),
     ):
-        value = getattr(config.parameters, name, None)  # learned methods' parameters only
+        value = getattr(params, name, None)  # the learned methods' parameters
         if value is not None and value > limit:
             over(f"parameters.{name}", name, value, limit)
     n_texts = n_bytes = 0

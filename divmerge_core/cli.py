@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from .config import LEARNED_METHODS, load_config
+from .config import load_config
 from .errors import (
     ConfigError,
     DatasetError,
@@ -27,7 +27,16 @@ from .progress import ProgressEvent
 PROG = "divmerge"
 PLUGIN_GROUP = "divmerge.commands"
 #: Top-level modules of the optional extras: a plugin that needs one that is missing is skipped quietly.
-_OPTIONAL_MODULES = {"pydantic_settings", "fastapi", "uvicorn", "sqlalchemy", "celery", "redis", "alembic"}
+_OPTIONAL_MODULES = {
+    "pydantic_settings",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "celery",
+    "redis",
+    "alembic",
+    "httpx",
+}
 #: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
 USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
 
@@ -84,6 +93,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
     config = _load(args.config)
+    force = args.force or (config.output is not None and config.output.overwrite)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
@@ -92,7 +102,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             options=_options(args),
             device=args.device,
             progress=progress,
-            force=args.force,
+            force=force,
             devices=args.devices,
         )
     finally:
@@ -109,10 +119,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .pipeline import prepare
+    """Resolve the models, check they can be merged and that each dataset has the columns it needs."""
+    from .dryrun import dry_run
 
     config = _load(args.config)
-    plan = prepare(config, _options(args))
+    report = dry_run(config, _options(args), args.device)
+    if not report.ok:
+        for p in report.problems:
+            where = f"{p['field']}: " if p["field"] else ""
+            print(f"{PROG}: error: {where}{_one_line(p['message'])} [{p['code']}]", file=sys.stderr)
+        return 2
+    plan = report.plan
+    assert plan is not None
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
     method = config.method
@@ -123,11 +141,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = f"@{m.commit}" if m.commit else f"({m.path})"
         print(f"  {role} {m.ref.raw} {where}")
     print(f"  {len(plan.tensor_names)} tensors, all compatible")
-    if config.merge_method in LEARNED_METHODS:
-        from .learned.memory import describe, estimate_learned_memory
-        from .pipeline import resolve_device
+    n_data = sum(1 for m in config.models if m.data is not None)
+    if n_data:
+        print(f"  {n_data} dataset(s) read, columns found")
+    est = report.estimate or {}
+    if est:
+        print(
+            f"  estimate: {est['parameters']:,} parameters, reads {est['read_bytes'] / 1e6:.1f} MB, "
+            f"writes {est['output_bytes'] / 1e6:.1f} MB"
+        )
+    if est.get("memory") is not None:
+        from .learned.memory import describe
 
-        for line in describe(estimate_learned_memory(plan, resolve_device(args.device))):
+        for line in describe(est["memory"]):
             print(f"  {line}")
     return 0
 
@@ -161,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
     )
-    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory (same as output.overwrite: true)",
+    )
     merge.add_argument(
         "--devices",
         type=_positive_int,
@@ -171,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 
-    validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
+    validate = sub.add_parser(
+        "validate", help="resolve the models and data, check they can be merged (a dry run, nothing written)"
+    )
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
     validate.add_argument(
@@ -188,15 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
     """Let installed packages add subcommands. A broken plugin is reported and skipped."""
-    loaded = []
+    loaded: list[str] = []
     for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in loaded:  # the same plugin seen twice on sys.path (e.g. a checkout and an install)
+            continue
         try:
             obj = ep.load()
             register = getattr(obj, "register", obj)
             register(subparsers)
             loaded.append(ep.name)
         except ModuleNotFoundError as err:
-            if err.name in _OPTIONAL_MODULES:  # its extra (divmerge[service]) is not installed: no command
+            if err.name in _OPTIONAL_MODULES:  # its extra ([service] or [client]) is not installed
                 continue
             print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands

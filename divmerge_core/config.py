@@ -93,6 +93,15 @@ class DataSpec(_Strict):
         "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
     )
 
+    chat_template: bool = Field(
+        False,
+        description="causal LMs: present each input as the user turn of the tokenizer's chat template, "
+        "followed by the assistant generation prompt (for the teachers and the merged model alike)",
+    )
+    system_prompt: str | None = Field(
+        None, description="with chat_template: the system turn placed before each input"
+    )
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
@@ -109,6 +118,8 @@ class DataSpec(_Strict):
             raise ValueError("'texts' holds no non-empty text")
         if self.dataset is not None and not is_hub_ref(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("'system_prompt' needs 'chat_template: true'")
         return self
 
 
@@ -135,6 +146,9 @@ class OutputSpec(_Strict):
     repo_id: str | None = Field(None, description="Hub model repo to upload to (created private if missing)")
     path: str | None = Field(None, description="local directory (must be under an allow-listed root)")
     private: bool = True
+    overwrite: bool = Field(
+        False, description="replace an existing local output directory (the CLI's --force)"
+    )
 
     @model_validator(mode="after")
     def _one_destination(self) -> OutputSpec:

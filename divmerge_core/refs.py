@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import is_local_ref
-from .errors import ModelNotFoundError, TransientError
+from .errors import ModelNotFoundError, TransientError, http_status, is_transient
 from .options import EngineOptions
 from .paths import check_folder, check_local_path, check_tree, real_roots, strip_scheme
 
@@ -118,11 +118,13 @@ def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_t
     except EntryNotFoundError:
         raise ModelNotFoundError(f"{name}: a file listed by the Hub could not be found") from None
     except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status is not None and status < 500 and status != 429:
+        status = http_status(err)
+        if not is_transient(err):
             raise ModelNotFoundError(f"{name}: the Hub answered HTTP {status}") from None
         raise TransientError(f"{name}: the Hub is unavailable (HTTP {status})") from None
-    except (OSError, ConnectionError) as err:
+    except Exception as err:
+        if not is_transient(err):
+            raise
         raise TransientError(f"{name}: cannot reach the Hub ({type(err).__name__})") from None
     path = Path(folder)
     # snapshot folders are named after the commit they hold: .../snapshots/<sha>

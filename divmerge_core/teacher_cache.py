@@ -230,8 +230,7 @@ class EntryWriter:
                     f"{name} rows of width {self.widths[name]} expected, got {tuple(value.shape)}"
                 )
             value = value.detach().to("cpu", dtype).contiguous()
-            data = value.reshape(-1).view(torch.uint8).numpy().tobytes()
-            _pwrite_all(self._fd, data, start + lo * row)
+            _pwrite_all(self._fd, memoryview(value.reshape(-1).view(torch.uint8).numpy()), start + lo * row)
 
     def commit(self) -> None:
         """fsync, then rename into place (atomic); the writer keeps its shared lock (see :meth:`close`)."""
@@ -354,8 +353,7 @@ def _pread_into(fd: int, out: torch.Tensor, pos: int) -> None:
         got += n
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], pos + done)

@@ -21,3 +21,10 @@ if [ "${DIVMERGE_SKIP_MERGEKIT:-0}" != 1 ] && [ ! -x "$MK/bin/mergekit-yaml" ]; 
   "$PY" -m venv "$MK"
   "$MK/bin/python" -m pip install -q -c constraints.txt torch "mergekit==0.1.5"
 fi
+# The dashboard's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+fi

@@ -180,3 +180,18 @@ def test_subprocess_merge_and_error(fam, tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in _error_line(proc.stderr)
     assert not (tmp_path / "out2").exists()
+
+
+def test_validate_reads_the_data_and_names_a_wrong_column(fam, tmp_path, capsys):
+    """`divmerge validate` reads a few rows of each dataset: a wrong column fails here, not in the merge."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    cfg = config_dict("divmerge", fam["base"], [fam["t1"], fam["t2"]])
+    cfg["models"][0]["data"] = {"path": str(rows), "text_columns": ["sentence"]}
+    cfg["models"][1]["data"] = {"path": str(rows)}
+    code, out, err = _run(capsys, "validate", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 2 and not out
+    assert "models.0.data" in err and "'sentence'" in err and "invalid_dataset" in err
+    cfg["models"][0]["data"]["text_columns"] = ["text"]
+    code, out, _ = _run(capsys, "validate", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 0 and "2 dataset(s) read, columns found" in out and "estimate:" in out

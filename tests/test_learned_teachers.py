@@ -138,6 +138,19 @@ def test_online_teachers_follow_the_cached_trajectory(gpt2_setup, tmp_path, top_
     assert online.losses == pytest.approx(cached.losses, rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("placement", ["offload", "stream"])
+def test_online_teachers_in_every_placement(gpt2_setup, tmp_path, placement):
+    """The online teacher runs on theta_0 + tau_t from wherever the placement keeps the task vectors."""
+    base, experts, data = gpt2_setup
+    cached, _ = trajectory(with_cache(make_plan(base, experts, data, **GPT2_KW), tmp_path / "c"))
+    online, _ = trajectory(
+        with_cache(
+            make_plan(base, experts, data, teacher="online", placement=placement, **GPT2_KW), tmp_path / "o"
+        )
+    )
+    assert online.placement == placement and same_values(online, cached)
+
+
 # --- labels: auto -------------------------------------------------------------------------------------------
 NAMES = {0: "a:no", 1: "a:yes", 2: "b:x", 3: "b:y"}
 TEXTS = [
@@ -256,4 +269,67 @@ def test_coefficients_json_reports_the_labels(shared_head, tmp_path):
     assert (
         set(saved["labels"]) == {str(d) for d in expert_dirs}
         and result.coefficients["labels"] == saved["labels"]
+    )
+
+
+def test_torchrun_ranks_write_one_output(gpt2_setup, tmp_path):
+    """``torchrun -m divmerge_core.cli merge``: both ranks learn, rank 0 alone writes the same merge as one process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from divmerge_core.pipeline import run_merge
+
+    base, experts, data = gpt2_setup
+    plan = make_plan(base, experts, data, **GPT2_KW)
+    config = tmp_path / "merge.yaml"
+    config.write_text(plan.config.to_yaml())
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": "1",
+        "DIVMERGE_TEACHER_CACHE_DIR": str(tmp_path / "c"),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += [
+        "-m",
+        "divmerge_core.cli",
+        "merge",
+        str(config),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=root,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the agent and its ranks, all in their own session
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("merged 3 model(s)") == 1  # rank 0 only
+    single = run_merge(plan.config, tmp_path / "single", device="cpu")
+    two = json.loads((tmp_path / "out" / "coefficients.json").read_text())
+    one = {
+        g: [single.coefficients["coefficients"][g][t] for t in single.coefficients["tasks"]]
+        for g in single.coefficients["groups"]
+    }
+    got = {g: [two["coefficients"][g][t] for t in two["tasks"]] for g in two["groups"]}
+    assert torch.allclose(
+        torch.tensor(list(got.values())), torch.tensor(list(one.values())), rtol=1e-5, atol=1e-7
     )

@@ -40,6 +40,14 @@ WORDS = (
 )
 
 
+#: A chat template over :data:`WORDS` only: each turn is "<role initial> <content> ." and the generation
+#: prompt is "a" (assistant), so every rendered prompt tokenizes without unknown tokens.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }} . {% endfor %}"
+    "{% if add_generation_prompt %}a {% endif %}"
+)
+
+
 def make_tokenizer(kind: str = "bert") -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over :data:`WORDS` (BERT-style or GPT-2-style specials)."""
     specials = (

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
-from api.db import is_unavailable, session_scope
+from service_core.config import Settings
+from service_core.db import is_unavailable, session_scope
 
 log = logging.getLogger("divmerge.worker")
 T = TypeVar("T")

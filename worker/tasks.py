@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery.exceptions import Reject
 
-from api import crud
-from api.queue import TASK_NAME
+from service_core import jobs
+from service_core.queue import TASK_NAME, enqueue
 
 from .bookkeeping import DatabaseUnavailable, with_db
 from .celery_app import app, settings
@@ -25,12 +25,12 @@ def run_merge(job_id: str) -> str:
     if outcome.status == "retry":
 
         def queue_of(s):
-            job = crud.load(s, job_id)
+            job = jobs.load(s, job_id)
             return job.queue if job else settings.gpu_queue
 
         try:
             queue = with_db(settings, f"job {job_id}: requeue", queue_of, None)
         except Exception:  # noqa: BLE001 - the reconciler re-sends the job once it is due
             return outcome.status
-        app.send_task(TASK_NAME, args=[job_id], queue=queue, countdown=outcome.retry_in)
+        enqueue(settings, job_id, queue, countdown=outcome.retry_in)
     return outcome.status

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from ..db import get_engine
+from service_core.db import get_engine
 
 router = APIRouter(tags=["health"])
 

@@ -41,7 +41,7 @@ def merge_config(track: Track, spec: MethodSpec, combo: tuple[str, ...], mode: M
     for t in combo:
         m: dict[str, Any] = {"model": str(track.experts[t])}
         if spec.learned:
-            m["data"] = track.data_spec(t, mode.num_samples, own_labels=spec.own_labels)
+            m["data"] = track.data_spec(t, mode.samples_for(spec), own_labels=spec.own_labels)
         models.append(m)
     cfg: dict[str, Any] = {
         "merge_method": spec.merge_method,
@@ -69,6 +69,8 @@ def expert_accuracies(track: Track, mode: Mode, cache: Path) -> dict[str, dict[s
             "correct": [int(c) for c in correct],
             "eval_s": round(time.time() - t0, 1),
         }
+        if hasattr(track, "eval_details"):
+            rec["eval_details"] = track.eval_details()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))
         out[t] = rec
@@ -76,9 +78,10 @@ def expert_accuracies(track: Track, mode: Mode, cache: Path) -> dict[str, dict[s
 
 
 def run_key(track: Track, mode: Mode) -> str:
-    blob = json.dumps(
-        [track.fingerprint(), mode.eval_n, mode.num_samples, mode.learned, mode.seed], sort_keys=True
-    )
+    parts: list[Any] = [track.fingerprint(), mode.eval_n, mode.num_samples, mode.learned, mode.seed]
+    if mode.layer_num_samples is not None:  # appended only when set: the other tracks' keys stay as they were
+        parts.append(mode.layer_num_samples)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -91,6 +94,7 @@ def run_items(
     deadline: float | None = None,
     shard: tuple[int, int] = (0, 1),
     run_new: bool = True,
+    device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every (combination, method) not cached yet; return all item records (cached and new).
@@ -127,7 +131,9 @@ def run_items(
                 if stopped or (deadline is not None and time.time() > deadline):
                     stopped = True
                     continue
-                rec = run_one(track, mode, spec, combo, run_dir / "tmp", expert_acc, run_merge, parse_config)
+                rec = run_one(
+                    track, mode, spec, combo, run_dir / "tmp", expert_acc, run_merge, parse_config, device
+                )
                 rec["slot"] = slot
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rec))
@@ -153,6 +159,7 @@ def run_one(
     expert_acc: dict[str, float],
     run_merge: Callable[..., Any],
     parse_config: Callable[[Any], Any],
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Merge one combination with one method, evaluate it, and return the item record."""
     rec: dict[str, Any] = {"method": spec.name, "combo": list(combo), "k": len(combo), "spec": asdict(spec)}
@@ -169,7 +176,7 @@ def run_one(
                 losses.append(float(ev.loss))
 
         config = parse_config(merge_config(track, spec, combo, mode))
-        result = run_merge(config, out, device="cpu", progress=progress)
+        result = run_merge(config, out, device=device, progress=progress)
         rec["losses"], rec["stage_s"] = losses, stage_s
         rec["merge_s"] = round(time.time() - t0, 2)
         t1 = time.time()
@@ -177,6 +184,8 @@ def run_one(
         rec["eval_s"] = round(time.time() - t1, 2)
         rec["acc"] = {t: sum(c) / len(c) for t, c in correct.items()}
         rec["correct"] = {t: [int(x) for x in c] for t, c in correct.items()}
+        if hasattr(track, "eval_details"):  # e.g. the llm track's share of unparseable answers
+            rec["eval_details"] = track.eval_details()
         rec["anp"] = anp(rec["acc"], expert_acc)
         rec["coefficients"] = result.coefficients
         rec["engine_metrics"] = _jsonable(result.metrics)

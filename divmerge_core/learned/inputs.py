@@ -11,7 +11,7 @@ from ..data import TaskInputs, load_task_inputs
 from ..errors import ConfigError
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teachers import CAUSAL, Example, encode, load_tokenizer, model_kind
+from ..teachers import CAUSAL, ChatFormat, Example, encode, load_tokenizer, model_kind
 
 
 @dataclass
@@ -43,7 +43,16 @@ def load_inputs(plan: MergePlan, kind: str, device: torch.device, reporter: Repo
     label_masks = resolve_label_masks(plan, device)
     tokenizer = load_tokenizer(plan.reference.path)
     examples = [
-        encode(kind, tokenizer, inputs, t, params.max_length, params.max_new_tokens, plan.model_config)
+        encode(
+            kind,
+            tokenizer,
+            inputs,
+            t,
+            params.max_length,
+            params.max_new_tokens,
+            plan.model_config,
+            chat_format(plan, t),
+        )
         for t, inputs in enumerate(tasks)
     ]
     return LearnedInputs(tasks, tokenizer, examples, label_masks)
@@ -53,6 +62,14 @@ def model_field(plan: MergePlan, t: int) -> str:
     """The config path of task model ``t`` (``models.<i>``; the base may sit in the list before it)."""
     i = next((i for i, m in enumerate(plan.config.models) if m is plan.specs[t]), t)
     return f"models.{i}"
+
+
+def chat_format(plan: MergePlan, t: int) -> ChatFormat | None:
+    """Task ``t``'s ``data.chat_template`` / ``data.system_prompt`` as a :class:`ChatFormat` (None when off)."""
+    data = plan.specs[t].data
+    if data is None or not data.chat_template:
+        return None
+    return ChatFormat(data.system_prompt, field=f"{model_field(plan, t)}.data.chat_template")
 
 
 def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:

@@ -83,8 +83,6 @@ class TeacherStage:
         self.dtype, self.device, self.reporter, self.ranks = dtype, device, reporter, ranks
         self.batch_size = teacher_batch_size(self.params.batch_size_per_task)
         self.auto = [t for t, s in enumerate(plan.specs) if s.data is not None and s.data.labels == "auto"]
-        #: task -> label ids its expert predicts (``labels: auto`` tasks only)
-        self.predicted: dict[int, list[int]] = {}
 
     def begin(self, t: int) -> bool:
         """Whether task ``t``'s expert must be loaded into the module for :meth:`run`."""
@@ -131,7 +129,7 @@ class TeacherStage:
                 e.fields, e.start, e.stop = {"input_ids": list(ids)}, start, stop
 
     def _resolve_auto(self, t: int, predicted: set[int]) -> None:
-        """Record task ``t``'s predicted labels and restrict its label mask to them."""
+        """Restrict task ``t``'s label mask to the labels its expert predicts."""
         labels = sorted(predicted)
         if len(labels) < 2:
             raise ConfigError(
@@ -139,7 +137,6 @@ class TeacherStage:
                 f"{len(self.inputs.examples[t])} inputs; give the task's labels explicitly",
                 field=f"{model_field(self.plan, t)}.data.labels",
             )
-        self.predicted[t] = labels
         masks = self.inputs.label_masks
         assert masks is not None
         masks[t] = False

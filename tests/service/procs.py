@@ -196,6 +196,21 @@ class Olah:
                 self.proc.kill()
 
 
+def checkout_plugins(folder: Path) -> Path:
+    """A dist-info declaring this checkout's ``divmerge.commands`` entry points (read from pyproject.toml),
+    to put on PYTHONPATH: the ``divmerge`` command then loads the plugins of the code under test even when
+    the installed package's metadata predates them."""
+    import tomllib
+
+    eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["divmerge.commands"]
+    info = folder / "divmerge_checkout_plugins-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: divmerge-checkout-plugins\nVersion: 0\n")
+    lines = ["[divmerge.commands]", *(f"{name} = {target}" for name, target in eps.items())]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 class PrivatePostgres:
     """A PostgreSQL cluster of our own (initdb + pg_ctl on a free port, in a temp dir) that a test may stop
     and start at will; the machine's shared PostgreSQL is never touched. Run as the ``postgres`` user when

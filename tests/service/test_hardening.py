@@ -164,10 +164,14 @@ def test_every_field_round_trips_to_the_worker(svc):
             "max_length": 64,
             "max_new_tokens": 7,
             "top_k": 5,
+            "placement": "resident",
+            "gradient_checkpointing": False,
+            "micro_batch_size": 2,
+            "teacher": "cached",
         },
         "dtype": "bfloat16",
         "out_dtype": "float32",
-        "output": {"path": str(out), "private": False},
+        "output": {"path": str(out), "private": False, "overwrite": True},
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
     schema = {f for f in _leaves(config_class("divmerge")) if not f.startswith("slices.")}  # slices: classic
@@ -191,7 +195,7 @@ def test_every_field_round_trips_to_the_worker(svc):
     assert yaml.safe_load((out / "merge_config.yaml").read_text()) == expected
     alt = svc.submit({**config, "output": hub_output}, key="roundtrip-hub")
     svc.client.post(f"/v1/merges/{alt['id']}/cancel", headers=svc.h())
-    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True}
+    assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True, "overwrite": False}
 
 
 def _within(part, whole) -> bool:
@@ -272,8 +276,8 @@ def test_bad_hub_ids_and_revisions_are_422(svc, ref, where):
 def test_good_hub_ids_are_accepted(svc):
     from fastapi.testclient import TestClient
 
-    from api.core.config import Settings
     from api.main import create_app
+    from service_core.config import Settings
 
     refs = ("acme/tiny-base", "acme/tiny.base@v1.0", "acme/tiny_base@refs/pr/1", "gpt2", "a/b@" + "f" * 40)
     with TestClient(create_app(Settings(cpu_queue="idle", gpu_queue="idle"))) as idle:

