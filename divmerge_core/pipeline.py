@@ -3,8 +3,9 @@
 Classic methods stream tensor by tensor: for each tensor the base and the K task models' copies are read,
 combined on the device by the method's function (:mod:`divmerge_core.methods`), with the parameters
 evaluated for that tensor (gradients, filters), cast to the output dtype, checked for NaN/inf and handed
-to the streaming writer, so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
-(``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
+to the streaming writer, so memory stays near K+2 tensors whatever the model size. A reader thread reads
+the next tensor's inputs while the current one merges (:data:`PREFETCH_BYTES`). Learned methods first learn
+their coefficients (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import resource
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +143,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
 
 
+@dataclass
+class _TensorReads:
+    """One tensor's inputs as read from the checkpoints (see :meth:`_Merger.read`)."""
+
+    base: torch.Tensor | None
+    models: torch.Tensor | Iterable[torch.Tensor]
+
+
 class _Merger:
     """Produces the merged tensors one at a time from open checkpoints."""
 
@@ -165,22 +176,42 @@ class _Merger:
         dtype = self.reference.dtype(name)
         return TensorSpec(name, self.reference.shape(name), self.odtype if dtype.is_floating_point else dtype)
 
-    def merge(self, name: str) -> torch.Tensor:
+    def input_bytes(self, name: str) -> int:
+        """What reading ``name``'s inputs (base and task models, compute dtype) allocates."""
+        n = math.prod(self.reference.shape(name))
+        return n * (len(self.models) + 1) * torch.empty((), dtype=self.cdtype).element_size()
+
+    def read(self, name: str, whole: bool = False) -> _TensorReads | None:
+        """Read ``name``'s inputs (None for integer/bool buffers, which are copied, never merged).
+
+        ``whole``: every model's copy is read now (a prefetch); otherwise a streaming method gets a
+        generator refilling one buffer, read as the method consumes it.
+        """
         if not self.reference.dtype(name).is_floating_point:
-            return self.reference.get(name)  # integer/bool buffers are copied, never merged
-        method = self.method
-        use_base = self.base is not None and (self.coeffs is not None or method.base != "unused")
+            return None
+        use_base = self.base is not None and (self.coeffs is not None or self.method.base != "unused")
         base = self.base.get(name, self.cdtype, self.device) if use_base else None
         shape = self.reference.shape(name)
-        if self.coeffs is not None or method.streams:
+        models: torch.Tensor | Iterable[torch.Tensor]
+        if (self.coeffs is not None or self.method.streams) and not whole:
             # one model at a time, read into one reused buffer: memory stays at ~4 tensors whatever K
-            models: Iterable[torch.Tensor] = self._stream(name, shape)
+            models = self._stream(name, shape)
         else:  # the K tensors read straight into one [K, ...] tensor that the method then works in
             models = torch.empty((len(self.models), *shape), dtype=self.cdtype, device=self.device)
             for m, row in zip(self.models, models, strict=True):
                 m.get_into(name, row)
+        return _TensorReads(base, models)
+
+    def merge(self, name: str, reads: _TensorReads | None = None) -> torch.Tensor:
+        """Merge tensor ``name`` from ``reads`` (from :meth:`read`; read now when not given)."""
+        if reads is None:
+            reads = self.read(name)
+        if reads is None:
+            return self.reference.get(name)
+        base, models = reads.base, reads.models
         if self.coeffs is not None:
             return self._learned(name, base, models)
+        method = self.method
         assert method.merge is not None
         params, per_model = self.settings.for_tensor(name)
         generator = None
@@ -224,11 +255,20 @@ def write_weights(
         writer = stack.enter_context(
             ShardedSafetensorsWriter(folder, [merger.spec(n) for n in names], plan.options.max_shard_size)
         )
+        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="divmerge-read"))
+        stack.enter_context(_intra_op_threads(torch.get_num_threads() - 1))  # a core for the reader
         total = len(names)
         reporter.report("write", 0, total)
+        pending: Future[_TensorReads | None] | None = None
         for i, name in enumerate(names):
             reporter.check()
-            out = merger.merge(name).to(merger.spec(name).dtype)
+            reads = pending.result() if pending is not None else merger.read(name)
+            pending = None
+            following = names[i + 1] if i + 1 < total else None
+            if following is not None and merger.input_bytes(following) <= PREFETCH_BYTES:
+                pending = reader.submit(_read_ahead, merger, following)
+            out = merger.merge(name, reads).to(merger.spec(name).dtype)
+            del reads
             if out.is_floating_point() and not all_finite(out):
                 what = "overflows the output dtype" if merger.odtype != merger.cdtype else "is not finite"
                 raise NumericalError(f"merged tensor {name!r} has NaN or inf values (the merge {what})")
@@ -236,6 +276,34 @@ def write_weights(
             del out
             reporter.report("write", i + 1, total, message=name)
         return writer.close()
+
+
+#: The next tensor's inputs are read in a background thread while the current one merges (reads and
+#: arithmetic overlap on two cores) when they take at most this many bytes; larger ones (embeddings)
+#: are read when their turn comes, one model at a time for the streaming methods, so peak memory stays
+#: that of one large tensor's inputs.
+PREFETCH_BYTES = 128 << 20
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (at least 1) inside the block.
+
+    The merge arithmetic is memory-bound: more threads than cores makes every small op wait at
+    OpenMP barriers for descheduled threads (measured on 2 shared cores: half the CPU time and a
+    third of the wall time of a TIES merge with 1 thread instead of 2).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read_ahead(merger: _Merger, name: str) -> _TensorReads | None:
+    with torch.inference_mode():
+        return merger.read(name, whole=True)
 
 
 def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:

@@ -238,7 +238,10 @@ def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9, 0.999])
-def test_magnitude_prune_equals_peft_topk_with_ties(make, density):
+@pytest.mark.parametrize("radix", [False, True], ids=["topk", "radix"])
+def test_magnitude_prune_equals_peft_topk_with_ties(make, density, radix, monkeypatch):
+    if radix:  # every float32 tensor takes the radix threshold (falling back to topk on a straddling tie)
+        monkeypatch.setattr(sparsify, "RADIX_MIN_NUMEL", 1)
     t = make(torch.Generator().manual_seed(3))
     ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
     assert torch.equal(ours.isnan(), theirs.isnan())
@@ -267,6 +270,30 @@ def test_ties_large_tensor_equals_peft():
     w = [0.4, 0.3, 0.2, 0.1]
     theirs = peft_merge.ties(deltas, torch.tensor(w), 0.35)
     assert torch.equal(ties_deltas(deltas, w, [0.35] * 4), theirs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(300_000, generator=g),
+        lambda g: torch.randn(300_000, generator=g) * 1e-30,  # subnormal and tiny magnitudes
+        lambda g: torch.randint(-2000, 2001, (300_000,), generator=g).float(),  # ties everywhere
+        lambda g: torch.cat([torch.zeros(200_000), torch.randn(100_000, generator=g)]),  # k-th is zero
+        lambda g: torch.cat([torch.randn(99_990, generator=g), torch.tensor([float("nan")] * 10)]),
+    ],
+)
+@pytest.mark.parametrize("density", [1e-5, 0.1, 0.5, 0.77, 0.99999])
+def test_radix_threshold_gives_peft_topk_set(make, density):
+    """Large float32 tensors: the radix k-th magnitude is exact, and the mask is peft's wherever it applies."""
+    t = make(torch.Generator().manual_seed(11))
+    k = int(density * t.numel())
+    bits, threshold, reaching = sparsify._kth_largest_magnitude(t, k)
+    kth = torch.topk(t.abs(), k).values[-1]
+    assert torch.equal(torch.tensor(threshold, dtype=torch.int32).view(torch.float32), kth) or kth.isnan()
+    assert reaching == int((bits >= threshold).sum())
+    ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num().view(torch.int32), theirs.nan_to_num().view(torch.int32))
 
 
 @pytest.mark.parametrize("n", [100, 1000, 70_001])
@@ -338,3 +365,35 @@ def sparsify_free_multislerp(deltas):
     ua, ub = a / a.norm(), b / b.norm()
     mid = (ua + ub) / (ua + ub).norm()
     return (mid * (a.norm() + b.norm()) / 2).view(deltas[0].shape)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
+    """Tensors read ahead in the reader thread merge exactly as tensors read when their turn comes."""
+    from divmerge_core import pipeline
+
+    fam = bert_family(tmp_path / "m", n=2)
+    params = {} if method == "task_arithmetic" else {"density": 0.5}
+    cfg = config_dict(method, fam["base"], [fam["t1"], fam["t2"]], **params)
+    reads: list[tuple[str, bool]] = []
+    original = pipeline._Merger.read
+
+    def spy(self, name, whole=False):
+        reads.append((name, whole))
+        return original(self, name, whole)
+
+    monkeypatch.setattr(pipeline._Merger, "read", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the merge loop runs on 1 (a core left to the reader), then sets 2 back
+    try:
+        ahead = load_file(run_merge(parse_config(cfg), tmp_path / "a").out_dir / "model.safetensors")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(whole for _, whole in reads) == len(ahead) - 1  # every tensor but the first read ahead
+    reads.clear()
+    monkeypatch.setattr(pipeline, "PREFETCH_BYTES", 0)
+    in_turn = load_file(run_merge(parse_config(cfg), tmp_path / "b").out_dir / "model.safetensors")
+    assert reads and not any(whole for _, whole in reads)
+    assert ahead.keys() == in_turn.keys()
+    assert all(torch.equal(ahead[n].view(torch.uint8), in_turn[n].view(torch.uint8)) for n in ahead)

@@ -24,34 +24,79 @@ def safe_divisor(total: float) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor:
-    """A bool mask (same shape) of the ``k`` entries of largest magnitude, exactly the set peft's topk picks.
+#: float32 CPU tensors at least this large find the top-k threshold by radix selection (smaller: topk).
+RADIX_MIN_NUMEL = 1 << 16
 
-    peft calls ``topk(|x|, k)``, sorted: with k ~ numel/2 most of its time goes into sorting the k kept
-    entries, which a mask does not need. On CPU the selection itself (``std::nth_element``, or
-    ``partial_sort`` for small k) does not depend on ``sorted``, only the order of the returned indices
-    does, so ``sorted=False`` gives the same set, ties at the threshold included (~2.7x faster over a
-    BERT-base task vector). Other devices keep peft's exact call.
+
+def _kth_largest_magnitude(tensor: Tensor, k: int) -> tuple[Tensor, int, int] | None:
+    """(``|x|``'s bits as int32, the bits of the ``k``-th largest magnitude, how many are >= it).
+
+    Radix selection: non-negative float32 values order like their bit patterns as integers (NaN above
+    inf, as topk orders it), so two histograms (``bincount`` of the high 16 bits, then of the low 16
+    bits inside the one bucket that holds the k-th value) give the exact k-th largest magnitude in a
+    few streaming passes instead of a selection over the whole tensor. None if it does not apply.
+    """
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not 0 < k <= tensor.numel():
+        return None
+    if tensor.numel() < RADIX_MIN_NUMEL:
+        return None
+    bits = tensor.reshape(-1).view(torch.int32).bitwise_and(0x7FFFFFFF)  # |x|, NaN payloads kept
+    high = bits.bitwise_right_shift(16)
+    above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum_(0)  # [i]: count with high >= 32767-i
+    i = int(torch.searchsorted(above, k))  # first bucket (from the top) reaching k entries
+    bucket = (1 << 15) - 1 - i
+    before = int(above[i - 1]) if i else 0
+    low = bits[high == bucket].bitwise_and_(0xFFFF)
+    inside = torch.bincount(low, minlength=1 << 16).flip(0).cumsum_(0)
+    j = int(torch.searchsorted(inside, k - before))
+    return bits, (bucket << 16) | ((1 << 16) - 1 - j), before + int(inside[j])
+
+
+def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
+    """A bool mask (same shape) of the ``k`` entries of largest magnitude, exactly the set peft's topk
+    picks; None when keeping them leaves ``tensor`` as it is (the k-th largest magnitude is 0).
+
+    The set is unique unless entries tie at the k-th magnitude with some kept and some not. The radix
+    threshold (:func:`_kth_largest_magnitude`) is used when exactly ``k`` entries reach it, i.e. no tie
+    straddles the cut; otherwise topk decides as peft's does. peft calls ``topk(|x|, k)``, sorted: on
+    CPU the selection (``std::nth_element``, or ``partial_sort`` for small k) does not depend on
+    ``sorted``, only the order of the returned indices does, so ``sorted=False`` gives the same set,
+    ties included. Other devices keep peft's exact call.
     """
     flat = tensor.reshape(-1)
+    found = _kth_largest_magnitude(tensor, k)
+    if found is not None:
+        bits, threshold, reaching = found
+        if threshold == 0:  # the kept set holds every nonzero: x * mask is x, bit for bit (signed zeros too)
+            return None
+        if reaching == k:
+            return (bits >= threshold).view(tensor.shape)
+        magnitudes = bits.view(torch.float32)  # |x|, the same bits as flat.abs(): no second copy
+        del found, bits
+    elif not bool(tensor.any()):  # all zeros: topk over ties only would be slow, x * mask is x
+        return None
+    else:
+        magnitudes = flat.abs()
+    indices = torch.topk(magnitudes, k=k, largest=True, sorted=flat.device.type != "cpu").indices
+    del magnitudes
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    top = torch.topk(flat.abs(), k=k, largest=True, sorted=flat.device.type != "cpu")
-    keep[top.indices] = True
+    keep[indices] = True
     return keep.view(tensor.shape)
 
 
 def magnitude_prune(tensor: Tensor, density: float) -> Tensor:
     """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest."""
-    if density >= 1 or not bool(tensor.any()):  # an all-zero task vector (a frozen tensor) stays as it is
+    if density >= 1:
         return tensor
-    return tensor * _top_magnitude_mask(tensor, int(density * tensor.numel()))
+    return magnitude_prune_(tensor.clone(), density)
 
 
 def magnitude_prune_(tensor: Tensor, density: float) -> Tensor:
     """:func:`magnitude_prune` in place."""
-    if density >= 1 or not bool(tensor.any()):  # all zeros: topk over ties only would be slow, same result
+    if density >= 1:
         return tensor
-    return tensor.mul_(_top_magnitude_mask(tensor, int(density * tensor.numel())))
+    mask = _top_magnitude_mask(tensor, int(density * tensor.numel()))
+    return tensor if mask is None else tensor.mul_(mask)
 
 
 def random_prune(

@@ -174,8 +174,9 @@ def test_every_field_round_trips_to_the_worker(svc):
         "output": {"path": str(out), "private": False, "overwrite": True},
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
+    chat = {"models.data.chat_template", "models.data.system_prompt"}  # causal LMs only: checked below
     schema = {f for f in _leaves(config_class("divmerge")) if not f.startswith("slices.")}  # slices: classic
-    covered = _set_leaves(config) | {"output.repo_id"}
+    covered = _set_leaves(config) | {"output.repo_id"} | chat
     assert covered == schema, f"set these fields too: {schema - covered}"
     expected = MergeConfig.model_validate(config).model_dump(mode="json", by_alias=True, exclude_none=True)
     assert _within(config, expected), "normalising keeps every value (it only adds defaults)"
@@ -193,6 +194,23 @@ def test_every_field_round_trips_to_the_worker(svc):
     assert done["status"] == "succeeded", done["error"]
     assert done["spec"] == expected
     assert yaml.safe_load((out / "merge_config.yaml").read_text()) == expected
+    # the chat fields (causal LMs): stored exactly as sent
+    causal = {
+        "merge_method": "divmerge",
+        "base_model": str(svc.models["gpt_base"]),
+        "models": [
+            {"model": str(svc.models[f"gpt_ft{i}"]),
+             "data": {"texts": ["a b"], "chat_template": True, "system_prompt": f"Task {i}."}}
+            for i in (1, 2)
+        ],
+    }  # fmt: skip
+    chat_job = svc.submit(causal)
+    svc.client.post(f"/v1/merges/{chat_job['id']}/cancel", headers=svc.h())
+    stored = svc.get(chat_job["id"])["spec"]["models"]
+    assert [(d["data"]["chat_template"], d["data"]["system_prompt"]) for d in stored] == [
+        (True, "Task 1."),
+        (True, "Task 2."),
+    ]
     alt = svc.submit({**config, "output": hub_output}, key="roundtrip-hub")
     svc.client.post(f"/v1/merges/{alt['id']}/cancel", headers=svc.h())
     assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True, "overwrite": False}
