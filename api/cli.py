@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .core.config import Settings, get_settings
+from service_core.config import Settings, get_settings
 
 # The database and web modules are imported inside the commands: these subcommands are registered on every
 # ``divmerge`` invocation (``divmerge merge`` included), which should not pay for importing them.
@@ -16,7 +16,7 @@ from .core.config import Settings, get_settings
 def _prepare_db(settings: Settings) -> None:
     """The embedded SQLite database is created and migrated on first use; PostgreSQL is migrated by
     ``alembic upgrade head`` (the compose file's ``migrate`` service)."""
-    from .db import migrate
+    from service_core.db import migrate
 
     if settings.db_url.startswith("sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         print(f"divmerge: embedded worker started (pid {worker.pid}); database {settings.db_url}", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            server_header=False,  # no "server: uvicorn" banner
+        )
     finally:
         if worker is not None:
             worker.terminate()
@@ -62,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from .db import session_scope
+    from service_core.db import session_scope
+
     from .security import create_token
 
     settings = get_settings()
@@ -77,7 +84,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from .db import session_scope
+    from service_core.db import session_scope
+
     from .security import revoke_token
 
     settings = get_settings()

@@ -1,18 +1,18 @@
-"""The job store: every state change of a job is one conditional UPDATE here (API and workers share it)."""
+"""The API's side of the job store: create, read, list, cancel and retry a team's jobs, and the metrics'
+counts. Each state change is one conditional UPDATE; the workers' side is :mod:`service_core.jobs`."""
 
 from __future__ import annotations
 
 import base64
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import FINISHED, Job, utcnow
+from service_core.jobs import add_event
+from service_core.models import FINISHED, Job, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -23,7 +23,8 @@ class NotCancellable(Exception):
     """The job has already finished."""
 
 
-# ---------------------------------------------------------------- API side
+class NotRetryable(Exception):
+    """Only a failed job can be retried."""
 
 
 def create_job(
@@ -51,6 +52,8 @@ def create_job(
     try:
         with session.begin_nested():
             session.add(job)
+            session.flush()
+            add_event(session, job.id, "submitted", f"queued on {queue}", queue=queue)
     except IntegrityError:  # a concurrent request with the same key won the race
         existing = _by_key(session, team_id, idempotency_key or "")
         if existing is None:
@@ -127,6 +130,38 @@ def cancel_job(session: Session, team_id: int, job_id: str) -> Job | None:
     return job
 
 
+def retry_job(session: Session, team_id: int, job_id: str) -> Job | None:
+    """Queue a failed job again with fresh attempts: the worker re-delivers its kept result if there is one,
+    else runs the merge from scratch."""
+    now = utcnow()
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.team_id == team_id, Job.status == "failed")
+        .values(
+            status="queued",
+            attempts=0,
+            cancel_requested=False,
+            worker_id=None,
+            lease_expires_at=None,
+            run_after=None,
+            enqueued_at=now,
+            finished_at=None,
+            error_code=None,
+            error_message=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.expire_all()
+    job = get_job(session, team_id, job_id)
+    if job is None:
+        return None
+    if not changed:
+        raise NotRetryable()
+    what = "re-deliver the kept result" if job.kept else "run the merge again"
+    add_event(session, job_id, "retry_requested", f"retry requested: {what}", redeliver=bool(job.kept))
+    return job
+
+
 def count_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
@@ -144,168 +179,3 @@ def recent_durations(session: Session, since: datetime, limit: int = 10_000) -> 
         .limit(limit)
     ).all()
     return [(s, (f - b).total_seconds()) for s, b, f in rows]
-
-
-# ---------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A worker's hold on a running job; every write is fenced on (worker_id, attempt)."""
-
-    job_id: str
-    worker_id: str
-    attempt: int
-
-    def fence(self):
-        return (
-            Job.id == self.job_id,
-            Job.worker_id == self.worker_id,
-            Job.attempts == self.attempt,
-            Job.status == "running",
-        )
-
-
-def claim(
-    session: Session, job_id: str, worker_id: str, *, lease_s: float, max_attempts: int
-) -> Claim | None:
-    """Atomically take a queued job, or a running one whose lease expired. None: drop the message."""
-    now = utcnow()
-    claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now))
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable, Job.attempts < max_attempts, Job.cancel_requested.is_(False))
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            started_at=func.coalesce(Job.started_at, now),
-            run_after=None,
-        )
-        .returning(Job.attempts)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is not None:
-        return Claim(job_id, worker_id, row[0])
-    expire_lost(session, max_attempts, job_id=job_id)
-    return None
-
-
-def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) -> int:
-    """End jobs whose lease expired: cancelled if a cancel was requested, failed (worker_lost) when out of
-    attempts. Returns how many rows changed."""
-    now = utcnow()
-    expired = and_(Job.status == "running", Job.lease_expires_at < now)
-    scope = (Job.id == job_id,) if job_id else ()
-    n = session.execute(
-        update(Job)
-        .where(expired, Job.cancel_requested.is_(True), *scope)
-        .values(status="cancelled", finished_at=now, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    n += session.execute(
-        update(Job)
-        .where(expired, Job.attempts >= max_attempts, *scope)
-        .values(
-            status="failed",
-            finished_at=now,
-            lease_expires_at=None,
-            error_code="worker_lost",
-            error_message=f"the worker running this job was lost {max_attempts} time(s)",
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    return n
-
-
-def heartbeat(session: Session, c: Claim, lease_s: float) -> tuple[bool, bool]:
-    """Extend the lease. Returns (still ours, cancel requested)."""
-    row = session.execute(
-        update(Job)
-        .where(*c.fence())
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
-    return (row is not None, bool(row[0]) if row else False)
-
-
-def update_running(session: Session, c: Claim, **values: Any) -> bool:
-    """Write progress/resolved/upload on a job we hold. False if we no longer hold it."""
-    res = session.execute(
-        update(Job).where(*c.fence()).values(**values).execution_options(synchronize_session=False)
-    )
-    return res.rowcount == 1
-
-
-def finish(session: Session, c: Claim, status: str, **values: Any) -> bool:
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(*c.fence())
-        .values(status=status, finished_at=now, lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    return res.rowcount == 1
-
-
-def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str) -> bool:
-    """Give a job back for a later attempt (transient error)."""
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(*c.fence())
-        .values(
-            status="queued",
-            lease_expires_at=None,
-            worker_id=None,
-            run_after=now + timedelta(seconds=delay_s),
-            enqueued_at=now,
-            error_code=code,
-            error_message=message,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return res.rowcount == 1
-
-
-def load(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
-
-
-def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) -> list[tuple[str, str]]:
-    """Jobs a reconciler should enqueue again: queued too long (message lost) or lease expired (worker lost).
-    Marks them re-enqueued now so that concurrent reconcilers do not pile up duplicates."""
-    expire_lost(session, max_attempts)
-    now = utcnow()
-    old = now - timedelta(seconds=queued_stale_s)
-    due = or_(Job.run_after.is_(None), Job.run_after <= now)
-    queued = and_(Job.status == "queued", due, or_(Job.enqueued_at.is_(None), Job.enqueued_at < old))
-    lost = and_(
-        Job.status == "running",
-        Job.lease_expires_at < now,
-        or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.lease_expires_at, Job.enqueued_at < old),
-    )
-    rows = session.execute(
-        update(Job)
-        .where(or_(queued, lost))
-        .values(enqueued_at=now)
-        .returning(Job.id, Job.queue)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [(r[0], r[1]) for r in rows]
-
-
-def next_claimable(session: Session) -> str | None:
-    """Embedded worker: the oldest job that can run now."""
-    now = utcnow()
-    due = or_(Job.run_after.is_(None), Job.run_after <= now)
-    return session.scalar(
-        select(Job.id)
-        .where(
-            or_(and_(Job.status == "queued", due), and_(Job.status == "running", Job.lease_expires_at < now))
-        )
-        .order_by(Job.created_at)
-        .limit(1)
-    )

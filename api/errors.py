@@ -7,7 +7,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service_core.db import is_unavailable
 
 log = logging.getLogger("divmerge.api")
 
@@ -24,6 +28,9 @@ _HTTP_CODES = {
     429: "rate_limited",
     503: "unavailable",
 }
+
+#: Seconds a client is asked to wait (``Retry-After``) when the database is unreachable.
+RETRY_AFTER_S = 5
 
 
 class ApiError(Exception):
@@ -51,7 +58,22 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)  # 405: Allow
+
+    async def _database_error(_req: Request, exc: Exception):
+        if not is_unavailable(exc):
+            log.error("database error: %s", type(exc).__name__)
+            return error_response(500, "internal_error", "internal server error")
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):

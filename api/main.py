@@ -1,26 +1,30 @@
-"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs."""
+"""The FastAPI app factory (``uvicorn --factory api.main:create_app``); OpenAPI docs at /docs and /redoc,
+served with their assets from the ``fastapi-offline`` package (no CDN: they work offline); the web dashboard
+at /."""
 
 from __future__ import annotations
 
 import logging
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from divmerge_core.config import MergeConfig
+from service_core.config import Settings, get_settings
 
-from .core.config import Settings, get_settings
 from .errors import install_handlers
 from .metrics import Metrics
-from .routers import health, merges
+from .routers import dashboard, health, merges
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = FastAPI(
+    app = FastAPIOffline(
         title="DivMerge service",
         version="1",
-        description="Submit model merges (the engine's MergeConfig as JSON) and follow them to completion.",
+        description="Submit model merges (the engine's MergeConfig as JSON or YAML) and follow them to "
+        "completion. Every /v1 call needs `Authorization: Bearer <token>` (the Authorize button).",
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings)
@@ -28,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(merges.router)
     app.include_router(health.router)
+    dashboard.install(app)
     _add_config_schema(app)
     return app
 
@@ -45,6 +50,9 @@ def _add_config_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(defs)
         comps["MergeConfig"] = cfg
+        for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
+            if param["name"] == "limit":  # the bound is a setting, checked in the handler
+                param["schema"]["maximum"] = app.state.settings.list_limit_max
         return schema
 
     app.openapi = openapi

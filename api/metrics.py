@@ -9,10 +9,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from starlette.requests import Request
 
+from service_core.config import Settings
+from service_core.db import session_scope
+from service_core.models import STATUSES, utcnow
+
 from . import crud
-from .core.config import Settings
-from .db import session_scope
-from .models import STATUSES, utcnow
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 

@@ -7,22 +7,35 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .models import Job
+from service_core.models import Job, JobEvent, utcnow
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class Progress(BaseModel):
-    stage: str | None = None
+    stage: str | None = Field(
+        None,
+        description="queued, starting, resolve, validate, data, teacher, optimise, write, upload, "
+        "upload_wait (a delivery retry is pending), done",
+    )
     step: int | None = None
-    total_steps: int | None = None
+    total: int | None = None
+    total_steps: int | None = Field(None, description="same as total (kept for older clients)")
     loss: float | None = None
+    elapsed_s: float | None = Field(None, description="seconds since the job started (until it finished)")
+    eta_s: float | None = Field(
+        None, description="seconds left in this stage at its step rate; null if unknown"
+    )
     updated_at: datetime | None = None
 
 
 class JobError(BaseModel):
     code: str
     message: str
+
+
+class KeptResult(BaseModel):
+    until: datetime = Field(description="the merged result is kept until then; POST /retry re-delivers it")
 
 
 class JobResult(BaseModel):
@@ -46,26 +59,34 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
     resolved: dict[str, str | None] | None = Field(None, description="model/dataset reference -> commit SHA")
     error: JobError | None = None
+    last_error: JobError | None = Field(
+        None, description="the reason of the failure, or of the retry the job is waiting for"
+    )
+    kept: KeptResult | None = None
     result: JobResult | None = None
     cancel_requested: bool = False
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        error = None
-        if job.status == "failed" and job.error_code:
-            error = JobError(code=job.error_code, message=job.error_message or "")
+        error = last = None
+        if job.error_code:
+            last = JobError(code=job.error_code, message=job.error_message or "")
+            if job.status == "failed":
+                error = last
         return cls(
             id=job.id,
             status=job.status,  # type: ignore[arg-type]
             queue=job.queue,
             attempts=job.attempts,
-            progress=Progress(**job.progress) if job.progress else None,
+            progress=_progress(job),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
             spec=job.spec,
             resolved=job.resolved,
             error=error,
+            last_error=last,
+            kept=KeptResult(until=job.kept["until"]) if job.kept else None,
             result=JobResult(**job.result) if job.status == "succeeded" and job.result else None,
             cancel_requested=job.cancel_requested,
         )
@@ -74,3 +95,65 @@ class JobOut(BaseModel):
 class JobList(BaseModel):
     items: list[JobOut]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+def _progress(job: Job) -> Progress:
+    # a queued job (new, or back for another attempt) shows "queued", not the stage its last attempt reached
+    p = {"stage": "queued"} if job.status == "queued" or not job.progress else dict(job.progress)
+    p.setdefault("total", p.get("total_steps"))
+    if job.started_at is not None:
+        end = job.finished_at or utcnow()
+        p["elapsed_s"] = round((end - job.started_at).total_seconds(), 1)
+    if job.status != "running":
+        p["eta_s"] = None
+    return Progress(**{k: v for k, v in p.items() if k in Progress.model_fields})
+
+
+class EventOut(BaseModel):
+    at: datetime
+    kind: str = Field(description="submitted, claimed, stage, retry, delivery_retry, warning, kept, ...")
+    message: str
+    data: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, ev: JobEvent) -> EventOut:
+        return cls(at=ev.at, kind=ev.kind, message=ev.message, data=ev.data or {})
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class FileOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class HubLocation(BaseModel):
+    repo_id: str
+    commit: str | None
+
+
+class FileList(BaseModel):
+    files: list[FileOut]
+    hub: HubLocation | None = Field(None, description="Hub outputs: the repo and the upload commit")
+
+
+class Coefficients(BaseModel):
+    groups: list[str] = Field(description="parameter groups (empty until the merge is done)")
+    tasks: list[str]
+    values: list[list[float]] | None = Field(None, description="[group][task]; null until the merge is done")
+    losses: list[float] = Field(description="the loss at each optimisation step so far")
+
+
+class Problem(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ValidationReport(BaseModel):
+    ok: bool
+    problems: list[Problem]
+    estimate: dict[str, Any] | None = None

@@ -7,11 +7,13 @@ import secrets
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service_core.models import ApiToken, Team, utcnow
+
 from .errors import ApiError
-from .models import ApiToken, Team, utcnow
 
 TOKEN_PREFIX = "dm_"
 
@@ -63,13 +65,18 @@ def lookup(session: Session, token: str) -> Caller | None:
     return Caller(team_id=team.id, team=team.name, token_id=tok.id)
 
 
-def get_caller(request: Request) -> Caller:
+#: Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button); errors are ours.
+_bearer = HTTPBearer(auto_error=False, description="an API token made with `divmerge token create`")
+
+
+def get_caller(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Caller:
     """FastAPI dependency: the caller's team, from ``Authorization: Bearer <token>``."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = credentials.credentials if credentials is not None else ""
+    if not token.strip():
         raise ApiError(401, "unauthorized", "missing bearer token")
-    from .db import session_scope
+    from service_core.db import session_scope
 
     with session_scope(request.app.state.settings.db_url) as session:
         caller = lookup(session, token.strip())

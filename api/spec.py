@@ -4,44 +4,116 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+import yaml
 
-from divmerge_core.config import MergeConfig, is_local_ref
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref, parse_config
+from divmerge_core.errors import ConfigError, DivMergeError
+from divmerge_core.paths import check_folder, check_local_path
+from service_core.config import Settings
 
-from .core.config import Settings
 from .errors import ApiError
 
-_SECRET_WORDS = ("token", "secret", "password", "authorization")
+#: Deepest JSON nesting accepted in a body (a merge config needs 5); checked before parsing.
+MAX_JSON_DEPTH = 32
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a JSON body; 422 ``invalid_json`` for bad JSON or nesting deeper than :data:`MAX_JSON_DEPTH`
+    (checked before parsing, which would otherwise recurse without bound)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "invalid_json", "the body is not valid UTF-8 JSON") from None
+    if json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(422, "invalid_json", f"the body nests more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
+
+
+def json_depth(text: str, stop_above: int | None = None) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings ignored); the scan stops
+    as soon as the depth exceeds ``stop_above``."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if stop_above is not None and depth > stop_above:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _non_finite(value: Any, path: tuple = ()) -> tuple | None:
+    """The path of the first NaN or infinite number in a parsed body (JSON ``NaN``, ``Infinity``,
+    ``1e999``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+#: Media types a config body may have (YAML as the CLI writes it, or JSON).
+BODY_TYPES = ("application/json", "application/yaml")
+_YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+def load_body(raw: bytes, content_type: str | None) -> Any:
+    """Decode a (size-checked) body as YAML when its media type says so, else as JSON. YAML is read with
+    ``safe_load`` and refused if it uses aliases (a few bytes of aliases can expand to gigabytes)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in _YAML_TYPES:
+        try:
+            text = raw.decode("utf-8")
+            if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text)):
+                raise ApiError(422, "invalid_yaml", "YAML aliases (*name) are not accepted")
+            return yaml.safe_load(text)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ApiError(
+                422, "invalid_yaml", f"the body is not valid YAML: {_one_line(str(err))}"
+            ) from None
+    return load_json(raw)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
 
 
 def parse(body: Any) -> MergeConfig:
     """Validate against the engine's schema; 422 ``invalid_config`` naming the first bad field."""
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_config", "the body must be a JSON object (a merge config)")
+    bad = _non_finite(body)
+    if bad is not None:
+        field = ".".join(str(p) for p in bad)
+        raise ApiError(422, "invalid_config", f"{field}: numbers must be finite (no NaN or infinity)", field)
     try:
-        return MergeConfig.model_validate(body)
-    except ValidationError as err:
-        errs = err.errors()
-        field = ".".join(str(p) for p in errs[0]["loc"]) if errs else None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errs[:10])
-        raise ApiError(422, "invalid_config", msg, field or None) from None
+        return parse_config(body)
+    except ConfigError as err:
+        raise ApiError(422, "invalid_config", err.message, err.field) from None
 
 
 def normalise(config: MergeConfig) -> dict:
-    """The spec as stored and returned: the validated config as JSON, secrets removed."""
-    return redact(config.model_dump(mode="json", by_alias=True, exclude_none=True))
-
-
-def redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items() if not any(w in k.lower() for w in _SECRET_WORDS)}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    """The spec as stored, hashed and returned: the validated config as JSON, every field kept. No secret
+    can be in it: the schema forbids unknown keys and has no field for one (Hub tokens are settings)."""
+    return config.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def spec_hash(spec: dict) -> str:
@@ -49,28 +121,83 @@ def spec_hash(spec: dict) -> str:
 
 
 def check_paths(config: MergeConfig, settings: Settings) -> None:
-    """Every local path the spec names must be absolute, free of '..', and under an allow-listed root."""
+    """Every local path the spec names must be absolute, free of '..', and under an allow-listed root, and
+    every file of a local model folder must resolve under one too (the engine's allow-list, applied at
+    submit so that the caller gets a 422 rather than a failed job; the worker checks again)."""
     roots = settings.roots
-    if config.base_model and is_local_ref(config.base_model):
-        _check_path(config.base_model, roots, "base_model")
+    models = [("base_model", config.base_model)] if config.base_model else []
+    models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    for field, raw in models:
+        if is_local_ref(raw):
+            real = _allowed(raw, roots, field)
+            if real.is_dir():
+                _guard(field, lambda: check_folder(real, roots, f"model {raw!r}"))  # noqa: B023
     for i, m in enumerate(config.models):
-        if is_local_ref(m.model):
-            _check_path(m.model, roots, f"models.{i}.model")
         if m.data is not None and m.data.path is not None:
-            _check_path(m.data.path, roots, f"models.{i}.data.path")
+            _allowed(m.data.path, roots, f"models.{i}.data.path")
     if config.output is not None and config.output.path is not None:
-        _check_path(config.output.path, roots, "output.path")
+        _allowed(config.output.path, roots, "output.path")
 
 
-def _check_path(raw: str, roots: tuple[Path, ...], field: str) -> None:
-    text = raw[len("file://") :] if raw.startswith("file://") else raw
-    if not os.path.isabs(text):
-        raise ApiError(422, "path_not_allowed", f"local paths must be absolute: {raw!r}", field)
-    if ".." in Path(text).parts:
-        raise ApiError(422, "path_not_allowed", f"'..' is not allowed in local paths: {raw!r}", field)
-    real = Path(os.path.realpath(text))
-    if not any(real == r or r in real.parents for r in roots):
-        raise ApiError(422, "path_not_allowed", f"{raw!r} is outside the allowed local roots", field)
+def local_path(raw: str) -> Path:
+    return Path(raw[len("file://") :] if raw.startswith("file://") else raw)
+
+
+def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
+    """The cheap checks that would otherwise fail the job late (after check_paths): local models and data
+    exist, a local output does not (unless ``output.overwrite``), a Hub output has a write token."""
+    if config.base_model and is_local_ref(config.base_model) and not local_path(config.base_model).is_dir():
+        raise ApiError(
+            422, "model_not_found", f"model directory {config.base_model!r} does not exist", "base_model"
+        )
+    for i, m in enumerate(config.models):
+        if is_local_ref(m.model) and not local_path(m.model).is_dir():
+            raise ApiError(
+                422, "model_not_found", f"model directory {m.model!r} does not exist", f"models.{i}.model"
+            )
+        if m.data is not None and m.data.path is not None and not local_path(m.data.path).is_file():
+            raise ApiError(
+                422, "invalid_dataset", f"data file {m.data.path!r} does not exist", f"models.{i}.data.path"
+            )
+    out = config.output
+    if out is not None and out.repo_id is not None and settings.hub_write_token(team) is None:
+        raise ApiError(
+            422,
+            "no_hub_token",
+            f"no Hub write token is configured for team {team!r}: set DIVMERGE_TEAM_HUB_TOKENS or "
+            "DIVMERGE_HUB_TOKEN on the server, or write to a local output.path",
+            "output.repo_id",
+        )
+    if out is not None and out.path is not None and not out.overwrite:
+        dest = local_path(out.path)
+        if dest.is_file() or (dest.is_dir() and any(dest.iterdir())):
+            raise ApiError(
+                409,
+                "output_exists",
+                f"output path {out.path!r} already exists (set output.overwrite: true to replace it)",
+                "output.path",
+            )
+
+
+def is_learned(stored: dict) -> bool:
+    return stored.get("merge_method") in LEARNED_METHODS
+
+
+def task_names(stored: dict) -> list[str]:
+    """A learned merge's tasks, as it names them: its models other than the base."""
+    base = stored.get("base_model")
+    return [m["model"] for m in stored.get("models", []) if m["model"] != base]
+
+
+def _allowed(raw: str, roots: tuple[Path, ...], field: str) -> Path:
+    return _guard(field, lambda: check_local_path(raw, roots, field))
+
+
+def _guard(field: str, check: Callable[[], Any]) -> Any:
+    try:
+        return check()
+    except DivMergeError as err:
+        raise ApiError(422, err.code, err.message, field) from None
 
 
 def check_limits(config: MergeConfig, settings: Settings) -> None:
@@ -80,13 +207,16 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
-    if config.parameters.max_new_tokens > settings.max_new_tokens:
-        over(
-            "parameters.max_new_tokens",
-            "max_new_tokens",
-            config.parameters.max_new_tokens,
-            settings.max_new_tokens,
-        )
+    params = config.parameters
+    for name, limit in (
+        ("max_new_tokens", settings.max_new_tokens),
+        ("epochs", settings.max_epochs),
+        ("max_length", settings.max_length),
+        ("batch_size_per_task", settings.max_batch_size_per_task),
+    ):
+        value = getattr(params, name, None)  # the learned methods' parameters
+        if value is not None and value > limit:
+            over(f"parameters.{name}", name, value, limit)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
         if m.data is None:

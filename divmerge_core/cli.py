@@ -26,6 +26,17 @@ from .progress import ProgressEvent
 
 PROG = "divmerge"
 PLUGIN_GROUP = "divmerge.commands"
+#: Top-level modules of the optional extras: a plugin that needs one that is missing is skipped quietly.
+_OPTIONAL_MODULES = {
+    "pydantic_settings",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "celery",
+    "redis",
+    "alembic",
+    "httpx",
+}
 #: Errors in what the user gave us (config, models, data): exit code 2. Anything else: 1.
 USER_ERRORS = (ConfigError, IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError, DatasetError)
 
@@ -70,18 +81,35 @@ def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
 
 
+def _load(path: str):
+    """The config, its mergekit no-op warnings printed to stderr."""
+    config = load_config(path)
+    for warning in config.warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return config
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import run_merge
 
-    config = load_config(args.config)
+    config = _load(args.config)
+    force = args.force or (config.output is not None and config.output.overwrite)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge(
-            config, args.out, options=_options(args), device=args.device, progress=progress, force=args.force
+            config,
+            args.out,
+            options=_options(args),
+            device=args.device,
+            progress=progress,
+            force=force,
+            devices=args.devices,
         )
     finally:
         progress.close()
     metrics = result.metrics
+    if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
+        return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
     print(
         f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
@@ -91,18 +119,59 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .pipeline import prepare
+    """Resolve the models, check they can be merged and that each dataset has the columns it needs."""
+    from .dryrun import dry_run
 
-    config = load_config(args.config)
-    plan = prepare(config, _options(args))
+    config = _load(args.config)
+    report = dry_run(config, _options(args), args.device)
+    if not report.ok:
+        for p in report.problems:
+            where = f"{p['field']}: " if p["field"] else ""
+            print(f"{PROG}: error: {where}{_one_line(p['message'])} [{p['code']}]", file=sys.stderr)
+        return 2
+    plan = report.plan
+    assert plan is not None
     models = ([plan.base] if plan.base else []) + plan.models
     arch = plan.model_config.get("architectures") or [plan.model_config.get("model_type", "?")]
+    method = config.method
     print(f"ok: {config.merge_method} merge of {len(plan.models)} model(s), {', '.join(arch)}")
+    print(f"  {method.kind} method ({method.queue} queue): {method.card}")
     for m in models:
         role = "base " if m is plan.base else "model"
         where = f"@{m.commit}" if m.commit else f"({m.path})"
         print(f"  {role} {m.ref.raw} {where}")
     print(f"  {len(plan.tensor_names)} tensors, all compatible")
+    n_data = sum(1 for m in config.models if m.data is not None)
+    if n_data:
+        print(f"  {n_data} dataset(s) read, columns found")
+    est = report.estimate or {}
+    if est:
+        print(
+            f"  estimate: {est['parameters']:,} parameters, reads {est['read_bytes'] / 1e6:.1f} MB, "
+            f"writes {est['output_bytes'] / 1e6:.1f} MB"
+        )
+    if est.get("memory") is not None:
+        from .learned.memory import describe
+
+        for line in describe(est["memory"]):
+            print(f"  {line}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods.registry import markdown
+
+    print(markdown())
     return 0
 
 
@@ -118,14 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--allow-pickle", action="store_true", help="load pickle .bin checkpoints (weights only)"
     )
-    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory (same as output.overwrite: true)",
+    )
+    merge.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="learned methods: run as one data-parallel job over N processes (N GPUs with --device cuda)",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
 
-    validate = sub.add_parser("validate", help="resolve the models and check they can be merged")
+    validate = sub.add_parser(
+        "validate", help="resolve the models and data, check they can be merged (a dry run, nothing written)"
+    )
     validate.add_argument("config", help="merge config (YAML)")
     validate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    validate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device the memory estimate is for"
+    )
     validate.set_defaults(func=cmd_validate)
+
+    methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")
+    methods.set_defaults(func=cmd_methods)
 
     load_plugins(sub)
     return parser
@@ -133,13 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_plugins(subparsers: argparse._SubParsersAction) -> list[str]:
     """Let installed packages add subcommands. A broken plugin is reported and skipped."""
-    loaded = []
+    loaded: list[str] = []
     for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in loaded:  # the same plugin seen twice on sys.path (e.g. a checkout and an install)
+            continue
         try:
             obj = ep.load()
             register = getattr(obj, "register", obj)
             register(subparsers)
             loaded.append(ep.name)
+        except ModuleNotFoundError as err:
+            if err.name in _OPTIONAL_MODULES:  # its extra ([service] or [client]) is not installed
+                continue
+            print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a plugin must never break the engine's own commands
             print(f"{PROG}: warning: plugin {ep.name!r} failed to load: {err}", file=sys.stderr)
     return loaded

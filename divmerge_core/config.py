@@ -1,14 +1,18 @@
 """The one merge-config schema, shared by the CLI (YAML) and the service (JSON).
 
-It follows mergekit's layout (``merge_method``, ``base_model``, ``models[].model``,
-``models[].parameters.weight/density``, ``parameters``, ``dtype``) so mergekit configs for the classic
-methods load unchanged, and adds what the learned methods need: per-model unlabelled ``data`` and the
-optimisation parameters.
+It follows mergekit's layout (``merge_method``, ``base_model``, ``models[].model`` or ``slices[].sources``,
+per-model and global ``parameters``, ``dtype``) so mergekit configs for the supported methods load
+unchanged, and adds what the learned methods need: per-model unlabelled ``data``.
+
+``parameters`` and ``models[].parameters`` are validated against the chosen method's own parameter
+models (:mod:`divmerge_core.methods`): :meth:`MergeConfig.model_validate` builds the config class of
+that method, so a parameter the method does not take is an error naming its field.
 """
 
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,26 +22,47 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    FiniteFloat,
     ValidationError,
+    create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
+from .methods import registry
+from .methods.base import MERGEKIT_NO_OPS, MethodParameters
+from .methods.settings import Slice
 
-CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp")
-LEARNED_METHODS = ("divmerge", "adamerging")
-METHODS = CLASSIC_METHODS + LEARNED_METHODS
-#: Methods built on task vectors: they need a base model.
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "divmerge", "adamerging")
+METHODS = tuple(registry.METHODS)
+CLASSIC_METHODS = registry.names("classic")
+LEARNED_METHODS = registry.names("learned")
 
-Method = Literal[
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp", "divmerge", "adamerging"
-]
+Method = Literal[METHODS]  # type: ignore[valid-type]
 DType = Literal["float32", "bfloat16", "float16"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.\-]{0,94}[A-Za-z0-9])?$")
+_HUB_REVISION = re.compile(r"^[\w.\-]+(?:/[\w.\-]+)*$")
+
+
+def is_hub_ref(value: str, revision: bool = True) -> bool:
+    """'name', 'org/name' or (with ``revision``) either followed by '@revision', by the Hub's rules: each
+    part alphanumeric at both ends, no '--' or '..'; a revision (branch, tag or commit) has no '..' and no
+    empty or dot-led component, so it can never climb out of the cache folder it names."""
+    repo, at, rev = value.partition("@")
+    parts = repo.split("/")
+    if len(parts) > 2 or not all(_HUB_NAME.match(p) for p in parts) or ".." in repo or "--" in repo:
+        return False
+    if not at:
+        return True
+    return (
+        revision
+        and len(rev) <= 255
+        and bool(_HUB_REVISION.match(rev))
+        and not any(c.startswith(".") for c in rev.split("/"))
+    )
 
 
 class _Strict(BaseModel):
@@ -61,11 +86,11 @@ class DataSpec(_Strict):
     )
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
-    labels: list[str | int] | None = Field(
+    labels: list[str | int] | Literal["auto"] | None = Field(
         None,
         description="sequence classification with one head shared by several tasks: this task's labels "
         "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
-        "are renormalised over them",
+        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
     )
 
     chat_template: bool = Field(
@@ -79,8 +104,8 @@ class DataSpec(_Strict):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, v: list[str | int] | None) -> list[str | int] | None:
-        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+    def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
             raise ValueError("'labels' needs at least two distinct labels")
         return v
 
@@ -91,56 +116,28 @@ class DataSpec(_Strict):
             raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
         if self.texts is not None and not any(t.strip() for t in self.texts):
             raise ValueError("'texts' holds no non-empty text")
-        if self.dataset is not None and not _HUB_ID.match(self.dataset):
+        if self.dataset is not None and not is_hub_ref(self.dataset):
             raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("'system_prompt' needs 'chat_template: true'")
         return self
 
 
-class ModelParameters(_Strict):
-    weight: FiniteFloat | None = None
-    density: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-
-
 class ModelSpec(_Strict):
-    model: str = Field(description="Hub id 'org/name[@revision]' or a local directory")
-    parameters: ModelParameters = Field(default_factory=ModelParameters)
+    model: str = Field(min_length=1, description="Hub id 'org/name[@revision]' or a local directory")
+    #: The method's per-model parameters (``MergeConfig.model_validate`` sets the method's own class).
+    parameters: MethodParameters = Field(default_factory=MethodParameters)
     data: DataSpec | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_parameters(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @field_validator("model")
     @classmethod
     def _check_ref(cls, value: str) -> str:
         return check_model_ref(value)
-
-
-class MergeParameters(_Strict):
-    """Global method parameters. Defaults follow the DivMerge paper and mergekit."""
-
-    # classic
-    weight: FiniteFloat | None = Field(None, description="default per-model weight")
-    density: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
-        None, description="default density (ties/dare)"
-    )
-    normalize: bool | None = Field(None, description="divide by the sum of weights (default: method's own)")
-    lambda_: FiniteFloat = Field(
-        1.0, validation_alias=AliasChoices("lambda", "lambda_"), serialization_alias="lambda"
-    )
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    seed: int = Field(0, description="seed for DARE's random drop and for data sampling")
-    # learned
-    granularity: Literal["task", "layer", "tensor"] = "layer"
-    divergence: Literal["js", "kl"] = "js"
-    lr: Annotated[float, Field(gt=0)] = 1e-2
-    epochs: Annotated[int, Field(ge=1)] = 4
-    batch_size_per_task: Annotated[int, Field(ge=1)] = 4
-    init: FiniteFloat | None = Field(None, description="initial coefficient (default 1/n_tasks)")
-    max_length: Annotated[int, Field(ge=1)] = 128
-    max_new_tokens: Annotated[int, Field(ge=1)] = 32
-    top_k: Annotated[int, Field(ge=1)] | None = Field(
-        None,
-        description="store only the teacher's top-k token probabilities (approximation; default full vocab)",
-    )
 
 
 class OutputSpec(_Strict):
@@ -149,21 +146,53 @@ class OutputSpec(_Strict):
     repo_id: str | None = Field(None, description="Hub model repo to upload to (created private if missing)")
     path: str | None = Field(None, description="local directory (must be under an allow-listed root)")
     private: bool = True
+    overwrite: bool = Field(
+        False, description="replace an existing local output directory (the CLI's --force)"
+    )
 
     @model_validator(mode="after")
     def _one_destination(self) -> OutputSpec:
         if (self.repo_id is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo_id' or 'path'")
-        if self.repo_id is not None and not _HUB_ID.match(self.repo_id):
+        if self.repo_id is not None and not is_hub_ref(self.repo_id, revision=False):
             raise ValueError(f"'repo_id' is not a Hub repo id: {self.repo_id!r}")
         return self
 
 
+class SliceSource(_Strict):
+    """One model's layers in a mergekit slice."""
+
+    model: str
+    layer_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+    parameters: MethodParameters | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _check_ref(cls, value: str) -> str:
+        return check_model_ref(value)
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSource:
+        if self.layer_range[1] <= self.layer_range[0]:
+            raise ValueError(f"'layer_range' {list(self.layer_range)} is empty")
+        return self
+
+
+class SliceSpec(_Strict):
+    """mergekit's ``slices[]``: layers merged with their own parameters (the layer layout is kept)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: MethodParameters | None = None
+
+
 class MergeConfig(_Strict):
     merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
-    base_model: str | None = None
+    base_model: Annotated[str, Field(min_length=1)] | None = None
     models: list[ModelSpec] = Field(min_length=1)
-    parameters: MergeParameters = Field(default_factory=MergeParameters)
+    slices: list[SliceSpec] | None = Field(
+        None, description="mergekit slices (instead of 'models'): per-layer-range parameters"
+    )
+    parameters: MethodParameters = Field(default_factory=dict, validate_default=True)
     dtype: DType = Field("float32", description="compute dtype")
     out_dtype: DType | None = Field(None, description="output dtype (default: dtype)")
     output: OutputSpec | None = None
@@ -178,45 +207,185 @@ class MergeConfig(_Strict):
     def _none_parameters(cls, value: Any) -> Any:
         return {} if value is None else value
 
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> MergeConfig:
+        """Validate with the config class of ``obj``'s merge method (its own parameter models)."""
+        if cls is MergeConfig and isinstance(obj, dict):
+            name = obj.get("merge_method", obj.get("method"))
+            if isinstance(name, str) and name in registry.METHODS:
+                return config_class(name).model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_from_slices(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("slices") is not None:
+            if data.get("models") is not None:
+                raise ValueError("give either 'models' or 'slices', not both")
+            sources = [
+                s.get("model")
+                for sl in data["slices"]
+                if isinstance(sl, dict)
+                for s in sl.get("sources") or []
+                if isinstance(s, dict)
+            ]
+            data = {
+                **data,
+                "models": [{"model": m} for m in dict.fromkeys(sources) if isinstance(m, str)] or None,
+            }
+        return data
+
     @model_validator(mode="after")
     def _method_requirements(self) -> MergeConfig:
-        method = self.merge_method
-        if method in TASK_VECTOR_METHODS and self.base_model is None:
-            raise ValueError(f"'base_model' is required for merge_method {method!r}")
-        if not self.task_models():
-            raise ValueError("'models' lists no model other than the base model")
-        if method in LEARNED_METHODS:
+        method = self.method
+        name = self.merge_method
+        if method.needs_base and self.base_model is None:
+            _fail(("base_model",), f"'base_model' is required for merge_method {name!r}")
+        tasks = self.task_models()
+        if not tasks:
+            _fail(("models",), "'models' lists no model other than the base model")
+        if method.n_models is not None and len(tasks) != method.n_models:
+            _fail(
+                ("models",),
+                f"merge_method {name!r} merges the base with exactly {method.n_models} other model(s), "
+                f"got {len(tasks)}",
+            )
+        if method.learned:
             missing = [i for i, m in enumerate(self.models) if m.data is None and m.model != self.base_model]
             if missing:
-                raise ValueError(
-                    f"merge_method {method!r} learns from unlabelled inputs: models {missing} have no 'data'"
+                _fail(
+                    ("models", missing[0], "data"),
+                    f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'",
                 )
+        if self.slices is not None:
+            _check_slices(self.slices, [m.model for m in self.models])
+        else:
+            required = [k for k, f in method.parameters.model_fields.items() if f.is_required()]
+            missing_keys = [k for k in required if getattr(self.parameters, k) is None]
+            if missing_keys:
+                _fail(("parameters", missing_keys[0]), f"merge_method {name!r} needs this parameter")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """With ``slices``, ``models`` is derived from them: left out, so that a dump loads again."""
+        data = handler(self)
+        if self.slices is not None:
+            data.pop("models", None)
+        return data
+
+    @property
+    def method(self) -> registry.MergeMethod:
+        return registry.get_method(self.merge_method)
+
+    def warnings(self) -> list[str]:
+        """mergekit knobs that were accepted but change nothing here, one line each naming the field."""
+        out = []
+        for where, params in [("parameters", self.parameters)] + [
+            (f"slices.{i}.parameters", s.parameters) for i, s in enumerate(self.slices or [])
+        ]:
+            for key in sorted(MERGEKIT_NO_OPS.keys() & (params.model_fields_set if params else set())):
+                out.append(f"{where}.{key}: {MERGEKIT_NO_OPS[key]}")
+        return out
+
+    def layer_slices(self) -> list[Slice] | None:
+        """The slices as layer ranges with their parameters (model index -> parameters), or None."""
+        if self.slices is None:
+            return None
+        return [
+            Slice(
+                s.sources[0].layer_range[0],
+                s.sources[0].layer_range[1],
+                s.parameters,
+                {src.model: src.parameters for src in s.sources if src.parameters is not None},
+            )
+            for s in self.slices
+        ]
 
     @property
     def output_dtype(self) -> str:
         return self.out_dtype or self.dtype
 
     def task_models(self) -> list[ModelSpec]:
-        """The models that contribute task vectors (mergekit drops the base model from that list)."""
-        if self.merge_method in TASK_VECTOR_METHODS:
+        """The models merged (mergekit drops the base model from that list when the method uses one)."""
+        if self.method.base != "unused" and self.base_model is not None:
             return [m for m in self.models if m.model != self.base_model]
         return list(self.models)
 
-    def weight_of(self, spec: ModelSpec, default: float = 1.0) -> float:
-        w = spec.parameters.weight
-        if w is None:
-            w = self.parameters.weight
-        return default if w is None else float(w)
-
-    def density_of(self, spec: ModelSpec, default: float = 0.2) -> float:
-        d = spec.parameters.density
-        if d is None:
-            d = self.parameters.density
-        return default if d is None else float(d)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+
+
+def _fail(loc: tuple[str | int, ...], message: str) -> None:
+    """A validation error at ``loc`` (a check that needs several fields still names the one at fault)."""
+    error = InitErrorDetails(type=PydanticCustomError("method_requirement", message), loc=loc, input=None)
+    raise ValidationError.from_exception_data("MergeConfig", [error])
+
+
+def _check_slices(slices: list[SliceSpec], models: list[str]) -> None:
+    """Only slices that keep the layer layout: each output layer range is the same range of every
+    model, the ranges follow each other from layer 0 (the end is checked against the models in prepare)."""
+    end = 0
+    for i, s in enumerate(slices):
+        ranges = {tuple(src.layer_range) for src in s.sources}
+        if len(ranges) != 1:
+            _fail(
+                ("slices", i, "sources"),
+                "every source must take the same 'layer_range' (the layer layout is kept; "
+                f"got {sorted(ranges)})",
+            )
+        start, stop = ranges.pop()
+        if start != end:
+            _fail(
+                ("slices", i, "sources"),
+                f"'layer_range' starts at {start}, expected {end} (slices must follow each other)",
+            )
+        names = [src.model for src in s.sources]
+        if len(set(names)) != len(names) or set(names) != set(models):
+            _fail(
+                ("slices", i, "sources"), "the sources must list each model once (the models of every slice)"
+            )
+        end = stop
+
+
+@cache
+def config_class(method: str) -> type[MergeConfig]:
+    """The :class:`MergeConfig` subclass whose ``parameters`` fields are ``method``'s own."""
+    m = registry.get_method(method)
+    spec = create_model(
+        f"ModelSpec_{method}",
+        __base__=ModelSpec,
+        parameters=(m.model_parameters, Field(default_factory=dict, validate_default=True)),
+    )
+    source = create_model(
+        f"SliceSource_{method}", __base__=SliceSource, parameters=(m.model_parameters | None, None)
+    )
+    slice_spec = create_model(
+        f"SliceSpec_{method}",
+        __base__=SliceSpec,
+        sources=(list[source], Field(min_length=1)),  # type: ignore[valid-type]
+        parameters=(_partial(m.parameters) | None, None),
+    )
+    return create_model(
+        f"MergeConfig_{method}",
+        __base__=MergeConfig,
+        merge_method=(Literal[method], Field(validation_alias=AliasChoices("merge_method", "method"))),
+        models=(list[spec], Field(min_length=1)),  # type: ignore[valid-type]
+        slices=(list[slice_spec] | None, None),  # type: ignore[valid-type]
+        parameters=(_partial(m.parameters), Field(default_factory=dict, validate_default=True)),
+    )
+
+
+def _partial(params: type[MethodParameters]) -> type[MethodParameters]:
+    """``params`` with its required fields optional (None): slices may give them instead, and prepare
+    checks that every tensor gets a value."""
+    required = {k: f for k, f in params.model_fields.items() if f.is_required()}
+    if not required:
+        return params
+    fields: dict[str, Any] = {
+        k: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None)) for k, f in required.items()
+    }
+    return create_model(f"{params.__name__}_partial", __base__=params, **fields)
 
 
 def check_model_ref(value: str) -> str:
@@ -224,7 +393,7 @@ def check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
-    if is_local_ref(value) or _HUB_ID.match(value):
+    if is_local_ref(value) or is_hub_ref(value):
         return value
     raise ValueError(f"not a Hub model id ('org/name[@revision]') nor a local path: {value!r}")
 
@@ -233,12 +402,24 @@ def is_local_ref(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~", "file://")) or value in (".", "..")
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the field path (``models.1.data.num_samples: ...``)."""
+def format_validation_error(err: ValidationError, method: str | None = None) -> str:
+    """One line per problem, each naming the field path (``models.1.data.num_samples: ...``).
+
+    A parameter the merge method does not take says so, with the parameters it does take.
+    """
     lines = []
-    for e in err.errors():
+    m = registry.METHODS.get(method) if isinstance(method, str) else None
+    for e in err.errors()[:10]:
         loc = ".".join(str(p) for p in e["loc"]) or "config"
-        lines.append(f"{loc}: {e['msg']}")
+        msg = e["msg"]
+        if m is not None and e["type"] == "extra_forbidden" and "parameters" in e["loc"][:-1]:
+            per_model = (
+                e["loc"][0] in ("models", "slices") and "sources" in e["loc"] or e["loc"][0] == "models"
+            )
+            fields = (m.model_parameters if per_model else m.parameters).model_fields
+            takes = ", ".join(f.serialization_alias or k for k, f in fields.items()) or "none"
+            msg = f"merge_method {m.name!r} has no {'per-model ' if per_model else ''}parameter {e['loc'][-1]!r} (it takes: {takes})"
+        lines.append(f"{loc}: {msg}")
     return "; ".join(lines)
 
 
@@ -250,7 +431,10 @@ def parse_config(data: Any) -> MergeConfig:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]["loc"] if err.errors() else ()
-        raise ConfigError(format_validation_error(err), field=".".join(map(str, first)) or None) from None
+        method = data.get("merge_method", data.get("method"))
+        raise ConfigError(
+            format_validation_error(err, method), field=".".join(map(str, first)) or None
+        ) from None
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -16,7 +16,8 @@ from typing import Any
 from .config import DataSpec
 from .errors import DatasetError
 from .options import EngineOptions
-from .refs import check_local_path, resolve_dataset_repo
+from .paths import check_local_path
+from .refs import resolve_dataset_repo
 
 TaskInput = str | tuple[str, str]
 
@@ -56,7 +57,7 @@ def load_task_inputs(spec: DataSpec, options: EngineOptions, seed: int = 0) -> T
         rows: _Rows = _ListRows([{"text": t} for t in spec.texts], ["text"])
         source, commit = "inline", None
     elif spec.path is not None:
-        path = check_local_path(Path(spec.path).expanduser(), options, "dataset path")
+        path = check_local_path(spec.path, options.local_roots, "dataset path")
         rows, source, commit = _read_local(path, spec.path), spec.path, None
     else:
         assert spec.dataset is not None

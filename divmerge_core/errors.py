@@ -67,6 +67,53 @@ class TransientError(DivMergeError):
     transient = True
 
 
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status an error carries (``err.response.status_code``: huggingface_hub, httpx, requests)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection and timeout errors of the HTTP stacks the Hub client may use (imported if installed)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import httpx
+
+        types.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        types += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying could succeed: the one place this is decided, by exception type and HTTP status.
+
+    A :class:`DivMergeError` says so itself (``transient``); an HTTP error is transient on 5xx and 429
+    only; connection and timeout errors are; anything else is not. Explicit causes (``raise ... from``)
+    are followed, so a wrapper around a connection error counts as one.
+    """
+    network = _network_errors()
+    current: BaseException | None = err
+    for _ in range(8):
+        if current is None:
+            break
+        if isinstance(current, DivMergeError):
+            return current.transient
+        status = http_status(current)
+        if status is not None:
+            return status >= 500 or status == 429
+        if isinstance(current, network):
+            return True
+        current = current.__cause__
+    return False
+
+
 class MergeCancelled(DivMergeError):
     code = "cancelled"
 
@@ -78,3 +125,13 @@ class OutputExistsError(ConfigError):
     """The output path exists and is not an empty directory (and replacing it was not asked for)."""
 
     code = "output_exists"
+
+
+class InsufficientMemoryError(ConfigError):
+    """A learned merge fits in no placement; ``estimate`` holds the figures (refused before loading anything)."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, estimate: dict):
+        super().__init__(message, field="parameters.placement")
+        self.estimate = estimate

@@ -18,6 +18,10 @@ from safetensors import safe_open
 
 from .errors import ModelNotFoundError, UnsafeCheckpointError
 from .options import EngineOptions
+from .paths import index_shards
+
+#: The config's ``dtype``/``out_dtype`` names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -219,10 +223,8 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 
 def _safetensors_files(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
+    if (folder / "model.safetensors.index.json").is_file():
+        files = index_shards(folder, "model.safetensors.index.json")
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise ModelNotFoundError(f"{str(folder)!r}: shard {missing[0]!r} named in the index is missing")
@@ -233,7 +235,6 @@ def _safetensors_files(folder: Path) -> list[str]:
 
 
 def _pickle_files(folder: Path) -> list[str]:
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        return list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return index_shards(folder, "pytorch_model.bin.index.json")
     return sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")

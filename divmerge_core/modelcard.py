@@ -6,23 +6,9 @@ from typing import Any
 
 import yaml
 
-from .config import LEARNED_METHODS
 from .plan import LearnedCoefficients, MergePlan
 from .refs import ResolvedModel
 
-#: Parameters that only the learned methods read (left out of a classic merge's card, and vice versa).
-_LEARNED_ONLY = {
-    "granularity",
-    "divergence",
-    "lr",
-    "epochs",
-    "batch_size_per_task",
-    "init",
-    "max_length",
-    "max_new_tokens",
-    "top_k",
-}
-_CLASSIC_ONLY = {"weight", "density", "normalize", "lambda", "eps"}
 #: Learned coefficient tables longer than this are cut (coefficients.json holds them all).
 _MAX_ROWS = 60
 
@@ -58,12 +44,10 @@ def front_matter(plan: MergePlan) -> dict[str, Any]:
     models = []
     for model, spec in zip(plan.models, plan.specs, strict=True):
         entry = _model_entry(model)
-        entry.update(spec.parameters.model_dump(exclude_none=True))
+        entry.update(spec.parameters.model_dump(mode="json", by_alias=True, exclude_none=True))
         models.append(entry)
     meta["models"] = models
-    params = config.parameters.model_dump(mode="json", by_alias=True, exclude_none=True)
-    unused = _CLASSIC_ONLY if config.merge_method in LEARNED_METHODS else _LEARNED_ONLY
-    meta["parameters"] = {k: v for k, v in params.items() if k not in unused}
+    meta["parameters"] = config.parameters.model_dump(mode="json", by_alias=True, exclude_none=True)
     meta["dtype"] = config.dtype
     meta["out_dtype"] = config.output_dtype
     return meta
@@ -93,7 +77,8 @@ def render_model_card(plan: MergePlan, coeffs: LearnedCoefficients | None = None
         "# Merged model",
         "",
         f"This model was produced with [divmerge](https://arxiv.org/abs/2509.02108) using the "
-        f"`{config.merge_method}` merge method.",
+        f"`{config.merge_method}` merge method ([reference]({config.method.reference})): "
+        f"{config.method.card}.",
         "",
     ]
     if plan.base is not None:

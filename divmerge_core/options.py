@@ -19,3 +19,7 @@ class EngineOptions:
     cache_dir: Path | None = None
     #: Largest output shard, in bytes.
     max_shard_size: int = 2 * 1024**3
+    #: Teacher-output cache directory (default: $DIVMERGE_TEACHER_CACHE_DIR, else ~/.cache/divmerge/teachers).
+    teacher_cache_dir: Path | None = None
+    #: Teacher-output cache bound in bytes (default: $DIVMERGE_TEACHER_CACHE_BYTES, else 16 GiB).
+    teacher_cache_bytes: int | None = None

@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputExistsError
+from .paths import check_file
 
 #: Tokenizer and generation files copied from the reference (base) model.
 TOKENIZER_PATTERNS = (
@@ -46,13 +47,14 @@ def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out_dir``; on success it replaces ``out_dir``.
+def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out`` (a path :func:`check_output_dir` returned); on
+    success it replaces ``out``.
 
-    The rename is atomic when ``out_dir`` does not exist (or is empty). With ``force``, the old contents
-    are moved aside first and deleted only after the new directory is in place.
+    ``out`` is checked again just before the rename only (someone may have written there meanwhile). The
+    rename is atomic when ``out`` does not exist (or is empty). With ``force``, the old contents are moved
+    aside first and deleted only after the new directory is in place.
     """
-    out = check_output_dir(out_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.divmerge-tmp-", dir=out.parent))
     try:
@@ -77,12 +79,15 @@ def _umask() -> int:
     return mask
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path, allowed: Sequence[Path] | None = None) -> list[str]:
+    """Copy the reference model's tokenizer and generation files; each must resolve under ``allowed``
+    (checked again at copy time: the folder may have changed since it was resolved)."""
     copied: list[str] = []
     for pattern in TOKENIZER_PATTERNS:
         for path in sorted(src.glob(pattern)):
             if path.is_file() and path.name not in copied:
-                shutil.copyfile(path, dst / path.name)
+                real = check_file(path, allowed, "tokenizer file")
+                shutil.copyfile(real, dst / path.name)
                 copied.append(path.name)
     return copied
 

@@ -1,9 +1,11 @@
 """The engine's entry points: :func:`prepare` (resolve + validate) and :func:`run_merge` (the whole merge).
 
 Classic methods stream tensor by tensor: for each tensor the base and the K task models' copies are read,
-combined on the device, cast to the output dtype, checked for NaN/inf and handed to the streaming writer,
-so memory stays near K+2 tensors whatever the model size. Learned methods first learn their coefficients
-(``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
+combined on the device by the method's function (:mod:`divmerge_core.methods`), with the parameters
+evaluated for that tensor (gradients, filters), cast to the output dtype, checked for NaN/inf and handed
+to the streaming writer, so memory stays near K+2 tensors whatever the model size. A reader thread reads
+the next tensor's inputs while the current one merges (:data:`PREFETCH_BYTES`). Learned methods first learn
+their coefficients (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import resource
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import LEARNED_METHODS, MergeConfig, ModelSpec
+from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
-from .loading import Checkpoint
-from .methods.classic import merge_stacked_
+from .loading import DTYPES, Checkpoint
+from .methods.base import TensorInputs
+from .methods.settings import TensorSettings, layer_index
 from .modelcard import render_model_card
 from .options import EngineOptions
 from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
@@ -33,29 +38,46 @@ from .refs import ResolvedModel, resolve_model
 from .safetensors_writer import ShardedSafetensorsWriter, TensorSpec
 from .validation import validate_models
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def tensor_settings(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[str]) -> TensorSettings:
+    """The method's parameters, evaluated per tensor (mergekit's gradients, filters and slices)."""
+    layers = [i for i in (layer_index(n) for n in tensor_names) if i is not None]
+    return TensorSettings(
+        config.parameters,
+        [(s.model, s.parameters) for s in specs],
+        config.method.model_parameters,
+        config.layer_slices(),
+        max(layers) + 1 if layers else 0,
+    )
 
 
-def task_specs(config: MergeConfig) -> list[ModelSpec]:
-    """The models merged into the base: mergekit drops the base from the list for task-vector methods
-    and for multislerp with a base (the base is then the sphere's origin)."""
-    specs = config.task_models()
-    if config.merge_method == "multislerp" and config.base_model is not None:
-        specs = [s for s in specs if s.model != config.base_model]
-    return specs
-
-
-def _check_parameters(config: MergeConfig, specs: list[ModelSpec]) -> None:
-    if not specs:
-        raise ConfigError("'models' lists no model to merge other than the base model", field="models")
-    method, normalize = config.merge_method, config.parameters.normalize
-    if method in ("linear", "multislerp") and normalize is not False:
-        total = sum(config.weight_of(s) for s in specs)
-        if abs(total) < 1e-12:
+def _check_parameters(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[str]) -> None:
+    """Every tensor's parameter values exist and pass the method's check, before any tensor is read."""
+    method = config.method
+    if method.learned:
+        return
+    settings = tensor_settings(config, specs, tensor_names)
+    slices = config.layer_slices()
+    if slices is not None and slices[-1].end != settings.n_layers:
+        raise ConfigError(
+            f"the slices cover layers 0-{slices[-1].end}, the models have {settings.n_layers} layers "
+            "(slices must cover every layer, in order)",
+            field="slices",
+        )
+    required = [k for k, f in method.parameters.model_fields.items() if f.is_required()]
+    for name in tensor_names:
+        values, per_model = settings.for_tensor(name)
+        missing = [k for k in required if values.get(k) is None]
+        if missing:
             raise ConfigError(
-                f"merge_method {method!r} normalizes by the sum of the model weights, which is 0 "
-                "(set normalize: false or change the weights)",
-                field="models",
+                f"parameter {missing[0]!r} has no value for tensor {name!r} (no filter matches it; "
+                "add a fallback without 'filter')",
+                field=f"parameters.{missing[0]}",
+            )
+        problem = method.check(values, per_model) if method.check else None
+        if problem:
+            raise ConfigError(
+                f"merge_method {config.merge_method!r} {problem} (tensor {name!r})", field="models"
             )
 
 
@@ -65,8 +87,7 @@ def prepare(
     """Resolve every model reference (local folder or Hub snapshot) and check the models are compatible."""
     options = options or EngineOptions()
     reporter = reporter or Reporter()
-    specs = task_specs(config)
-    _check_parameters(config, specs)
+    specs = config.task_models()
     raws = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [s.model for s in specs]))
     resolved: dict[str, ResolvedModel] = {}
     for i, raw in enumerate(raws):
@@ -87,6 +108,7 @@ def prepare(
             seen.add(model.ref.raw)
             labelled.append((f"{role} {model.ref.raw!r}", model.path))
     report = validate_models(labelled, options)
+    _check_parameters(config, specs, report.tensor_names)
     plan = MergePlan(
         config=config,
         options=options,
@@ -97,9 +119,11 @@ def prepare(
         model_config=report.model_config,
         tensor_names=report.tensor_names,
     )
-    if config.merge_method in LEARNED_METHODS:
+    if config.method.learned:
         from .learned import resolve_label_masks
+        from .teachers import require_tokenizer
 
+        require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
     reporter.report("validate", 1, 1)
     return plan
@@ -117,6 +141,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so DARE's masks do not depend on which other tensors are merged or in what order."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+@dataclass
+class _TensorReads:
+    """One tensor's inputs as read from the checkpoints (see :meth:`_Merger.read`)."""
+
+    base: torch.Tensor | None
+    models: torch.Tensor | Iterable[torch.Tensor]
 
 
 class _Merger:
@@ -137,45 +169,55 @@ class _Merger:
         self.reference = self.base or self.models[0]
         self.cdtype = DTYPES[self.config.dtype]
         self.odtype = DTYPES[self.config.output_dtype]
-        self.weights = [self.config.weight_of(s) for s in plan.specs]
-        self.densities = [self.config.density_of(s) for s in plan.specs]
+        self.method = self.config.method
+        self.settings = tensor_settings(self.config, plan.specs, plan.tensor_names)
 
     def spec(self, name: str) -> TensorSpec:
         dtype = self.reference.dtype(name)
         return TensorSpec(name, self.reference.shape(name), self.odtype if dtype.is_floating_point else dtype)
 
-    def merge(self, name: str) -> torch.Tensor:
+    def input_bytes(self, name: str) -> int:
+        """What reading ``name``'s inputs (base and task models, compute dtype) allocates."""
+        n = math.prod(self.reference.shape(name))
+        return n * (len(self.models) + 1) * torch.empty((), dtype=self.cdtype).element_size()
+
+    def read(self, name: str, whole: bool = False) -> _TensorReads | None:
+        """Read ``name``'s inputs (None for integer/bool buffers, which are copied, never merged).
+
+        ``whole``: every model's copy is read now (a prefetch); otherwise a streaming method gets a
+        generator refilling one buffer, read as the method consumes it.
+        """
         if not self.reference.dtype(name).is_floating_point:
-            return self.reference.get(name)  # integer/bool buffers are copied, never merged
-        # linear ignores the base (unless it is listed among the models)
-        method = self.config.merge_method
-        use_base = self.base is not None and method != "linear"
+            return None
+        use_base = self.base is not None and (self.coeffs is not None or self.method.base != "unused")
         base = self.base.get(name, self.cdtype, self.device) if use_base else None
         shape = self.reference.shape(name)
-        if self.coeffs is not None or method in ("linear", "task_arithmetic"):
+        models: torch.Tensor | Iterable[torch.Tensor]
+        if (self.coeffs is not None or self.method.streams) and not whole:
             # one model at a time, read into one reused buffer: memory stays at ~4 tensors whatever K
-            models: Iterable[torch.Tensor] = self._stream(name, shape)
+            models = self._stream(name, shape)
         else:  # the K tensors read straight into one [K, ...] tensor that the method then works in
             models = torch.empty((len(self.models), *shape), dtype=self.cdtype, device=self.device)
             for m, row in zip(self.models, models, strict=True):
                 m.get_into(name, row)
+        return _TensorReads(base, models)
+
+    def merge(self, name: str, reads: _TensorReads | None = None) -> torch.Tensor:
+        """Merge tensor ``name`` from ``reads`` (from :meth:`read`; read now when not given)."""
+        if reads is None:
+            reads = self.read(name)
+        if reads is None:
+            return self.reference.get(name)
+        base, models = reads.base, reads.models
         if self.coeffs is not None:
             return self._learned(name, base, models)
-        params = self.config.parameters
+        method = self.method
+        assert method.merge is not None
+        params, per_model = self.settings.for_tensor(name)
         generator = None
-        if method.startswith("dare"):
-            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params.seed, name))
-        return merge_stacked_(
-            method,
-            base,
-            models,
-            self.weights,
-            self.densities,
-            lambda_=params.lambda_,
-            normalize=params.normalize,
-            eps=params.eps,
-            generator=generator,
-        )
+        if method.random:
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(params["seed"], name))
+        return method.merge(TensorInputs(name, base, models, per_model, params, generator))
 
     def _stream(self, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
         """Each model's copy of ``name`` in turn, in the same buffer (consume one before the next)."""
@@ -193,6 +235,12 @@ class _Merger:
         return out
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: one reduction pass (a finite sum), the exact element test only when the
+    sum is not finite (NaN/inf in ``t``, or finite values whose sum overflows)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def write_weights(
     plan: MergePlan,
     folder: Path,
@@ -207,12 +255,21 @@ def write_weights(
         writer = stack.enter_context(
             ShardedSafetensorsWriter(folder, [merger.spec(n) for n in names], plan.options.max_shard_size)
         )
+        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="divmerge-read"))
+        stack.enter_context(_intra_op_threads(torch.get_num_threads() - 1))  # a core for the reader
         total = len(names)
         reporter.report("write", 0, total)
+        pending: Future[_TensorReads | None] | None = None
         for i, name in enumerate(names):
             reporter.check()
-            out = merger.merge(name).to(merger.spec(name).dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            reads = pending.result() if pending is not None else merger.read(name)
+            pending = None
+            following = names[i + 1] if i + 1 < total else None
+            if following is not None and merger.input_bytes(following) <= PREFETCH_BYTES:
+                pending = reader.submit(_read_ahead, merger, following)
+            out = merger.merge(name, reads).to(merger.spec(name).dtype)
+            del reads
+            if out.is_floating_point() and not all_finite(out):
                 what = "overflows the output dtype" if merger.odtype != merger.cdtype else "is not finite"
                 raise NumericalError(f"merged tensor {name!r} has NaN or inf values (the merge {what})")
             writer.write(name, out)
@@ -221,10 +278,38 @@ def write_weights(
         return writer.close()
 
 
+#: The next tensor's inputs are read in a background thread while the current one merges (reads and
+#: arithmetic overlap on two cores) when they take at most this many bytes; larger ones (embeddings)
+#: are read when their turn comes, one model at a time for the streaming methods, so peak memory stays
+#: that of one large tensor's inputs.
+PREFETCH_BYTES = 128 << 20
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (at least 1) inside the block.
+
+    The merge arithmetic is memory-bound: more threads than cores makes every small op wait at
+    OpenMP barriers for descheduled threads (measured on 2 shared cores: half the CPU time and a
+    third of the wall time of a TIES merge with 1 thread instead of 2).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read_ahead(merger: _Merger, name: str) -> _TensorReads | None:
+    with torch.inference_mode():
+        return merger.read(name, whole=True)
+
+
 def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:
     """config.json, tokenizer files, README.md model card, merge_config.yaml and coefficients.json."""
     files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
-    files += copy_tokenizer_files(plan.reference.path, folder)
+    files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
     (folder / "README.md").write_text(render_model_card(plan, coeffs), encoding="utf-8")
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
     files += ["README.md", "merge_config.yaml"]
@@ -249,12 +334,15 @@ def run_merge(
     should_stop: StopCheck | None = None,
     force: bool = False,
     plan: MergePlan | None = None,
+    devices: int = 1,
 ) -> MergeResult:
     """Run a whole merge into ``out_dir`` (built aside and renamed into place only when complete).
 
     ``force`` replaces an existing non-empty ``out_dir``. ``plan``, from an earlier :func:`prepare` of the
-    same config, skips resolving and validating again. Raises a :class:`DivMergeError` on any failure,
-    leaving nothing at ``out_dir``.
+    same config, skips resolving and validating again. ``devices`` > 1 learns the coefficients of a learned
+    method with that many processes as one data-parallel job (``learned.distributed``); under ``torchrun``
+    every process calls this and only rank 0 writes ``out_dir``. Raises a :class:`DivMergeError` on any
+    failure, leaving nothing at ``out_dir``.
     """
     start = time.perf_counter()
     options = options or EngineOptions()
@@ -266,10 +354,20 @@ def run_merge(
     elif plan.config is not config:
         raise ValueError("run_merge: the plan was prepared for another config")
     coeffs: LearnedCoefficients | None = None
-    if config.merge_method in LEARNED_METHODS:
+    if config.method.learned:
         from .learned import learn_coefficients
+        from .learned.distributed import learn_distributed, torchrun_ranks
 
-        coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
+        ranks = torchrun_ranks()
+        if ranks is not None:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter, ranks=ranks)
+            if not ranks.is_main:  # rank 0 writes the outputs
+                metrics = {"rank": ranks.rank, "wall_s": round(time.perf_counter() - start, 3)}
+                return MergeResult(out, [], dict(plan.resolved), None, metrics)
+        elif devices > 1:
+            coeffs = learn_distributed(plan, devices=devices, device=dev, reporter=reporter)
+        else:
+            coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
         bad = [v for row in coeffs.values for v in row if not math.isfinite(v)]
         if bad:
             raise NumericalError("the learned merge coefficients contain NaN or inf")
@@ -293,6 +391,7 @@ def run_merge(
         coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
         metrics["final_loss"] = coeffs.losses[-1] if coeffs.losses else None
         metrics["steps"] = len(coeffs.losses)
+        metrics["placement"] = coeffs.placement
     reporter.report("done", 1, 1)
     return MergeResult(
         out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics

@@ -17,7 +17,7 @@ class MergePlan:
 
     config: MergeConfig
     options: EngineOptions
-    #: The base model (None only for linear/multislerp without a base).
+    #: The base model (None when the config names no base_model; linear reads it only if listed in models).
     base: ResolvedModel | None
     #: The task models, in the order of ``config.task_models()``.
     models: list[ResolvedModel]
@@ -53,6 +53,10 @@ class LearnedCoefficients:
     losses: list[float]
     #: dataset reference -> resolved commit SHA (None for local files and inline texts).
     resolved_datasets: dict[str, str | None] = field(default_factory=dict)
+    #: where the task vectors lived while learning (resident, offload or stream).
+    placement: str = "resident"
+    #: task -> the labels it was scored on, for tasks that set ``data.labels`` (explicit or ``auto``).
+    labels: dict[str, list[str | int]] | None = None
 
     def for_tensor(self, name: str) -> list[float]:
         return self.values[self.groups.index(self.group_of[name])]
@@ -69,7 +73,7 @@ class LearnedCoefficients:
             },
             "group_of": self.group_of,
             "losses": self.losses,
-        }
+        } | ({"labels": self.labels} if self.labels is not None else {})
 
 
 @dataclass

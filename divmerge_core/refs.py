@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import is_local_ref
-from .errors import ModelNotFoundError, PathNotAllowedError, TransientError
+from .errors import ModelNotFoundError, TransientError, http_status, is_transient
 from .options import EngineOptions
+from .paths import check_folder, check_local_path, check_tree, real_roots, strip_scheme
 
 #: Files a merge needs from a model repo. Pickle weights are fetched only when allowed.
 _SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.md"]
@@ -32,37 +33,47 @@ class ResolvedModel:
     path: Path
     #: The Hub commit SHA the revision resolved to (None for local directories).
     commit: str | None
+    #: Real paths the folder's files may resolve under (None: anywhere, when no roots are configured).
+    allowed: tuple[Path, ...] | None = None
 
 
 def parse_model_ref(raw: str) -> ModelRef:
+    """A local path (absolute, ``./``, ``~``, ``file://``, or, as in mergekit, a bare name such as
+    ``my-expert`` that is an existing folder of the current directory), else a Hub id."""
     raw = raw.strip()
-    if is_local_ref(raw):
-        text = raw[len("file://") :] if raw.startswith("file://") else raw
-        return ModelRef(raw=raw, path=Path(os.path.expanduser(text)))
+    if is_local_ref(raw) or os.path.isdir(raw):
+        return ModelRef(raw=raw, path=Path(os.path.expanduser(strip_scheme(raw))))
     repo_id, _, revision = raw.partition("@")
     return ModelRef(raw=raw, repo_id=repo_id, revision=revision or None)
 
 
-def check_local_path(path: Path, options: EngineOptions, what: str) -> Path:
-    """Resolve symlinks and ``..``; refuse anything outside the allow-listed roots."""
-    real = Path(os.path.realpath(path))
-    if options.local_roots is not None:
-        roots = [Path(os.path.realpath(r)) for r in options.local_roots]
-        if not any(real == r or r in real.parents for r in roots):
-            raise PathNotAllowedError(f"{what} {str(path)!r} is outside the allowed local roots")
-    return real
-
-
 def resolve_model(raw: str, options: EngineOptions) -> ResolvedModel:
-    """Find the model's folder: a local directory, or a Hub snapshot (HF_ENDPOINT, offline mode and cache apply)."""
+    """Find the model's folder: a local directory, or a Hub snapshot (HF_ENDPOINT, offline mode and cache apply).
+
+    With allow-listed roots, every file of the folder must resolve under them (a Hub snapshot's files
+    under the cache's blobs of that repo), and index shard names must be plain file names.
+    """
     ref = parse_model_ref(raw)
     if ref.is_local:
-        assert ref.path is not None
-        path = check_local_path(ref.path, options, "model path")
+        path = check_local_path(strip_scheme(ref.raw), options.local_roots, "model path")
         if not path.is_dir():
             raise ModelNotFoundError(f"model directory {ref.raw!r} does not exist")
-        return ResolvedModel(ref=ref, path=path, commit=None)
-    return ResolvedModel(ref=ref, **_snapshot(ref.repo_id or "", ref.revision, options, "model"))
+        allowed = real_roots(options.local_roots)
+        check_folder(path, allowed, f"model {ref.raw!r}")
+        return ResolvedModel(ref=ref, path=path, commit=None, allowed=allowed)
+    snap = _snapshot(ref.repo_id or "", ref.revision, options, "model")
+    allowed = snapshot_roots(snap["path"], options)
+    check_folder(snap["path"], allowed, f"model {ref.raw!r}")
+    return ResolvedModel(ref=ref, **snap, allowed=allowed)
+
+
+def snapshot_roots(snapshot: Path, options: EngineOptions) -> tuple[Path, ...] | None:
+    """Where a Hub snapshot's files may resolve: the snapshot itself and its repo's ``blobs`` folder in the
+    HF cache (``.../models--org--name/snapshots/<sha>`` -> ``.../models--org--name/blobs``). None (no
+    restriction) when no roots are configured."""
+    if options.local_roots is None:
+        return None
+    return real_roots([snapshot, snapshot.parent.parent / "blobs"])
 
 
 def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_type: str) -> dict:
@@ -107,11 +118,13 @@ def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_t
     except EntryNotFoundError:
         raise ModelNotFoundError(f"{name}: a file listed by the Hub could not be found") from None
     except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status is not None and status < 500 and status != 429:
+        status = http_status(err)
+        if not is_transient(err):
             raise ModelNotFoundError(f"{name}: the Hub answered HTTP {status}") from None
         raise TransientError(f"{name}: the Hub is unavailable (HTTP {status})") from None
-    except (OSError, ConnectionError) as err:
+    except Exception as err:
+        if not is_transient(err):
+            raise
         raise TransientError(f"{name}: cannot reach the Hub ({type(err).__name__})") from None
     path = Path(folder)
     # snapshot folders are named after the commit they hold: .../snapshots/<sha>
@@ -128,4 +141,5 @@ def resolve_dataset_repo(repo_ref: str, options: EngineOptions) -> tuple[Path, s
         snap = _snapshot(repo_id, revision or None, options, "dataset")
     except ModelNotFoundError as err:
         raise DatasetError(str(err)) from None
+    check_tree(snap["path"], snapshot_roots(snap["path"], options), f"dataset {repo_ref!r}")
     return snap["path"], snap["commit"]

@@ -1,13 +1,14 @@
 """Model kinds, input encoding, teacher outputs, and the batches the merged (student) model is scored on.
 
-Teacher outputs are computed once, one expert at a time, on that expert's own task inputs only, with
-a single module whose weights are overwritten in place (never K live models).
+Teacher outputs are computed one expert at a time, on that expert's own task inputs only, with a single
+module whose weights are overwritten in place (never K live models), or run on theta_0 + tau_t through
+``functional_call`` (online teachers). Where they are kept is ``learned.teacher_store``'s business.
 
 * Sequence classification: the teacher's class log-probabilities.
 * Causal LM: each prompt is greedily continued by its teacher (left-padded batches, ``do_sample=False``,
   up to EOS or ``max_new_tokens``); the sequence prompt + continuation is then scored teacher-forced in the
   exact right-padded layout the student will see, and the teacher's next-token log-probabilities over the
-  generated positions are stored (full vocabulary, or with ``top_k`` the teacher's k most likely tokens,
+  generated positions are the targets (full vocabulary, or with ``top_k`` the teacher's k most likely tokens,
   renormalised over those k). With ``top_k`` the student is also renormalised over the teacher's k tokens,
   so the divergence is computed on that shared support only: an approximation that ignores the mass both
   models put outside it (exact when the teacher's top-k mass is ~1).
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from .data import TaskInputs
 from .errors import ConfigError
@@ -46,15 +48,33 @@ def model_kind(model_config: dict[str, Any]) -> str:
     )
 
 
+#: Files that hold a tokenizer's vocabulary (one of them must be present; transformers 5 otherwise builds
+#: an empty tokenizer and the merge would run on meaningless ids).
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def require_tokenizer(folder: Path, label: str) -> None:
+    """Refuse a reference model folder with no tokenizer vocabulary file (ConfigError naming the folder)."""
+    if not any(p.is_file() for pattern in VOCAB_FILES for p in folder.glob(pattern)):
+        raise ConfigError(
+            f"{label} ({str(folder)!r}) has no tokenizer files (none of {', '.join(VOCAB_FILES)}); "
+            "learned methods need the base model's tokenizer",
+            field="base_model",
+        )
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
+    require_tokenizer(folder, "the reference model")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - tokenizers fail with many types
         raise ConfigError(
             f"cannot load the tokenizer of {str(folder)!r}: {err}", field="base_model"
         ) from None
+    if len(tok) == 0:
+        raise ConfigError(f"the tokenizer of {str(folder)!r} has no tokens", field="base_model")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token", field="base_model")
@@ -102,10 +122,8 @@ class Example:
     #: causal: sequence positions whose next-token prediction is scored.
     start: int = 0
     stop: int = 0
-    #: teacher log-probs: [C] (classification), [stop - start, V or k] (causal).
-    target: torch.Tensor | None = None
-    #: top-k token ids of ``target`` ([stop - start, k]); None for the full vocabulary.
-    target_index: torch.Tensor | None = None
+    #: this example's first row in its task's teacher outputs (see ``learned.teacher_store``).
+    row: int = 0
 
 
 @dataclass(frozen=True)
@@ -253,54 +271,65 @@ def per_example_mean(values: torch.Tensor, batch: Batch, n_examples: int) -> tor
 
 # --- teachers --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def annotate_teacher(
+def continue_prompts(
     module: torch.nn.Module,
-    kind: str,
     tokenizer: Any,
     examples: list[Example],
     *,
     batch_size: int,
     max_new_tokens: int,
-    top_k: int | None,
-    store_dtype: torch.dtype,
     device: torch.device,
-    label_mask: torch.Tensor | None = None,
     check: Callable[[], None] | None = None,
 ) -> None:
-    """Fill ``target`` (and ``target_index``) of ``examples`` with the current module's outputs (a teacher).
+    """Causal LMs: greedily continue every prompt with the current module (a teacher), in batches.
 
-    ``label_mask`` (classification, [num_labels] bool) renormalises the teacher over those labels only.
+    Sets each example's ``input_ids`` to prompt + continuation and ``start``/``stop`` to the scored span.
     ``check`` is called before every batch (cooperative cancellation).
     """
     for lo in range(0, len(examples), batch_size):
         if check is not None:
             check()
-        chunk = examples[lo : lo + batch_size]
-        if kind == CAUSAL:
-            _generate(module, tokenizer, chunk, max_new_tokens, device)
-        batch = collate(kind, chunk, tokenizer, device)
-        logits = scored_logits(kind, module(**batch.inputs).logits, batch).float()
-        if label_mask is not None:
-            logits = logits.masked_fill(~label_mask, -math.inf)
-        logp = F.log_softmax(logits, dim=-1)
-        if kind == CLASSIFICATION:
-            for e, row in zip(chunk, logp, strict=True):
-                e.target = row.to(store_dtype).cpu()
-            continue
-        index = None
-        if top_k is not None and top_k < logp.shape[-1]:
-            logp, index = logp.topk(top_k, dim=-1)
-            logp = F.log_softmax(logp, dim=-1)  # renormalise over the kept support
-        assert batch.owner is not None
-        counts = torch.bincount(batch.owner, minlength=len(chunk)).tolist()
-        for e, part, ipart in zip(
-            chunk,
-            logp.split(counts),
-            index.split(counts) if index is not None else [None] * len(chunk),
-            strict=True,
-        ):
-            e.target = part.to(store_dtype).cpu()
-            e.target_index = None if ipart is None else ipart.cpu()
+        _generate(module, tokenizer, examples[lo : lo + batch_size], max_new_tokens, device)
+
+
+@torch.no_grad()
+def teacher_logp(
+    module: torch.nn.Module,
+    kind: str,
+    tokenizer: Any,
+    chunk: Sequence[Example],
+    device: torch.device,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The teacher's log-probabilities on ``chunk``, fp32: [B, C] or [scored positions, V].
+
+    Causal examples must hold their continuation (:func:`continue_prompts`). ``weights`` (name -> tensor)
+    runs the module on those weights through ``functional_call`` instead of the ones it holds.
+    """
+    batch = collate(kind, chunk, tokenizer, device)
+    if weights is None:
+        out = module(**batch.inputs)
+    else:
+        out = functional_call(module, weights, args=(), kwargs=batch.inputs, tie_weights=True, strict=False)
+    return F.log_softmax(scored_logits(kind, out.logits, batch).float(), dim=-1)
+
+
+def top_k_support(logp: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With ``top_k`` below the width: the k most likely entries renormalised over them, and their ids."""
+    if top_k is None or top_k >= logp.shape[-1]:
+        return logp, None
+    logp, index = logp.topk(top_k, dim=-1)
+    return F.log_softmax(logp, dim=-1), index
+
+
+def restrict_labels(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Renormalise classification log-probs ``[B, C]`` over the labels where ``mask`` ([B, C] bool) is set."""
+    return F.log_softmax(logp.masked_fill(~mask, -math.inf), dim=-1)
+
+
+def scored_rows(kind: str, example: Example) -> int:
+    """How many target rows an example has: 1 (classification) or its scored positions (causal)."""
+    return 1 if kind == CLASSIFICATION else example.stop - example.start
 
 
 def _generate(
@@ -352,7 +381,7 @@ __all__ = [
     "Batch",
     "ChatFormat",
     "Example",
-    "annotate_teacher",
+    "continue_prompts",
     "build_module",
     "chat_prompt_ids",
     "collate",
@@ -360,6 +389,10 @@ __all__ = [
     "load_tokenizer",
     "model_kind",
     "per_example_mean",
+    "restrict_labels",
     "scored_logits",
+    "scored_rows",
     "teacher_batch_size",
+    "teacher_logp",
+    "top_k_support",
 ]

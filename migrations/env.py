@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from api.core.config import Settings
-from api.models import Base
+from service_core.config import Settings
+from service_core.models import Base
 
 config = context.config
 if config.config_file_name and config.attributes.get("configure_logging", True):

@@ -6,10 +6,15 @@
 2. Starts ``divmerge serve`` with no configuration (SQLite + embedded worker in $DIVMERGE_HOME), creates an
    API token with ``divmerge token create``, POSTs a layer-level DivMerge job and polls it, printing progress.
 3. Loads the merged model and prints each task's accuracy for the experts, plain averaging and DivMerge.
+
+It prints the server's URL, the token and a curl line for the job, so you can carry on by hand;
+``--keep-serving`` leaves the server up at the end (Ctrl-C stops it).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import random
@@ -46,6 +51,7 @@ def topic(rng: random.Random) -> tuple[str, int]:
 
 
 TASKS = {"sentiment": sentiment, "topic": topic}
+DIVMERGE = [sys.executable, "-m", "divmerge_core.cli"]
 
 
 def minilm_dir() -> Path:
@@ -65,17 +71,20 @@ def build_models(root: Path) -> dict[str, Path]:
     base.save_pretrained(paths["base"])
     tok.save_pretrained(paths["base"])
     for t, (name, make) in enumerate(TASKS.items()):
+        print(f"demo: fine-tuning expert {name!r} from MiniLM (40 steps of 16 sentences)...", flush=True)
         torch.manual_seed(t + 1)
         rng = random.Random(f"train/{name}")
         model = BertForSequenceClassification.from_pretrained(paths["base"]).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        for _ in range(40):
+        for step in range(1, 41):
             texts, labels = zip(*(make(rng) for _ in range(16)), strict=True)
             batch = tok(list(texts), padding=True, return_tensors="pt")
             loss = model(**batch, labels=torch.tensor(labels)).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
+            if step % 10 == 0:
+                print(f"demo:   step {step}/40, loss {loss.item():.3f}", flush=True)
         model.eval().save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
         print(f"demo: expert {name!r} fine-tuned (last loss {loss.item():.3f})", flush=True)
@@ -110,18 +119,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")
+    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
     hf_logging.disable_progress_bar()
     home = Path(os.environ.setdefault("DIVMERGE_HOME", str(Path("~/.divmerge").expanduser())))
+    print(
+        f"demo: building two tiny experts in {home / 'demo' / 'models'} (skipped when already built)",
+        flush=True,
+    )
     paths = build_models(home / "demo" / "models")
-    divmerge = [sys.executable, "-m", "divmerge_core.cli"]
     out = subprocess.run(
-        [*divmerge, "token", "create", "--team", "demo"], check=True, capture_output=True, text=True
+        [*DIVMERGE, "token", "create", "--team", "demo"], check=True, capture_output=True, text=True
     )
     token = out.stdout.strip().splitlines()[-1]
-    port = free_port()
-    server = subprocess.Popen([*divmerge, "serve", "--port", str(port), "--log-level", "warning"])
+    port = args.port or free_port()
+    print(
+        "demo: starting `divmerge serve` (embedded: SQLite + a worker process, no configuration)", flush=True
+    )
+    server = subprocess.Popen([*DIVMERGE, "serve", "--port", str(port), "--log-level", "warning"])
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -145,15 +164,21 @@ def main() -> int:
             "output": {"path": str(dest)},
         }
         job = http("POST", f"{url}/v1/merges", token, spec)
-        print(f"demo: POST /v1/merges -> job {job['id']} ({job['status']})", flush=True)
+        print(f"demo: server {url} (API docs: {url}/docs)", flush=True)
+        print(f"demo: token  {token}", flush=True)
+        print(f"demo: POST /v1/merges -> job {job['id']} ({job['status']}); follow it with", flush=True)
+        print(f"  curl -s -H 'Authorization: Bearer {token}' {url}/v1/merges/{job['id']}", flush=True)
+        print(f"  DIVMERGE_URL={url} DIVMERGE_TOKEN={token} divmerge logs {job['id']}", flush=True)
         last = None
         while job["status"] in ("queued", "running"):
             time.sleep(1)
             job = http("GET", f"{url}/v1/merges/{job['id']}", token)
             p = job.get("progress") or {}
-            line = f"  {job['status']:9} {p.get('stage') or '':9} {p.get('step') or 0}/{p.get('total_steps') or 0}"
+            line = f"  {job['status']:9} {p.get('stage') or '':9} {p.get('step') or 0}/{p.get('total') or 0}"
             if p.get("loss") is not None:
                 line += f"  loss {p['loss']:.4f}"
+            if p.get("eta_s") is not None:
+                line += f"  eta {p['eta_s']:.0f}s"
             if line != last:
                 print(line, flush=True)
                 last = line
@@ -161,14 +186,26 @@ def main() -> int:
             print(f"demo: job ended {job['status']}: {json.dumps(job.get('error'))}", file=sys.stderr)
             return 1
         print(f"demo: job succeeded; merged model in {dest}")
+        print(
+            "demo: comparing with a plain average (divmerge merge, linear) on held-out sentences...",
+            flush=True,
+        )
+        print_accuracies(home, paths, dest)
+        if args.keep_serving:
+            print(f"demo: the server stays up at {url} (token above); Ctrl-C stops it", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return 0
 
+
+def print_accuracies(home: Path, paths: dict[str, Path], dest: Path) -> None:
     avg = home / "demo" / "averaged"
     shutil.rmtree(avg, ignore_errors=True)
     subprocess.run(
-        [*divmerge, "merge", str(write_linear_config(home, paths)), "--out", str(avg)],
+        [*DIVMERGE, "merge", str(write_linear_config(home, paths)), "--out", str(avg)],
         check=True,
         capture_output=True,
     )
@@ -177,7 +214,6 @@ def main() -> int:
         print(
             f"{name:10} {accuracy(paths[name], make):7.3f} {accuracy(avg, make):8.3f} {accuracy(dest, make):9.3f}"
         )
-    return 0
 
 
 def write_linear_config(home: Path, paths: dict[str, Path]) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .tiny import make_bert_classifier, make_gpt2, perturbed, save
+from .tiny import make_bert_classifier, make_gpt2, make_llama, perturbed, save
 
 
 def bert_family(root: Path, n: int = 2) -> dict[str, Path]:
@@ -24,6 +24,15 @@ def gpt2_family(root: Path, n: int = 2) -> dict[str, Path]:
     out = {"base": save(base, root / "base")}
     for i in range(1, n + 1):
         out[f"t{i}"] = save(perturbed(base, seed=i), root / f"t{i}")
+    return out
+
+
+def llama_family(root: Path, n: int = 2) -> dict[str, Path]:
+    """``base`` and ``t1..tn``: a tiny 4-layer Llama (untied head) and noisy copies of it."""
+    base = make_llama(seed=0)
+    out = {"base": save(base, root / "base")}
+    for i in range(1, n + 1):
+        out[f"t{i}"] = save(perturbed(base, scale=0.3, seed=i), root / f"t{i}")
     return out
 
 

@@ -43,6 +43,20 @@ def test_shapes_match_transformers():
     assert 95e6 < SIZES["100M"].n_params < 120e6
 
 
+def test_gpt2_shapes_match_transformers():
+    from dataclasses import replace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    size = replace(SIZES["gpt2-124M"], hidden=32, layers=2, heads=2, vocab=512, max_positions=64)
+    model = GPT2LMHeadModel(GPT2Config(**size.config()))
+    sd = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}  # tied: not saved
+    assert list(sd) == list(size.shapes())
+    assert all(tuple(sd[n].shape) == s for n, s in size.shapes().items())
+    assert size.n_params == sum(p.numel() for p in model.parameters())
+    assert 123e6 < SIZES["gpt2-124M"].n_params < 125e6
+
+
 def test_family_is_base_plus_noise_and_reused(family, tmp_path):
     base, experts = family
     assert [e.name for e in experts] == ["expert0", "expert1"]
@@ -141,7 +155,9 @@ def test_run_measured_reports_memory_and_exit_code():
     assert m.rc == 3 and m.stdout == "ok" and m.wall_s > 0
     if m.max_rss_mb is not None:  # /usr/bin/time present
         assert m.max_rss_mb > 60
-    assert json.dumps(m.to_json())
+    record = json.loads(json.dumps(m.to_json()))  # what the results file stores: the same numbers
+    assert record["rc"] == 3 and record["wall_s"] == m.wall_s and record["max_rss_mb"] == m.max_rss_mb
+    assert "stdout" not in record
 
 
 def test_commands(tmp_path):

@@ -14,9 +14,10 @@ from divmerge_core.teachers import (
     CAUSAL,
     CLASSIFICATION,
     ChatFormat,
-    annotate_teacher,
+    continue_prompts,
     encode,
     load_tokenizer,
+    teacher_logp,
 )
 from tests.test_learned import make_plan
 from tests.tiny import CHAT_TEMPLATE, make_gpt2, make_tokenizer, perturbed, save
@@ -94,12 +95,12 @@ def test_teacher_continues_the_templated_prompt():
     tok = chat_tokenizer()
     module = make_gpt2(seed=3)
     examples = encode(CAUSAL, tok, TaskInputs(TEXTS, "inline"), 0, 32, 4, {"n_positions": 64}, ChatFormat())
-    kw = dict(batch_size=2, max_new_tokens=4, store_dtype=torch.float32, device=CPU, top_k=None)
-    annotate_teacher(module, CAUSAL, tok, examples, **kw)
+    continue_prompts(module, tok, examples, batch_size=2, max_new_tokens=4, device=CPU)
     for text, e in zip(TEXTS, examples, strict=True):
         prompt = ids_of(tok, f"u {text} . a")
         assert e.fields["input_ids"][: len(prompt)] == prompt and e.start == len(prompt) - 1
-        assert e.target.argmax(-1).tolist() == e.fields["input_ids"][len(prompt) :]
+        target = teacher_logp(module, CAUSAL, tok, [e], CPU)
+        assert target.argmax(-1).tolist() == e.fields["input_ids"][len(prompt) :]
 
 
 def test_learned_merge_uses_the_template(chat_setup):

@@ -9,13 +9,42 @@ from safetensors.torch import load_file
 
 from divmerge_core import parse_config, run_merge
 from divmerge_core.errors import ConfigError
-from divmerge_core.methods import classic
-from divmerge_core.methods.classic import merge_tensor
+from divmerge_core.methods import registry, sparsify
+from divmerge_core.methods.base import TensorInputs
 from divmerge_core.pipeline import prepare
 
 from .merge_models import bert_family, config_dict
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "multislerp"]
+
+
+def merge_tensor(method, base, models, weights, densities, *, generator=None, stream=False, **params):
+    """One tensor through a method's registered function, parameters at the method's defaults."""
+    m = registry.get_method(method)
+    values = {k: f.get_default() for k, f in m.parameters.model_fields.items() if not f.is_required()}
+    values.update(params)
+    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
+    copies = [t.clone() for t in models]
+    stacked = (c for c in copies) if stream else torch.stack(copies)
+    return m.merge(
+        TensorInputs("t", None if base is None else base.clone(), stacked, per_model, values, generator)
+    )
+
+
+def ties_deltas(deltas, weights, densities, *, disjoint_mean=True):
+    stacked = torch.stack([d.clone() for d in deltas])
+    for row, p in zip(stacked, densities, strict=True):
+        sparsify.magnitude_prune_(row, p)
+    return sparsify.elect_and_merge_(stacked, weights, disjoint_mean)
+
+
+def dare_deltas(deltas, weights, densities, *, generator, ties_merge):
+    stacked = torch.stack([d.clone() for d in deltas])
+    for row, p in zip(stacked, densities, strict=True):
+        sparsify.random_prune_(row, p, generator=generator)
+    if ties_merge:
+        return sparsify.elect_and_merge_(stacked, weights, True)
+    return stacked.mul_(sparsify.weights_like(weights, stacked)).sum(dim=0)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +81,22 @@ def test_merging_identical_models_gives_the_model(tensors, method):
 def test_linear_formula(tensors):
     _, (a, b, c) = tensors
     w = [1.0, 2.0, 3.0]
-    torch.testing.assert_close(classic.linear([a, b, c], w), (a + 2 * b + 3 * c) / 6)
-    torch.testing.assert_close(classic.linear([a, b, c], w, normalize=False), a + 2 * b + 3 * c)
+    torch.testing.assert_close(merge_tensor("linear", None, [a, b, c], w, [1.0] * 3), (a + 2 * b + 3 * c) / 6)
+    torch.testing.assert_close(
+        merge_tensor("linear", None, [a, b, c], w, [1.0] * 3, normalize=False), a + 2 * b + 3 * c
+    )
 
 
 def test_task_arithmetic_formula(tensors):
     base, (a, b, _) = tensors
     w = [0.5, 1.5]
     expected = base + 0.7 * (0.5 * (a - base) + 1.5 * (b - base))
-    torch.testing.assert_close(classic.task_arithmetic(base, [a, b], w, lambda_=0.7), expected)
+    torch.testing.assert_close(
+        merge_tensor("task_arithmetic", base, [a, b], w, [1.0] * 2, lambda_=0.7), expected
+    )
     normalized = base + 0.7 * (0.5 * (a - base) + 1.5 * (b - base)) / 2.0
     torch.testing.assert_close(
-        classic.task_arithmetic(base, [a, b], w, lambda_=0.7, normalize=True), normalized
+        merge_tensor("task_arithmetic", base, [a, b], w, [1.0] * 2, lambda_=0.7, normalize=True), normalized
     )
 
 
@@ -104,12 +137,14 @@ def test_ties_equals_peft(tensors, density):
     base, models = tensors
     deltas = [m - base for m in models]
     w = [0.5, 1.0, 0.8]
-    ours = classic.ties_deltas(deltas, w, [density] * 3)
+    ours = ties_deltas(deltas, w, [density] * 3)
     theirs = peft_merge.ties(deltas, torch.tensor(w), density)
     assert torch.equal(ours, theirs)
+    # the registered method: base + peft's mix, bit for bit
+    assert torch.equal(merge_tensor("ties", base, models, w, [density] * 3), theirs + base)
     for d in deltas:
         assert torch.equal(
-            classic.magnitude_prune(d, density), peft_merge.magnitude_based_pruning(d, density)
+            sparsify.magnitude_prune(d, density), peft_merge.magnitude_based_pruning(d, density)
         )
 
 
@@ -124,11 +159,13 @@ def test_dare_equals_peft(tensors, seed):
     theirs_ties = peft_merge.dare_ties(deltas, torch.tensor(w), 0.3)
     torch.manual_seed(seed)
     theirs_prune = peft_merge.random_pruning(deltas[0], 0.3, rescale=True)
-    ours_linear = classic.dare_linear_deltas(
-        deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed)
+    ours_linear = dare_deltas(
+        deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed), ties_merge=False
     )
-    ours_ties = classic.dare_ties_deltas(deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed))
-    ours_prune = classic.random_prune(deltas[0], 0.3, generator=torch.Generator().manual_seed(seed))
+    ours_ties = dare_deltas(
+        deltas, w, [0.3] * 3, generator=torch.Generator().manual_seed(seed), ties_merge=True
+    )
+    ours_prune = sparsify.random_prune(deltas[0], 0.3, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(ours_linear, theirs_linear)
     assert torch.equal(ours_ties, theirs_ties)
     assert torch.equal(ours_prune, theirs_prune)
@@ -137,7 +174,7 @@ def test_dare_equals_peft(tensors, seed):
 def test_dare_keeps_density_and_rescales(tensors):
     base, models = tensors
     delta = models[0] - base
-    pruned = classic.random_prune(delta, 0.25, generator=torch.Generator().manual_seed(0))
+    pruned = sparsify.random_prune(delta, 0.25, generator=torch.Generator().manual_seed(0))
     kept = pruned != 0
     assert 0.1 < kept.float().mean().item() < 0.4
     torch.testing.assert_close(pruned[kept], delta[kept] / 0.25)
@@ -146,25 +183,25 @@ def test_dare_keeps_density_and_rescales(tensors):
 def test_per_model_density_applies_per_task(tensors):
     base, models = tensors
     deltas = [m - base for m in models[:2]]
-    mixed = classic.ties_deltas(deltas, [1.0, 0.0], [0.1, 1.0])
+    mixed = ties_deltas(deltas, [1.0, 0.0], [0.1, 1.0])
     assert (mixed != 0).sum().item() <= int(0.1 * deltas[0].numel())
 
 
 # --- multislerp ---------------------------------------------------------------------------------------
 def test_multislerp_two_orthogonal_vectors_stays_on_the_sphere():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    out = classic.multislerp([a, b], [0.5, 0.5])
+    out = merge_tensor("multislerp", None, [a, b], [0.5, 0.5], [1.0, 1.0])
     torch.testing.assert_close(out, torch.tensor([2**-0.5, 2**-0.5]), rtol=1e-4, atol=1e-4)
     assert abs(out.norm().item() - 1.0) < 1e-4
 
 
 def test_multislerp_relative_to_base(tensors):
     base, models = tensors
-    out = classic.multislerp(models, [1.0, 1.0, 1.0], base=base)
+    out = merge_tensor("multislerp", base, models, [1.0, 1.0, 1.0], [1.0] * 3)
     norms = torch.stack([(m - base).norm() for m in models])
     assert out.shape == base.shape
     assert abs((out - base).norm().item() - norms.mean().item()) < 1e-3
-    untouched = classic.multislerp([base, base, base], [1.0, 1.0, 1.0], base=base)
+    untouched = merge_tensor("multislerp", base, [base, base, base], [1.0, 1.0, 1.0], [1.0] * 3)
     assert torch.equal(untouched, base)
 
 
@@ -201,35 +238,30 @@ def _peft_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9, 0.999])
-def test_magnitude_prune_equals_peft_topk_with_ties(make, density):
+@pytest.mark.parametrize("radix", [False, True], ids=["topk", "radix"])
+def test_magnitude_prune_equals_peft_topk_with_ties(make, density, radix, monkeypatch):
+    if radix:  # every float32 tensor takes the radix threshold (falling back to topk on a straddling tie)
+        monkeypatch.setattr(sparsify, "RADIX_MIN_NUMEL", 1)
     t = make(torch.Generator().manual_seed(3))
-    ours, theirs = classic.magnitude_prune(t, density), _peft_prune(t, density)
+    ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
     assert torch.equal(ours.isnan(), theirs.isnan())
     assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
-    inplace = classic.magnitude_prune_(t.clone(), density)
+    inplace = sparsify.magnitude_prune_(t.clone(), density)
     assert torch.equal(inplace.nan_to_num(), theirs.nan_to_num())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("k", [1, 2, 5])
-def test_merge_stacked_equals_merge_tensor_and_leaves_inputs(method, k):
+def test_streaming_methods_give_the_same_from_one_buffer(method, k):
+    """linear/task_arithmetic read one model at a time (a generator refilling a buffer): same result."""
     gen = torch.Generator().manual_seed(k)
     base = torch.randn(33, 17, generator=gen)
     models = [base + 0.1 * torch.randn(33, 17, generator=gen) for _ in range(k)]
-    copies = [m.clone() for m in models]
     w, d = [0.3 + 0.2 * i for i in range(k)], [0.4 + 0.1 * i for i in range(k)]
-    kw = {"lambda_": 0.7}
-    expected = classic.merge_tensor(
-        method, base, models, w, d, generator=torch.Generator().manual_seed(1), **kw
-    )
-    assert all(torch.equal(a, b) for a, b in zip(models, copies, strict=True))
-    stacked = classic.merge_stacked_(
-        method, base, torch.stack(copies), w, d, generator=torch.Generator().manual_seed(1), **kw
-    )
-    streamed = classic.merge_stacked_(
-        method, base, (c.clone() for c in copies), w, d, generator=torch.Generator().manual_seed(1), **kw
-    )
-    assert torch.equal(stacked, expected) and torch.equal(streamed, expected)
+    stacked = merge_tensor(method, base, models, w, d, lambda_=0.7)
+    streamed = merge_tensor(method, base, models, w, d, lambda_=0.7, stream=True)
+    assert registry.get_method(method).streams
+    assert torch.equal(stacked, streamed)
 
 
 def test_ties_large_tensor_equals_peft():
@@ -237,7 +269,31 @@ def test_ties_large_tensor_equals_peft():
     deltas = [torch.randn(300, 400, generator=gen) for _ in range(4)]
     w = [0.4, 0.3, 0.2, 0.1]
     theirs = peft_merge.ties(deltas, torch.tensor(w), 0.35)
-    assert torch.equal(classic.ties_deltas(deltas, w, [0.35] * 4), theirs)
+    assert torch.equal(ties_deltas(deltas, w, [0.35] * 4), theirs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(300_000, generator=g),
+        lambda g: torch.randn(300_000, generator=g) * 1e-30,  # subnormal and tiny magnitudes
+        lambda g: torch.randint(-2000, 2001, (300_000,), generator=g).float(),  # ties everywhere
+        lambda g: torch.cat([torch.zeros(200_000), torch.randn(100_000, generator=g)]),  # k-th is zero
+        lambda g: torch.cat([torch.randn(99_990, generator=g), torch.tensor([float("nan")] * 10)]),
+    ],
+)
+@pytest.mark.parametrize("density", [1e-5, 0.1, 0.5, 0.77, 0.99999])
+def test_radix_threshold_gives_peft_topk_set(make, density):
+    """Large float32 tensors: the radix k-th magnitude is exact, and the mask is peft's wherever it applies."""
+    t = make(torch.Generator().manual_seed(11))
+    k = int(density * t.numel())
+    bits, threshold, reaching = sparsify._kth_largest_magnitude(t, k)
+    kth = torch.topk(t.abs(), k).values[-1]
+    assert torch.equal(torch.tensor(threshold, dtype=torch.int32).view(torch.float32), kth) or kth.isnan()
+    assert reaching == int((bits >= threshold).sum())
+    ours, theirs = sparsify.magnitude_prune(t, density), _peft_prune(t, density)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num().view(torch.int32), theirs.nan_to_num().view(torch.int32))
 
 
 @pytest.mark.parametrize("n", [100, 1000, 70_001])
@@ -261,15 +317,83 @@ def test_ties_in_low_precision_keeps_the_reference_arithmetic(dtype):
     mask = stacked.sign() == majority
     weighted = stacked * torch.tensor(w, dtype=dtype).view(-1, 1, 1)
     expected = (weighted * mask).sum(0) / torch.clamp(mask.sum(0), min=1.0)
-    ours = classic.ties_deltas(deltas, w, dens)
+    ours = ties_deltas(deltas, w, dens)
     assert ours.dtype == expected.dtype and torch.equal(ours, expected)
 
 
 def test_all_zero_task_vector_is_pruned_like_peft():
     """A tensor no fine-tune changed (frozen embeddings) skips the top-k but gives peft's result."""
     zero = torch.zeros(64, 32)
-    assert torch.equal(classic.magnitude_prune(zero, 0.2), peft_merge.magnitude_based_pruning(zero, 0.2))
+    assert torch.equal(sparsify.magnitude_prune(zero, 0.2), peft_merge.magnitude_based_pruning(zero, 0.2))
     deltas = [torch.zeros(64, 32), torch.zeros(64, 32)]
     assert torch.equal(
-        classic.ties_deltas(deltas, [1.0, 1.0], [0.2, 0.2]), peft_merge.ties(deltas, torch.ones(2), 0.2)
+        ties_deltas(deltas, [1.0, 1.0], [0.2, 0.2]), peft_merge.ties(deltas, torch.ones(2), 0.2)
     )
+
+
+def test_dare_masks_differ_across_tensors(tmp_path):
+    """Each tensor draws its own DARE mask (seeded by its name): two same-shaped tensors do not share one."""
+    fam = bert_family(tmp_path / "m", n=1)
+    cfg = config_dict("dare_linear", fam["base"], [fam["t1"]], density=0.5)
+    merged = load_file(run_merge(parse_config(cfg), tmp_path / "out").out_dir / "model.safetensors")
+    base = load_file(fam["base"] / "model.safetensors")
+    names = [f"bert.encoder.layer.0.attention.self.{p}.weight" for p in ("query", "key", "value")]
+    masks = [merged[n] != base[n] for n in names]
+    assert all(0.3 < m.float().mean().item() < 0.7 for m in masks)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_multislerp_with_a_listed_base_leaves_it_out(tmp_path):
+    """A base listed among the models is the sphere's origin, not one more model to interpolate."""
+    fam = bert_family(tmp_path / "m", n=2)
+    listed = config_dict("multislerp", fam["base"], [fam["base"], fam["t1"], fam["t2"]])
+    plan = prepare(parse_config(listed))
+    assert [m.ref.raw for m in plan.models] == [str(fam["t1"]), str(fam["t2"])]
+    with_base = load_file(run_merge(parse_config(listed), tmp_path / "a").out_dir / "model.safetensors")
+    unlisted = config_dict("multislerp", fam["base"], [fam["t1"], fam["t2"]])
+    without = load_file(run_merge(parse_config(unlisted), tmp_path / "b").out_dir / "model.safetensors")
+    assert all(torch.equal(with_base[n], without[n]) for n in with_base)
+    base, t1, t2 = (load_file(fam[k] / "model.safetensors") for k in ("base", "t1", "t2"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    expected = sparsify_free_multislerp([t1[name] - base[name], t2[name] - base[name]]) + base[name]
+    torch.testing.assert_close(with_base[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def sparsify_free_multislerp(deltas):
+    """multislerp of two deltas with equal weights, written out: the slerp midpoint rescaled to the mean norm."""
+    a, b = (d.reshape(-1) for d in deltas)
+    ua, ub = a / a.norm(), b / b.norm()
+    mid = (ua + ub) / (ua + ub).norm()
+    return (mid * (a.norm() + b.norm()) / 2).view(deltas[0].shape)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
+    """Tensors read ahead in the reader thread merge exactly as tensors read when their turn comes."""
+    from divmerge_core import pipeline
+
+    fam = bert_family(tmp_path / "m", n=2)
+    params = {} if method == "task_arithmetic" else {"density": 0.5}
+    cfg = config_dict(method, fam["base"], [fam["t1"], fam["t2"]], **params)
+    reads: list[tuple[str, bool]] = []
+    original = pipeline._Merger.read
+
+    def spy(self, name, whole=False):
+        reads.append((name, whole))
+        return original(self, name, whole)
+
+    monkeypatch.setattr(pipeline._Merger, "read", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the merge loop runs on 1 (a core left to the reader), then sets 2 back
+    try:
+        ahead = load_file(run_merge(parse_config(cfg), tmp_path / "a").out_dir / "model.safetensors")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(whole for _, whole in reads) == len(ahead) - 1  # every tensor but the first read ahead
+    reads.clear()
+    monkeypatch.setattr(pipeline, "PREFETCH_BYTES", 0)
+    in_turn = load_file(run_merge(parse_config(cfg), tmp_path / "b").out_dir / "model.safetensors")
+    assert reads and not any(whole for _, whole in reads)
+    assert ahead.keys() == in_turn.keys()
+    assert all(torch.equal(ahead[n].view(torch.uint8), in_turn[n].view(torch.uint8)) for n in ahead)

@@ -103,6 +103,19 @@ def test_bad_inputs_fail_with_one_line(fam, tmp_path_factory, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no output, no temp dir
 
 
+def test_mergekit_no_op_knob_warns_and_unknown_parameter_fails(fam, tmp_path, capsys):
+    cfg = config_dict("ties", fam["base"], [fam["t1"], fam["t2"]], int8_mask=True, density=0.5)
+    code, out, err = _run(capsys, "validate", str(write_config(tmp_path / "a.yaml", cfg)))
+    assert code == 0 and "ok: ties merge" in out
+    assert "divmerge: warning: parameters.int8_mask: accepted for mergekit compatibility and ignored" in err
+    cfg = config_dict("ties", fam["base"], [fam["t1"], fam["t2"]], epochs=3)
+    code, _, err = _run(capsys, "validate", str(write_config(tmp_path / "b.yaml", cfg)))
+    assert code == 2
+    assert "parameters.epochs: merge_method 'ties' has no parameter 'epochs' (it takes: weight, density" in (
+        _error_line(err)
+    )
+
+
 def test_nan_yaml_literal(fam, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(
@@ -131,14 +144,19 @@ def test_plugins_register_subcommands(monkeypatch, capsys):
     def broken():
         raise ImportError("no such module")
 
+    def service_extra_missing():  # `pip install divmerge` without [service]: serve/token are not offered
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
     eps = [
         SimpleNamespace(name="good", load=lambda: SimpleNamespace(register=register)),
         SimpleNamespace(name="bad", load=broken),
+        SimpleNamespace(name="serve", load=service_extra_missing),
     ]
     monkeypatch.setattr(cli, "entry_points", lambda group: eps if group == cli.PLUGIN_GROUP else [])
     code, out, err = _run(capsys, "hello")
     assert code == 0 and out.strip() == "hi"
     assert "plugin 'bad' failed to load" in err
+    assert "serve" not in err
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess:
@@ -162,3 +180,18 @@ def test_subprocess_merge_and_error(fam, tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in _error_line(proc.stderr)
     assert not (tmp_path / "out2").exists()
+
+
+def test_validate_reads_the_data_and_names_a_wrong_column(fam, tmp_path, capsys):
+    """`divmerge validate` reads a few rows of each dataset: a wrong column fails here, not in the merge."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    cfg = config_dict("divmerge", fam["base"], [fam["t1"], fam["t2"]])
+    cfg["models"][0]["data"] = {"path": str(rows), "text_columns": ["sentence"]}
+    cfg["models"][1]["data"] = {"path": str(rows)}
+    code, out, err = _run(capsys, "validate", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 2 and not out
+    assert "models.0.data" in err and "'sentence'" in err and "invalid_dataset" in err
+    cfg["models"][0]["data"]["text_columns"] = ["text"]
+    code, out, _ = _run(capsys, "validate", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 0 and "2 dataset(s) read, columns found" in out and "estimate:" in out

@@ -307,9 +307,9 @@ def test_run_merge_writes_learned_merge(gpt2_setup, tmp_path):
 
 
 def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
-    """The stored distribution at each generated position predicts exactly the token the teacher generated."""
+    """The teacher's distribution at each generated position predicts exactly the token it generated."""
     from divmerge_core.data import TaskInputs
-    from divmerge_core.teachers import annotate_teacher, encode, load_tokenizer
+    from divmerge_core.teachers import continue_prompts, encode, load_tokenizer, teacher_logp, top_k_support
 
     base, experts, data = gpt2_setup
     tok = load_tokenizer(experts[0])
@@ -319,22 +319,21 @@ def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
     config = json.loads((experts[0] / "config.json").read_text())
     examples = encode(CAUSAL, tok, TaskInputs(data[0]["texts"], "inline"), 0, 16, 5, config)
     prompts = [list(e.fields["input_ids"]) for e in examples]
-    kw = dict(batch_size=3, max_new_tokens=5, store_dtype=torch.float32, device=CPU)
-    annotate_teacher(module, CAUSAL, tok, examples, top_k=None, **kw)
-    for e, prompt in zip(examples, prompts, strict=True):
+    continue_prompts(module, tok, examples, batch_size=3, max_new_tokens=5, device=CPU)
+    logp = teacher_logp(module, CAUSAL, tok, examples, CPU)
+    counts = [e.stop - e.start for e in examples]
+    for e, prompt, target in zip(examples, prompts, logp.split(counts), strict=True):
         ids = e.fields["input_ids"]
         assert ids[: len(prompt)] == prompt and e.start == len(prompt) - 1
         generated = ids[len(prompt) :]
         assert 1 <= len(generated) <= 5 and (len(generated) == 5 or generated[-1] == tok.eos_token_id)
-        assert e.target.shape == (len(generated), len(tok))
-        assert e.target.argmax(-1).tolist() == generated
-        assert torch.allclose(e.target.exp().sum(-1), torch.ones(len(generated)), atol=1e-5)
-    top = encode(CAUSAL, tok, TaskInputs(data[0]["texts"], "inline"), 0, 16, 5, config)
-    annotate_teacher(module, CAUSAL, tok, top, top_k=3, **kw)
-    for e, full in zip(top, examples, strict=True):
-        assert e.fields == full.fields and e.target.shape == e.target_index.shape == (e.stop - e.start, 3)
-        assert torch.allclose(e.target.exp().sum(-1), torch.ones(e.stop - e.start), atol=1e-5)
-        assert e.target_index[:, 0].tolist() == full.target.argmax(-1).tolist()
+        assert target.shape == (len(generated), len(tok))
+        assert target.argmax(-1).tolist() == generated
+        assert torch.allclose(target.exp().sum(-1), torch.ones(len(generated)), atol=1e-5)
+    top, index = top_k_support(logp, 3)
+    assert top.shape == index.shape == (sum(counts), 3)
+    assert torch.allclose(top.exp().sum(-1), torch.ones(sum(counts)), atol=1e-5)
+    assert index[:, 0].tolist() == logp.argmax(-1).tolist()
 
 
 def _label_logp(model, texts: list[str], labels: list[int] | None) -> torch.Tensor:
@@ -416,3 +415,20 @@ def test_labels_refused_for_causal_lms(gpt2_setup):
     with pytest.raises(ConfigError, match="sequence-classification") as err:
         learn_coefficients(make_plan(base, experts, data, epochs=1), device=CPU, reporter=Reporter())
     assert err.value.field == "models.0.data.labels"
+
+
+def test_sampler_shuffles_each_task_and_covers_every_input():
+    """Batches come from a seeded reshuffle per task (not input order), every input once per pass."""
+    from divmerge_core.learned.optimise import Sampler as _Sampler
+
+    def first_pass(seed: int) -> list[list[int]]:
+        sampler = _Sampler([12, 12], batch=4, seed=seed)
+        steps = [sampler.next() for _ in range(3)]
+        return [[i for step in steps for i in step[t]] for t in range(2)]
+
+    a, b = first_pass(0), first_pass(1)
+    for order in a + b:
+        assert sorted(order) == list(range(12))  # each input exactly once per pass
+    assert a[0] not in (list(range(12)), list(range(11, -1, -1)))  # shuffled, not in (reversed) order
+    assert a[0] != a[1]  # each task its own order
+    assert a != b and first_pass(0) == a  # seeded: another seed, another order; same seed, same order

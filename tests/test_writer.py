@@ -205,3 +205,16 @@ def test_checkpoint_get_into_reads_in_place_or_casts(tmp_path):
                 assert torch.equal(ckpt.get_into(name, cast), tensor.float())
         with pytest.raises(ValueError):
             ckpt.get_into("a.weight", torch.empty(4, 8))
+
+
+def test_finiteness_check_is_exact():
+    """The fast check (a finite sum) never passes NaN/inf, and finite values whose sum overflows pass."""
+    import torch
+
+    from divmerge_core.pipeline import all_finite
+
+    assert all_finite(torch.full((4,), 3e38))  # the float32 sum overflows to inf; the values are finite
+    assert all_finite(torch.randn(100, 7).bfloat16())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite(torch.tensor([1.0, bad, 2.0]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # sum NaN

@@ -11,6 +11,8 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -121,11 +123,31 @@ def make_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(tiny_gpt2_config(**overrides)).eval()
 
 
+def make_llama(seed: int = 0, num_hidden_layers: int = 4) -> LlamaForCausalLM:
+    """A tiny Llama (``model.layers.N.self_attn`` / ``.mlp`` names, as mergekit's filters expect)."""
+    torch.manual_seed(seed)
+    tok = make_tokenizer("gpt2")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def save(model, folder: Path, kind: str | None = None) -> Path:
     """Save model + matching tokenizer as safetensors in ``folder``; return the folder."""
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
-    kind = kind or ("gpt2" if model.config.model_type == "gpt2" else "bert")
+    kind = kind or ("bert" if model.config.model_type == "bert" else "gpt2")
     make_tokenizer(kind).save_pretrained(folder)
     return folder
 

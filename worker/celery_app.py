@@ -1,6 +1,6 @@
 """The Celery worker app: ``celery -A worker.celery_app worker -Q gpu,cpu --concurrency 1``.
 
-Broker options come from :func:`api.queue.celery_config` (acks late, reject on worker lost, prefetch 1,
+Broker options come from :func:`service_core.queue.celery_config` (acks late, reject on worker lost, prefetch 1,
 visibility timeout longer than the longest job). Each worker process also runs the reconciler thread.
 """
 
@@ -12,10 +12,10 @@ import threading
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from api.core.config import get_settings
-from api.queue import celery_config
+from service_core.config import get_settings
+from service_core.queue import celery_config
 
-from . import reconciler
+from . import bookkeeping, reconciler
 
 settings = get_settings()
 app = Celery("divmerge-worker", include=["worker.tasks"])
@@ -26,7 +26,7 @@ log = logging.getLogger("divmerge.worker")
 
 @worker_ready.connect
 def _start_reconciler(**_kw) -> None:
-    reconciler.start(settings, app)
+    reconciler.start(settings)
     # import the engine (torch, transformers) now rather than in the first job
     threading.Thread(target=lambda: __import__("divmerge_core.pipeline"), daemon=True).start()
 
@@ -34,3 +34,4 @@ def _start_reconciler(**_kw) -> None:
 @worker_shutting_down.connect
 def _stop_reconciler(**_kw) -> None:
     reconciler.stop()
+    bookkeeping.shutting_down.set()  # a task waiting for the database gives its message back

@@ -8,11 +8,11 @@ import os
 import signal
 import threading
 
-from api import crud
-from api.core.config import Settings, get_settings
-from api.db import session_scope
+from service_core import jobs
+from service_core.config import Settings, get_settings
+from service_core.db import session_scope
 
-from .runner import new_worker_id, run_job
+from .runner import new_worker_id, purge_kept, run_job
 
 log = logging.getLogger("divmerge.embedded")
 
@@ -26,8 +26,9 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
             return
         try:
             with session_scope(settings.db_url) as s:
-                crud.expire_lost(s, settings.max_attempts)
-                job_id = crud.next_claimable(s)
+                jobs.expire_lost(s, settings.max_attempts)
+                job_id = jobs.next_claimable(s)
+            purge_kept(settings)
             if job_id is not None:
                 run_job(job_id, settings, worker_id)
                 continue

@@ -1,7 +1,12 @@
-"""Put a finished merge where the spec asked: a Hub repo or an allow-listed local directory. Once per job."""
+"""Put a finished merge where the spec asked: a Hub repo or an allow-listed local directory. Once per job.
+
+A delivery that fails with a transient error raises :class:`TransientError`; the runner retries it without
+merging again, and keeps the merged folder for ``POST /retry`` when it runs out of tries.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -10,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from divmerge_core.errors import DivMergeError, OutputExistsError, TransientError
+from divmerge_core.errors import DivMergeError, OutputExistsError, TransientError, http_status, is_transient
 
 #: Written into local outputs and Hub commit messages: lets a retry see that this job already delivered.
 MARKER_FILE = ".divmerge-job.json"
@@ -81,12 +86,10 @@ def deliver_hub(folder: Path, repo_id: str, *, private: bool, job_id: str, uploa
     except DivMergeError:
         raise
     except Exception as err:  # noqa: BLE001 - classify Hub/network failures
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status is not None and (status >= 500 or status == 429):
-            raise TransientError(f"Hub upload to {repo_id!r} failed (HTTP {status})") from None
-        if status is None and isinstance(err, (OSError, ConnectionError, TimeoutError)):
-            raise TransientError(f"Hub upload to {repo_id!r} failed ({type(err).__name__})") from None
+        status = http_status(err)
         detail = f"HTTP {status}" if status else type(err).__name__
+        if is_transient(err):
+            raise TransientError(f"Hub upload to {repo_id!r} failed ({detail})") from None
         raise UploadError(f"Hub upload to {repo_id!r} failed ({detail})") from None
     return Delivery(f"hf://{repo_id}", revision, commit)
 
@@ -98,20 +101,46 @@ def local_already_delivered(dest: Path, job_id: str) -> bool:
         return False
 
 
-def deliver_local(staged: Path, dest: Path, job_id: str) -> Delivery:
-    """Atomically rename the staged folder (a sibling of ``dest``) into place."""
+def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False) -> Delivery:
+    """Rename the staged folder into place (atomic when it is a sibling of ``dest``). ``overwrite`` replaces
+    an existing ``dest``: it is renamed aside first and removed once the new one is in place."""
     if local_already_delivered(dest, job_id):
         return Delivery(str(dest))
     (staged / MARKER_FILE).write_text(json.dumps({"job_id": job_id}))
     if dest.exists() and dest.is_dir() and not any(dest.iterdir()):
         dest.rmdir()
+    old = dest.parent / f".{dest.name}.divmerge-replaced-{job_id}"
+    aside = overwrite and dest.exists()
+    if aside:
+        os.rename(dest, old)
     try:
-        os.rename(staged, dest)
+        if staged.parent == dest.parent:
+            os.rename(staged, dest)
+        else:  # a kept result re-delivered: it may be on another filesystem
+            if dest.exists():
+                raise FileExistsError(dest)
+            shutil.move(str(staged), str(dest))
     except OSError as err:
+        if aside and not dest.exists():
+            os.rename(old, dest)  # put the previous output back
         if dest.exists():
             raise OutputExistsError(f"output path {str(dest)!r} already exists") from None
         raise UploadError(f"cannot move the result into {str(dest)!r}: {err.strerror}") from None
+    remove(old)
     return Delivery(str(dest))
+
+
+def file_info(folder: Path) -> list[dict]:
+    """Name, size and sha256 of each file of a merged folder (what ``GET /files`` lists)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MARKER_FILE:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out.append({"name": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()})
+    return out
 
 
 def remove(path: Path | None) -> None:

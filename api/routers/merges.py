@@ -1,19 +1,35 @@
-"""/v1/merges: submit, read, list and cancel merge jobs (a team sees only its own)."""
+"""/v1/merges: submit, dry-run, read, list, cancel and retry merge jobs, their events and their results
+(a team sees only its own)."""
 
 from __future__ import annotations
 
-import json
+import os
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import crud, spec
-from ..core.config import Settings
-from ..db import session_scope
+from service_core import jobs
+from service_core.config import Settings
+from service_core.db import session_scope
+from service_core.models import Job
+from service_core.queue import enqueue
+
+from .. import crud, dryrun, spec
 from ..errors import ApiError
-from ..queue import enqueue
-from ..schemas import JobList, JobOut, Status
+from ..schemas import (
+    Coefficients,
+    EventList,
+    EventOut,
+    FileList,
+    HubLocation,
+    JobList,
+    JobOut,
+    Status,
+    ValidationReport,
+)
 from ..security import Caller, CallerDep
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
@@ -21,6 +37,16 @@ router = APIRouter(prefix="/v1/merges", tags=["merges"])
 _ERRORS = {
     401: {"description": "missing, invalid or revoked token"},
     404: {"description": "no such job for this team"},
+    503: {"description": "the database is unavailable (`Retry-After` says when to try again)"},
+}
+#: The request body: the engine's MergeConfig as JSON or YAML.
+_CONFIG_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {"schema": {"$ref": "#/components/schemas/MergeConfig"}} for media in spec.BODY_TYPES
+        },
+    }
 }
 
 
@@ -49,30 +75,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
         **_ERRORS,
         409: {"description": "Idempotency-Key reused with a different body"},
         413: {"description": "body or inline texts too large"},
-        422: {"description": "invalid config, path outside the allowed roots, or a limit exceeded"},
+        422: {
+            "description": "invalid config, path outside the allowed roots, missing local model or data, "
+            "no Hub write token for the team, or a limit exceeded"
+        },
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MergeConfig"}}},
-        }
-    },
+    openapi_extra=_CONFIG_BODY,
 )
 async def create_merge(
     request: Request,
     caller: Caller = CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
-    """Submit a merge: the body is the engine's MergeConfig (the CLI's YAML, as JSON)."""
+    """Submit a merge: the body is the engine's MergeConfig, as JSON or as the CLI's YAML
+    (``Content-Type: application/yaml``). Cheap checks run now: a bad config, a missing local model or
+    data file, an existing output path (unless ``output.overwrite``) or a Hub output without a write token
+    for the team are refused before anything is queued."""
     settings = _settings(request)
     raw = await _read_body(request, settings.max_body_bytes)
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
-    config = spec.parse(body)
+    config = spec.parse(spec.load_body(raw, request.headers.get("content-type")))
     spec.check_limits(config, settings)
     spec.check_paths(config, settings)
+    await run_in_threadpool(spec.check_submit, config, settings, caller.team)
     stored = spec.normalise(config)
 
     def _create():
@@ -143,3 +167,125 @@ def cancel_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> J
         if job is None:
             raise ApiError(404, "not_found", f"no merge job {job_id!r}")
         return JobOut.of(job)
+
+
+@router.post(
+    "/validate",
+    response_model=ValidationReport,
+    responses={401: _ERRORS[401], 413: {"description": "body too large"}},
+    openapi_extra=_CONFIG_BODY,
+)
+async def validate_merge(request: Request, caller: Caller = CallerDep) -> ValidationReport:
+    """Dry run: what ``divmerge validate`` does (resolve every model and dataset, check they can be merged,
+    read a few rows of each dataset and check its columns, estimate the work), nothing queued. Always 200:
+    ``ok`` false with the ``problems`` found (each naming its field)."""
+    settings = _settings(request)
+    raw = await _read_body(request, settings.max_body_bytes)
+    return await dryrun.validate(raw, request.headers.get("content-type"), settings, caller.team)
+
+
+def _job(settings: Settings, caller: Caller, job_id: str) -> Job:
+    with session_scope(settings.db_url) as s:
+        job = crud.get_job(s, caller.team_id, job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+        return job
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobOut,
+    responses={**_ERRORS, 409: {"description": "only a failed job can be retried"}},
+)
+def retry_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> JobOut:
+    """Run a failed job again: its kept result is re-delivered if the merge finished but the delivery
+    failed (``kept`` in the job), else the merge runs from scratch."""
+    settings = _settings(request)
+    with session_scope(settings.db_url) as s:
+        try:
+            job = crud.retry_job(s, caller.team_id, job_id)
+        except crud.NotRetryable:
+            raise ApiError(409, "not_retryable", "only a failed job can be retried") from None
+        if job is None:
+            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+        out = JobOut.of(job)
+    enqueue(settings, out.id, out.queue)
+    return out
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=_ERRORS)
+def merge_events(job_id: str, request: Request, caller: Caller = CallerDep) -> EventList:
+    """What happened to the job, oldest first: submitted, claimed (by which worker), each stage, retries
+    and their reason, warnings, the outcome."""
+    settings = _settings(request)
+    _job(settings, caller, job_id)
+    with session_scope(settings.db_url) as s:
+        return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
+
+
+def _finished_result(job: Job) -> dict:
+    if job.status != "succeeded" or not job.result:
+        raise ApiError(409, "no_result", f"the job is {job.status}: it has no output files yet")
+    return job.result
+
+
+@router.get(
+    "/{job_id}/files",
+    response_model=FileList,
+    responses={**_ERRORS, 409: {"description": "the job has not succeeded"}},
+)
+def merge_files(job_id: str, request: Request, caller: Caller = CallerDep) -> FileList:
+    """The output files (name, size, sha256); for Hub outputs also the repo and the upload commit."""
+    result = _finished_result(_job(_settings(request), caller, job_id))
+    dest = result["destination"]
+    hub = (
+        HubLocation(repo_id=dest[len("hf://") :], commit=result.get("commit"))
+        if dest.startswith("hf://")
+        else None
+    )
+    return FileList(files=result.get("file_info") or [], hub=hub)
+
+
+@router.get(
+    "/{job_id}/files/{name}",
+    response_class=FileResponse,
+    responses={**_ERRORS, 409: {"description": "the job has not succeeded, or its output is on the Hub"}},
+)
+def merge_file(job_id: str, name: str, request: Request, caller: Caller = CallerDep) -> FileResponse:
+    """Stream one output file of a local destination (names as listed by ``/files``)."""
+    settings = _settings(request)
+    result = _finished_result(_job(settings, caller, job_id))
+    dest = result["destination"]
+    if dest.startswith("hf://"):
+        raise ApiError(409, "hub_output", f"the output is on the Hub ({dest}): download it from there")
+    if name not in {f["name"] for f in result.get("file_info") or []}:
+        raise ApiError(404, "not_found", f"no output file {name!r}", "name")
+    folder = Path(os.path.realpath(dest))
+    path = Path(os.path.realpath(folder / name))
+    inside = path.parent == folder and any(folder == r or r in folder.parents for r in settings.roots)
+    if not inside or not path.is_file():
+        raise ApiError(404, "not_found", f"output file {name!r} is no longer on the server", "name")
+    return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+
+@router.get(
+    "/{job_id}/coefficients",
+    response_model=Coefficients,
+    responses={404: {"description": "no such job, or a classic method (no coefficients)"}},
+)
+def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep) -> Coefficients:
+    """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
+    (live while the job runs)."""
+    job = _job(_settings(request), caller, job_id)
+    coeffs = (job.result or {}).get("coefficients") if job.status == "succeeded" else None
+    if coeffs is None and not spec.is_learned(job.spec):
+        raise ApiError(
+            404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
+        )
+    losses = list(job.losses or [])
+    if coeffs is None:
+        return Coefficients(groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses)
+    groups, tasks = coeffs["groups"], coeffs["tasks"]
+    values = [[float(coeffs["coefficients"][g][t]) for t in tasks] for g in groups]
+    return Coefficients(groups=groups, tasks=tasks, values=values, losses=losses)

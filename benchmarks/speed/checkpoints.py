@@ -1,4 +1,7 @@
-"""Synthetic checkpoints for the speed benchmark: a random BERT base model and K "experts" (base + noise).
+"""Synthetic checkpoints for the speed benchmark: a random base model and K "experts" (base + noise).
+
+Two shapes: BERT sequence classifiers (``25M``/``100M``/``300M``) and GPT-2 causal LMs (``gpt2-124M``, the
+shape of openai-community/gpt2, tied LM head not stored, as transformers saves it).
 
 Everything is built in code from a seed (nothing is downloaded) and saved as safetensors with a
 config.json and a word-level tokenizer, so both our engine and mergekit/FusionBench can load the folders.
@@ -18,7 +21,7 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A BERT-for-sequence-classification shape."""
+    """A BERT-for-sequence-classification shape, or (``arch="gpt2"``) a GPT2LMHeadModel shape."""
 
     name: str
     hidden: int
@@ -27,6 +30,27 @@ class ModelSize:
     vocab: int = 30522
     max_positions: int = 512
     num_labels: int = 2
+    arch: str = "bert"
+
+    def config(self) -> dict:
+        """The model's ``config.json``."""
+        return self.gpt2_config() if self.arch == "gpt2" else self.bert_config()
+
+    def gpt2_config(self) -> dict:
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab,
+            "n_positions": self.max_positions,
+            "n_embd": self.hidden,
+            "n_layer": self.layers,
+            "n_head": self.heads,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
 
     def bert_config(self) -> dict:
         return {
@@ -52,7 +76,9 @@ class ModelSize:
         }
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape, in the order transformers' BertForSequenceClassification saves them."""
+        """Tensor name -> shape, in the order transformers saves the model."""
+        if self.arch == "gpt2":
+            return self._gpt2_shapes()
         h, f = self.hidden, 4 * self.hidden
         out: dict[str, tuple[int, ...]] = {
             "bert.embeddings.word_embeddings.weight": (self.vocab, h),
@@ -85,6 +111,30 @@ class ModelSize:
         out["classifier.bias"] = (self.num_labels,)
         return out
 
+    def _gpt2_shapes(self) -> dict[str, tuple[int, ...]]:
+        h, f = self.hidden, 4 * self.hidden
+        out: dict[str, tuple[int, ...]] = {
+            "transformer.wte.weight": (self.vocab, h),
+            "transformer.wpe.weight": (self.max_positions, h),
+        }
+        for i in range(self.layers):
+            p = f"transformer.h.{i}."
+            out[p + "ln_1.weight"] = (h,)
+            out[p + "ln_1.bias"] = (h,)
+            out[p + "attn.c_attn.weight"] = (h, 3 * h)  # Conv1D: (in, out)
+            out[p + "attn.c_attn.bias"] = (3 * h,)
+            out[p + "attn.c_proj.weight"] = (h, h)
+            out[p + "attn.c_proj.bias"] = (h,)
+            out[p + "ln_2.weight"] = (h,)
+            out[p + "ln_2.bias"] = (h,)
+            out[p + "mlp.c_fc.weight"] = (h, f)
+            out[p + "mlp.c_fc.bias"] = (f,)
+            out[p + "mlp.c_proj.weight"] = (f, h)
+            out[p + "mlp.c_proj.bias"] = (h,)
+        out["transformer.ln_f.weight"] = (h,)
+        out["transformer.ln_f.bias"] = (h,)
+        return out
+
     @property
     def n_params(self) -> int:
         total = 0
@@ -101,6 +151,10 @@ SIZES: dict[str, ModelSize] = {
     "25M": ModelSize("25M", hidden=384, layers=8, heads=6),
     "100M": ModelSize("100M", hidden=768, layers=12, heads=12),  # BERT-base: 109M
     "300M": ModelSize("300M", hidden=1024, layers=24, heads=16),  # BERT-large: 335M
+    # GPT-2 small: 124M
+    "gpt2-124M": ModelSize(
+        "gpt2-124M", hidden=768, layers=12, heads=12, vocab=50257, max_positions=1024, arch="gpt2"
+    ),
 }
 
 
@@ -138,7 +192,7 @@ def save_tokenizer(folder: Path, vocab_size: int, max_length: int = 512) -> None
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    if name.endswith("LayerNorm.weight"):
+    if name.endswith(("LayerNorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
@@ -149,8 +203,8 @@ def _write_folder(folder: Path, size: ModelSize, tensors: dict[str, torch.Tensor
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(size.bert_config(), indent=2), encoding="utf-8")
-    save_tokenizer(folder, size.vocab, size.max_positions)
+    (folder / "config.json").write_text(json.dumps(size.config(), indent=2), encoding="utf-8")
+    save_tokenizer(folder, size.vocab, size.max_positions)  # word-level: classic merges only copy it
     tmp.rename(folder / "model.safetensors")
 
 

@@ -1,5 +1,6 @@
-"""Merge methods. ``classic`` holds the per-tensor functions of the non-learned methods."""
+"""Merge methods: one module per method, all listed in :mod:`.registry` (see docs/methods.md)."""
 
-from .classic import DEFAULT_NORMALIZE, merge_tensor
+from .base import MergeMethod
+from .registry import METHODS, get_method
 
-__all__ = ["DEFAULT_NORMALIZE", "merge_tensor"]
+__all__ = ["METHODS", "MergeMethod", "get_method"]

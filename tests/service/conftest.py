@@ -127,6 +127,8 @@ SERVICE_SETTINGS = {
     "DIVMERGE_RETRY_BACKOFF_S": "0.5",
     "DIVMERGE_MAX_ATTEMPTS": "3",
     "DIVMERGE_STEP_DELAY_S": "0.02",
+    "DIVMERGE_DELIVERY_ATTEMPTS": "3",
+    "DIVMERGE_DELIVERY_BACKOFF_S": "0.3",
     "DIVMERGE_HUB_UPLOADER": "tests.service.doubles:FakeHubUploadDouble",
     "DIVMERGE_HUB_TOKEN": "hf_deployment_secret_token",
     "DIVMERGE_TEAM_HUB_TOKENS": json.dumps({"team-a": "hf_team_a_secret_token"}),
@@ -171,14 +173,14 @@ def svc(tmp_path_factory):
     for k in [k for k in os.environ if k.startswith("DIVMERGE_")]:
         mp.delenv(k)
     for k, v in env.items():
-        if k.startswith("DIVMERGE_"):
+        if k.startswith("DIVMERGE_") or k in ("HF_ENDPOINT", "HF_HOME"):  # the API's dry-run subprocess
             mp.setenv(k, v)
     try:
         from fastapi.testclient import TestClient
 
-        from api.core.config import Settings
-        from api.db import migrate
         from api.main import create_app
+        from service_core.config import Settings
+        from service_core.db import migrate
 
         migrate(db.url)
         service.settings = Settings()
@@ -193,7 +195,7 @@ def svc(tmp_path_factory):
             w.stop()
         olah.stop()
         redis.kill()
-        from api.db import get_engine
+        from service_core.db import get_engine
 
         get_engine.cache_clear()
         time.sleep(0.2)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
+
+import httpx
 
 
 class _Response:
@@ -26,8 +30,14 @@ class FakeHubServerError(Exception):
 class FakeHubUploadDouble:
     """Stands in for :class:`worker.upload.HubUploader` (olah is download-only). Records every upload in
     ``$DIVMERGE_TEST_FAKE_HUB_DIR/uploads.jsonl`` and keeps a copy of the files; the token is recorded only
-    as a hash, to check which one the worker used. The first upload to a repo named ``*flaky*`` fails with
-    HTTP 503, to exercise the transient-error retry."""
+    as a hash, to check which one the worker used. Failures, to exercise the delivery retries:
+
+    - the first upload to a repo named ``*flaky*`` fails with HTTP 503;
+    - the first N uploads to a repo named ``*connfail-N*`` fail with a real connection error (httpx
+      connecting to a local port nothing listens on);
+    - every upload to a repo fails that way while the file ``blocked-<org>__<name>`` exists in the fake
+      Hub's folder (the Hub is "down" until the test removes it).
+    """
 
     def __init__(self, token: str | None):
         self.root = Path(os.environ["DIVMERGE_TEST_FAKE_HUB_DIR"])
@@ -47,11 +57,22 @@ class FakeHubUploadDouble:
                 return rec["commit"]
         return None
 
+    @staticmethod
+    def blocked_marker(root: Path, repo_id: str) -> Path:
+        return Path(root) / f"blocked-{repo_id.replace('/', '__')}"
+
     def upload(self, folder: Path, repo_id: str, *, private: bool, message: str) -> tuple[str, str]:
-        flaky = self.root / f"failed-once-{repo_id.replace('/', '__')}"
+        slug = repo_id.replace("/", "__")
+        flaky = self.root / f"failed-once-{slug}"
         if "flaky" in repo_id and not flaky.exists():  # the first upload to a 'flaky' repo answers 503
             flaky.touch()
             raise FakeHubServerError(503)
+        tries = self.root / f"tries-{slug}"
+        n = int(tries.read_text()) + 1 if tries.exists() else 1
+        tries.write_text(str(n))
+        fail = re.search(r"connfail-(\d+)", repo_id)
+        if (fail and n <= int(fail.group(1))) or self.blocked_marker(self.root, repo_id).exists():
+            _connect_to_closed_port()
         commit = uuid.uuid4().hex + uuid.uuid4().hex[:8]
         shutil.copytree(folder, self.root / "repos" / repo_id / commit)
         rec = {
@@ -65,3 +86,12 @@ class FakeHubUploadDouble:
         with open(self.root / "uploads.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         return "main", commit
+
+
+def _connect_to_closed_port() -> None:
+    """Raise the real ``httpx.ConnectError`` of a Hub that does not answer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        httpx.post(f"http://127.0.0.1:{port}/api/repos/create", timeout=2)
+    raise AssertionError("a connection to a closed port succeeded")

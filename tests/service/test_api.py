@@ -9,10 +9,10 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from api.core.config import Settings
-from api.db import session_scope
 from api.main import create_app
 from api.security import create_token
+from service_core.config import Settings
+from service_core.db import session_scope
 
 from .procs import REPO
 
@@ -53,7 +53,7 @@ def test_revoked_token_is_refused(svc):
 def test_tokens_are_stored_as_hashes(svc):
     from sqlalchemy import text
 
-    from api.db import get_engine
+    from service_core.db import get_engine
 
     with get_engine(svc.settings.db_url).connect() as conn:
         hashes = [r[0] for r in conn.execute(text("SELECT token_hash FROM api_tokens"))]
@@ -120,6 +120,7 @@ def test_cancel_queued_then_finished_is_409(svc, idle):
         (
             lambda b, r: b.update(
                 merge_method="divmerge",
+                parameters={},  # task_arithmetic's lambda is not a divmerge parameter
                 models=[{"model": m["model"], "data": {"path": "/etc/hosts"}} for m in b["models"]],
             ),
             "models.0.data.path",

@@ -40,6 +40,7 @@ def test_serve_embedded_runs_a_job(svc, tmp_path):
         h = {"Authorization": f"Bearer {token}"}
         r = httpx.post(f"{base}/v1/merges", json=svc.classic(), headers=h)
         assert r.status_code == 202, r.text
+        assert "server" not in r.headers, "no server banner"
         job_id = r.json()["id"]
 
         def finished():

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from api.db import session_scope
-from api.models import Job
+from service_core.db import session_scope
+from service_core.models import Job
 
 from .procs import wait_until
 

@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import update
 
 from api import crud
-from api.db import get_engine, migrate, session_scope
-from api.models import Job, Team, utcnow
+from service_core import jobs
+from service_core.db import get_engine, migrate, session_scope
+from service_core.models import Job, Team, utcnow
 
 from .procs import PostgresDB
 
@@ -46,12 +47,12 @@ def expire(url: str, job_id: str) -> None:
 
 def claim(url: str, job_id: str, worker: str, max_attempts: int = 3):
     with session_scope(url) as s:
-        return crud.claim(s, job_id, worker, lease_s=30, max_attempts=max_attempts)
+        return jobs.claim(s, job_id, worker, lease_s=30, max_attempts=max_attempts)
 
 
 def status(url: str, job_id: str) -> Job:
     with session_scope(url) as s:
-        return crud.load(s, job_id)
+        return jobs.load(s, job_id)
 
 
 def test_concurrent_claims_one_winner(url):
@@ -79,10 +80,10 @@ def test_live_lease_blocks_expired_lease_allows_and_fences_the_old_owner(url):
     second = claim(url, job_id, "b")
     assert second is not None and second.attempt == 2
     with session_scope(url) as s:  # the old owner comes back to life: all its writes are refused
-        assert crud.heartbeat(s, first, 30) == (False, False)
-        assert not crud.update_running(s, first, progress={"stage": "x"})
-        assert not crud.finish(s, first, "succeeded")
-        assert crud.finish(s, second, "succeeded")
+        assert jobs.heartbeat(s, first, 30) == (False, False)
+        assert not jobs.update_running(s, first, progress={"stage": "x"})
+        assert not jobs.finish(s, first, "succeeded")
+        assert jobs.finish(s, second, "succeeded")
     assert claim(url, job_id, "c") is None and status(url, job_id).status == "succeeded"
 
 
@@ -111,10 +112,10 @@ def test_reconciler_selection(url):
     with session_scope(url) as s:  # as in life: enqueued long before its lease ran out
         s.execute(update(Job).where(Job.id == lost).values(enqueued_at=utcnow() - timedelta(seconds=10)))
     with session_scope(url) as s:
-        picked = {j for j, _ in crud.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
+        picked = {j for j, _ in jobs.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
     assert stale in picked and lost in picked and fresh not in picked
     with session_scope(url) as s:  # just re-sent: not again until stale again
-        again = {j for j, _ in crud.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
+        again = {j for j, _ in jobs.stale_jobs(s, queued_stale_s=30, max_attempts=3)}
     assert not again & {stale, lost}
 
 
@@ -122,8 +123,8 @@ def test_transient_requeue_waits_for_run_after(url):
     job_id = new_job(url)
     c = claim(url, job_id, "a")
     with session_scope(url) as s:
-        assert crud.requeue(s, c, 0.5, "hub_unavailable", "HTTP 503")
-        assert crud.next_claimable(s) != job_id
+        assert jobs.requeue(s, c, 0.5, "hub_unavailable", "HTTP 503")
+        assert jobs.next_claimable(s) != job_id
     time.sleep(0.6)
     with session_scope(url) as s:
         s.execute(
@@ -131,5 +132,5 @@ def test_transient_requeue_waits_for_run_after(url):
             .where(Job.id != job_id, Job.status.in_(["queued", "running"]))
             .values(status="cancelled")
         )
-        assert crud.next_claimable(s) == job_id
+        assert jobs.next_claimable(s) == job_id
     assert claim(url, job_id, "b").attempt == 2

@@ -15,6 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from divmerge_core.methods import registry
+from divmerge_core.paths import real_roots
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIVMERGE_", extra="ignore", env_ignore_empty=True)
@@ -39,18 +42,39 @@ class Settings(BaseSettings):
     )
     hf_cache_dir: Path | None = Field(None, description="HF cache for workers (default: HF_HOME's)")
     device: str = Field("auto", description="worker device: auto (cuda if present), cpu, cuda, cuda:N")
+    teacher_cache_dir: Path | None = Field(
+        None,
+        description="learned merges' teacher-output cache, shared by the jobs of a worker ($DIVMERGE_HOME/cache/teachers)",
+    )
+    teacher_cache_bytes: int | None = Field(
+        None, ge=0, description="teacher cache bound, LRU-evicted (default: the engine's, 16 GiB)"
+    )
+    devices_per_job: int = Field(
+        1,
+        ge=1,
+        description="learned merges: processes (GPUs with a cuda device) one job runs on, data-parallel",
+    )
     hub_uploader: str = Field(
         "worker.upload:HubUploader", description="'module:Class' of the Hub uploader (tests swap a double)"
     )
 
     # --- limits (413 for the body, 422 for the rest)
-    max_body_bytes: int = 1_000_000
-    max_models: int = 16
-    max_num_samples: int = 5000
-    max_new_tokens: int = 512
-    max_inline_texts: int = 5000
-    max_inline_text_bytes: int = 500_000
-    list_limit_max: int = 100
+    max_body_bytes: int = Field(1_000_000, description="request body limit in bytes (413)")
+    max_models: int = Field(16, description="models per spec")
+    max_num_samples: int = Field(5000, description="upper bound of data.num_samples per model")
+    max_new_tokens: int = Field(512, description="upper bound of parameters.max_new_tokens")
+    max_epochs: int = Field(100, description="upper bound of parameters.epochs")
+    max_length: int = Field(8192, description="upper bound of parameters.max_length (tokens)")
+    max_batch_size_per_task: int = Field(256, description="upper bound of parameters.batch_size_per_task")
+    max_running_per_team: int = Field(
+        0, description="most jobs of one team running at once (0: no cap); the others wait their turn"
+    )
+    max_job_s: float = Field(
+        24 * 3600.0, description="a job still running after this many seconds fails with code 'timeout'"
+    )
+    max_inline_texts: int = Field(5000, description="inline data.texts, all models together")
+    max_inline_text_bytes: int = Field(500_000, description="inline text bytes, all models together (413)")
+    list_limit_max: int = Field(100, description="largest limit of GET /v1/merges")
 
     # --- jobs, leases, queues
     max_attempts: int = Field(3, description="runs per job (worker loss and transient errors count)")
@@ -58,24 +82,34 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="lease renewal and cancel poll interval")
     progress_interval_s: float = Field(2.0, description="minimum seconds between progress writes")
     retry_backoff_s: float = Field(10.0, description="first retry delay for transient errors (doubles)")
+    delivery_attempts: int = Field(5, ge=1, description="tries to deliver a finished merge (Hub or local)")
+    delivery_backoff_s: float = Field(
+        5.0, description="first wait between delivery tries (doubles, at most delivery_backoff_max_s)"
+    )
+    delivery_backoff_max_s: float = Field(300.0, description="longest wait between delivery tries")
+    keep_result_s: float = Field(
+        7 * 24 * 3600.0, description="how long a merged result whose delivery failed is kept for POST /retry"
+    )
+    max_stored_losses: int = Field(
+        10_000, description="losses per job kept for /coefficients (first N steps)"
+    )
+    validate_timeout_s: float = Field(120.0, description="POST /v1/merges/validate gives up after this long")
     reconcile_interval_s: float = Field(30.0, description="how often workers look for lost jobs")
     queued_stale_s: float = Field(300.0, description="re-enqueue a job still queued after this long")
     visibility_timeout_s: int = Field(
         6 * 3600, description="Redis visibility timeout; must exceed the longest job"
     )
+    db_wait_s: float = Field(
+        600.0, description="a worker whose claim meets a database outage waits this long before giving back"
+    )
+    db_retry_max_s: float = Field(2.0, description="longest pause between retries while the database is down")
     embedded_poll_s: float = Field(1.0, description="embedded worker's DB poll interval")
-    gpu_queue: str = "gpu"
-    cpu_queue: str = "cpu"
+    gpu_queue: str = Field("gpu", description="queue of the GPU workers (learned methods)")
+    cpu_queue: str = Field("cpu", description="queue of the CPU workers (classic methods)")
     cpu_methods: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [
-            "linear",
-            "task_arithmetic",
-            "ties",
-            "dare_linear",
-            "dare_ties",
-            "multislerp",
-        ],
-        description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue",
+        default_factory=registry.cpu_methods,
+        description="methods routed to the cpu queue (comma-separated); the rest go to the gpu queue "
+        "(default: each method's own queue, from divmerge_core.methods.registry)",
     )
     step_delay_s: float = Field(0.0, description="testing only: sleep this long at each progress event")
 
@@ -110,12 +144,11 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> tuple[Path, ...]:
         """Allow-listed local roots, real paths, DIVMERGE_HOME included."""
-        out: list[Path] = []
-        for p in [self.home, *self.local_roots]:
-            real = Path(os.path.realpath(os.path.expanduser(p)))
-            if real not in out:
-                out.append(real)
-        return tuple(out)
+        return real_roots([self.home, *self.local_roots]) or ()
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.teacher_cache_dir or self.home / "cache" / "teachers"
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token
@@ -128,3 +161,20 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """The settings as a markdown table (environment variable, default, meaning), for docs/service.md."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = field.default_factory()
+            default = ",".join(map(str, default)) if isinstance(default, list) else (default or "")
+        else:
+            default = "" if field.default is None else field.default
+        rows.append(f"| `DIVMERGE_{name.upper()}` | `{default}` | {field.description or ''} |".replace("``", "unset"))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m service_core.config: print the settings table
+    print(settings_table())

@@ -9,7 +9,7 @@ import logging
 
 from celery import Celery
 
-from .core.config import Settings
+from .config import Settings
 
 log = logging.getLogger("divmerge.queue")
 
@@ -48,8 +48,9 @@ def producer(settings: Settings) -> Celery:
 
 
 def enqueue(settings: Settings, job_id: str, queue: str, countdown: float | None = None) -> bool:
-    """Send ``divmerge.run_merge(job_id)``. False if the broker is unreachable: the job stays queued in the
-    database and a worker's reconciler enqueues it again later."""
+    """Send ``divmerge.run_merge(job_id)``: the one place tasks are sent from (the API on submit and retry,
+    the worker's retry after a transient error, the reconciler). False if the broker is unreachable: the
+    job stays queued in the database and a worker's reconciler enqueues it again later."""
     if settings.embedded:
         return True  # the embedded worker polls the database
     try:

@@ -1,11 +1,22 @@
-"""Tables: teams, API tokens (hashes only) and merge jobs. The job row is the source of truth."""
+"""Tables: teams, API tokens (hashes only), merge jobs and their events. The job row is the source of truth."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -36,7 +47,7 @@ class UTCDateTime(TypeDecorator):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+    type_annotation_map = {dict[str, Any]: JSON, list[float]: JSON, datetime: UTCDateTime}
 
 
 class Team(Base):
@@ -77,6 +88,11 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: Upload record ({destination, commit}) written once the upload is done: retries skip the upload.
     upload: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: A merged result whose delivery failed, kept for ``POST /retry``: {path, until} (None when nothing is kept).
+    kept: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    #: Learned methods: the loss at each optimisation step so far (bounded by ``max_stored_losses``).
+    losses: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    #: The last error: the reason of a failure, or of the retry the job is waiting for.
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -89,3 +105,18 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobEvent(Base):
+    """What happened to a job, in order: submitted, claimed (by which worker), stage changes, retries and
+    their reason, warnings, the outcome. Append-only."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -25,6 +27,17 @@ def get_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+#: Errors that mean "the database cannot be reached right now" (down, restarting, connection lost, pool
+#: exhausted), as opposed to a bad query: the API answers 503 and workers wait and retry.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def is_unavailable(err: BaseException) -> bool:
+    if isinstance(err, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(err, DBAPIError) and bool(err.connection_invalidated)
 
 
 @lru_cache(maxsize=8)

@@ -1,0 +1,154 @@
+// Inline SVG charts: the loss curve (loss per step) and the coefficient heatmap (groups x tasks, a
+// diverging colour scale centred on 0). Values show on hover and, for the heatmap, with the arrow keys.
+
+const NS = "http://www.w3.org/2000/svg";
+
+function s(tag, attrs = {}, text) {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+/** A label that fits: the last segment of a path ("/models/sst2-expert" -> "sst2-expert"), then cut. */
+function short(name, max) {
+  const str = String(name);
+  const last = str.includes("/") ? str.split("/").filter(Boolean).pop() || str : str;
+  return last.length > max ? `${last.slice(0, max - 1)}…` : last;
+}
+
+const fmt = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : v.toPrecision(4));
+
+/** Draw losses[] (one per step) into container; readout shows the step under the pointer. */
+export function lossCurve(container, losses, readout) {
+  const W = 640;
+  const H = 260;
+  const m = { l: 56, r: 12, t: 12, b: 36 };
+  const n = losses.length;
+  let lo = Math.min(...losses);
+  let hi = Math.max(...losses);
+  if (hi === lo) {
+    hi += Math.abs(hi) * 0.05 || 1;
+    lo -= Math.abs(lo) * 0.05 || 1;
+  }
+  const x = (i) => m.l + (n === 1 ? 0.5 : i / (n - 1)) * (W - m.l - m.r);
+  const y = (v) => m.t + (1 - (v - lo) / (hi - lo)) * (H - m.t - m.b);
+  const label = `Loss per step: ${n} step${n === 1 ? "" : "s"}, first ${fmt(losses[0])}, last ${fmt(losses[n - 1])}`;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label, class: "loss" });
+  svg.append(s("title", {}, label));
+  const axes = s("g", { class: "axis" });
+  for (let k = 0; k <= 4; k++) {
+    const v = lo + ((hi - lo) * k) / 4;
+    axes.append(s("line", { x1: m.l, x2: W - m.r, y1: y(v), y2: y(v), class: "grid" }));
+    axes.append(s("text", { x: m.l - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
+  }
+  const ticks = n === 1 ? [0] : [...new Set([0, Math.round((n - 1) / 2), n - 1])];
+  for (const i of ticks) axes.append(s("text", { x: x(i), y: H - m.b + 18, "text-anchor": "middle" }, i + 1));
+  axes.append(s("text", { x: (m.l + W - m.r) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
+  svg.append(axes);
+  svg.append(s("polyline", { points: losses.map((v, i) => `${x(i)},${y(v)}`).join(" "), class: "line" }));
+  const dot = s("circle", { r: 4, class: "dot", cx: x(n - 1), cy: y(losses[n - 1]) });
+  svg.append(dot);
+  const point = (i) => {
+    dot.setAttribute("cx", x(i));
+    dot.setAttribute("cy", y(losses[i]));
+    if (readout) readout.textContent = `step ${i + 1}: loss ${fmt(losses[i])}`;
+  };
+  svg.addEventListener("pointermove", (ev) => {
+    const box = svg.getBoundingClientRect();
+    const px = ((ev.clientX - box.left) / box.width) * W;
+    point(Math.max(0, Math.min(n - 1, Math.round(((px - m.l) / (W - m.l - m.r)) * (n - 1)))));
+  });
+  container.replaceChildren(svg);
+  if (readout) readout.textContent = `${n} steps, last loss ${fmt(losses[n - 1])}`;
+}
+
+/** Diverging scale: blue (negative) - near white (0) - red (positive), t in [-1, 1]. */
+export function divergingColour(t) {
+  const mix = (a, b, u) => a.map((c, i) => Math.round(c + (b[i] - c) * u));
+  const mid = [247, 247, 247];
+  const rgb = t < 0 ? mix(mid, [33, 102, 172], Math.min(1, -t)) : mix(mid, [178, 24, 43], Math.min(1, t));
+  return `rgb(${rgb.join(",")})`;
+}
+
+/** Draw values[group][task] as a heatmap with a legend; hover or arrow keys show one cell's value. */
+export function heatmap(container, { groups, tasks, values }, readout) {
+  const maxAbs = Math.max(1e-12, ...values.flat().map((v) => Math.abs(v)));
+  const W = 640;
+  const labelW = Math.min(200, 8 + 7 * Math.max(...groups.map((g) => short(g, 28).length)));
+  const top = 40;
+  const cellW = (W - labelW - 8) / tasks.length;
+  const cellH = Math.max(4, Math.min(28, 560 / groups.length));
+  const legendH = 44;
+  const H = top + cellH * groups.length + legendH;
+  const label = `Coefficients of ${groups.length} groups by ${tasks.length} tasks, from ${fmt(Math.min(...values.flat()))} to ${fmt(Math.max(...values.flat()))}`;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label, tabindex: 0, class: "heatmap" });
+  svg.append(s("title", {}, label));
+  tasks.forEach((t, j) => {
+    const name = short(t, Math.max(4, Math.floor(cellW / 7)));
+    svg.append(s("text", { x: labelW + cellW * (j + 0.5), y: top - 10, "text-anchor": "middle", class: "tick" }, name));
+  });
+  const every = Math.ceil(12 / cellH); // label every k-th group when rows are thin
+  const cells = [];
+  groups.forEach((g, i) => {
+    if (i % every === 0) {
+      const name = short(g, 28);
+      svg.append(s("text", { x: labelW - 6, y: top + cellH * (i + 0.5) + 4, "text-anchor": "end", class: "tick" }, name));
+    }
+    cells.push(
+      tasks.map((t, j) => {
+        const v = values[i][j];
+        const rect = s("rect", {
+          x: labelW + cellW * j,
+          y: top + cellH * i,
+          width: cellW,
+          height: cellH,
+          fill: divergingColour(v / maxAbs),
+          "data-value": v,
+        });
+        rect.append(s("title", {}, `${g} × ${t}: ${v.toFixed(4)}`));
+        svg.append(rect);
+        return rect;
+      }),
+    );
+  });
+  const focus = s("rect", { class: "cell-focus", width: cellW, height: cellH, x: labelW, y: top, visibility: "hidden" });
+  svg.append(focus);
+  // legend: -max .. 0 .. +max
+  const grad = s("linearGradient", { id: "coef-scale" });
+  for (const k of [0, 0.25, 0.5, 0.75, 1]) grad.append(s("stop", { offset: k, "stop-color": divergingColour(2 * k - 1) }));
+  const defs = s("defs");
+  defs.append(grad);
+  svg.append(defs);
+  const ly = H - legendH + 12;
+  const lx = labelW;
+  const lw = Math.min(280, W - labelW - 8);
+  svg.append(s("rect", { x: lx, y: ly, width: lw, height: 10, fill: "url(#coef-scale)", class: "legend" }));
+  for (const [k, v] of [[0, -maxAbs], [0.5, 0], [1, maxAbs]]) {
+    svg.append(s("text", { x: lx + lw * k, y: ly + 26, "text-anchor": "middle", class: "tick" }, fmt(v)));
+  }
+  let cur = [0, 0];
+  const select = (i, j) => {
+    cur = [i, j];
+    focus.setAttribute("x", labelW + cellW * j);
+    focus.setAttribute("y", top + cellH * i);
+    focus.setAttribute("visibility", "visible");
+    if (readout) readout.textContent = `${groups[i]} × ${tasks[j]}: ${values[i][j].toFixed(4)}`;
+  };
+  svg.addEventListener("pointerover", (ev) => {
+    for (let i = 0; i < cells.length; i++) {
+      const j = cells[i].indexOf(ev.target);
+      if (j >= 0) return select(i, j);
+    }
+  });
+  svg.addEventListener("focus", () => select(...cur));
+  svg.addEventListener("keydown", (ev) => {
+    const moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+    const d = moves[ev.key];
+    if (!d) return;
+    ev.preventDefault();
+    select(Math.max(0, Math.min(groups.length - 1, cur[0] + d[0])), Math.max(0, Math.min(tasks.length - 1, cur[1] + d[1])));
+  });
+  container.replaceChildren(svg);
+  if (readout) readout.textContent = "Hover a cell, or focus the chart and use the arrow keys, to read its value.";
+}

@@ -1,0 +1,138 @@
+"""A dry run of a merge: everything ``divmerge validate`` and ``POST /v1/merges/validate`` check, nothing
+merged. Every problem found is reported (not only the first), each with its code and the field it is about.
+
+``python -m divmerge_core.dryrun`` reads ``{"config": {...}, "options": {...}}`` as JSON on stdin and prints
+the report as JSON: the service runs it in a subprocess, so the API process never imports torch and a slow
+Hub cannot hold it past its time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import LEARNED_METHODS, MergeConfig, parse_config
+from .errors import DivMergeError, IncompatibleModelsError
+from .options import EngineOptions
+from .plan import MergePlan
+
+#: Rows read from each dataset to check its columns (and that it yields text).
+PROBE_ROWS = 4
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class DryRun:
+    plan: MergePlan | None = None
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    estimate: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, err: DivMergeError, field: str | None) -> None:
+        self.problems.append({"code": err.code, "message": err.message, "field": err.field or field})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "estimate": self.estimate}
+
+
+def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") -> DryRun:
+    """Resolve every model (each problem naming its field), check the models can be merged, read a few
+    rows of each dataset and check its columns, and estimate the work."""
+    from .data import load_task_inputs
+    from .pipeline import prepare
+    from .refs import resolve_model
+
+    out = DryRun()
+    refs = [("base_model", config.base_model)] if config.base_model else []
+    refs += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    for where, raw in refs:
+        try:
+            resolve_model(raw, options)
+        except DivMergeError as err:
+            out.add(err, where)
+    if out.ok:
+        try:
+            out.plan = prepare(config, options)
+        except IncompatibleModelsError as err:
+            out.problems += [{"code": err.code, "message": p, "field": "models"} for p in err.problems]
+        except DivMergeError as err:
+            out.add(err, None)
+    for i, m in enumerate(config.models):
+        if m.data is not None:
+            try:
+                load_task_inputs(m.data.model_copy(update={"num_samples": PROBE_ROWS}), options)
+            except DivMergeError as err:
+                out.add(err, f"models.{i}.data")
+    if out.plan is not None:
+        out.estimate = estimate(out.plan, device)
+    return out
+
+
+def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
+    """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
+    the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
+    host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
+    from .loading import Checkpoint
+
+    read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
+    elements = 0
+    with Checkpoint(plan.reference.path, plan.options) as ref:
+        for name in plan.tensor_names:
+            n = 1
+            for d in ref.shape(name):
+                n *= d
+            elements += n
+    return {
+        "tensors": len(plan.tensor_names),
+        "parameters": elements,
+        "read_bytes": read,
+        "output_bytes": elements * _DTYPE_BYTES[plan.config.output_dtype],
+        "memory": _learned_memory(plan, device),
+    }
+
+
+def _learned_memory(plan: MergePlan, device: str) -> dict[str, Any] | None:
+    if plan.config.merge_method not in LEARNED_METHODS:
+        return None
+    from .learned.memory import estimate_learned_memory
+    from .pipeline import resolve_device
+
+    return estimate_learned_memory(plan, resolve_device(device))
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def main() -> int:
+    """stdin: {"config": {...}, "options": {allow_pickle, local_roots, cache_dir}, "device": "cpu"};
+    HF_TOKEN from the env."""
+    import os
+
+    request = json.load(sys.stdin)
+    opts = request.get("options", {})
+    options = EngineOptions(
+        allow_pickle=bool(opts.get("allow_pickle", False)),
+        local_roots=tuple(Path(r) for r in opts["local_roots"])
+        if opts.get("local_roots") is not None
+        else None,
+        hf_token=os.environ.get("HF_TOKEN") or None,
+        cache_dir=Path(opts["cache_dir"]) if opts.get("cache_dir") else None,
+    )
+    try:
+        report = dry_run(parse_config(request["config"]), options, request.get("device", "cpu")).to_json()
+    except DivMergeError as err:
+        report = {"ok": False, "problems": [{"code": err.code, "message": err.message, "field": err.field}]}
+        report["estimate"] = None
+    json.dump(report, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Stage 1 of a learned merge: each task's unlabelled inputs, loaded and tokenised, and its label restriction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import TaskInputs, load_task_inputs
+from ..errors import ConfigError
+from ..plan import MergePlan
+from ..progress import Reporter
+from ..teachers import CAUSAL, ChatFormat, Example, encode, load_tokenizer, model_kind
+
+
+@dataclass
+class LearnedInputs:
+    """What the teachers and the optimisation read: per task, its encoded inputs."""
+
+    tasks: list[TaskInputs]
+    tokenizer: Any
+    #: examples[t]: task t's encoded inputs (teacher targets are attached by the teacher stage).
+    examples: list[list[Example]]
+    #: [n_tasks, num_labels] bool, or None when no task restricts its labels.
+    label_masks: torch.Tensor | None
+
+
+def load_inputs(plan: MergePlan, kind: str, device: torch.device, reporter: Reporter) -> LearnedInputs:
+    """Load every task's ``data`` (seeded sample) and tokenise it with the reference model's tokenizer."""
+    params = plan.config.parameters
+    tasks: list[TaskInputs] = []
+    for t, spec in enumerate(plan.specs):
+        reporter.check()
+        if spec.data is None:
+            raise ConfigError(
+                f"model {plan.models[t].ref.raw!r} has no 'data'", field=f"{model_field(plan, t)}.data"
+            )
+        tasks.append(load_task_inputs(spec.data, plan.options, params.seed))
+        reporter.report(
+            "data", t + 1, len(plan.models), message=f"{len(tasks[-1])} inputs from {tasks[-1].source}"
+        )
+    label_masks = resolve_label_masks(plan, device)
+    tokenizer = load_tokenizer(plan.reference.path)
+    examples = [
+        encode(
+            kind,
+            tokenizer,
+            inputs,
+            t,
+            params.max_length,
+            params.max_new_tokens,
+            plan.model_config,
+            chat_format(plan, t),
+        )
+        for t, inputs in enumerate(tasks)
+    ]
+    return LearnedInputs(tasks, tokenizer, examples, label_masks)
+
+
+def model_field(plan: MergePlan, t: int) -> str:
+    """The config path of task model ``t`` (``models.<i>``; the base may sit in the list before it)."""
+    i = next((i for i, m in enumerate(plan.config.models) if m is plan.specs[t]), t)
+    return f"models.{i}"
+
+
+def chat_format(plan: MergePlan, t: int) -> ChatFormat | None:
+    """Task ``t``'s ``data.chat_template`` / ``data.system_prompt`` as a :class:`ChatFormat` (None when off)."""
+    data = plan.specs[t].data
+    if data is None or not data.chat_template:
+        return None
+    return ChatFormat(data.system_prompt, field=f"{model_field(plan, t)}.data.chat_template")
+
+
+def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
+    """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
+
+    A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``. A task with
+    ``labels: auto`` keeps every label here; the teacher stage narrows it to what its expert predicts.
+    """
+    wanted = [spec.data.labels if spec.data is not None else None for spec in plan.specs]
+    if all(w is None for w in wanted):
+        return None
+    kind = model_kind(plan.model_config)
+    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
+    n_labels = int(plan.model_config.get("num_labels") or len(id2label))
+    by_name = {v: k for k, v in id2label.items()}
+    masks = torch.ones((len(wanted), n_labels), dtype=torch.bool)
+    for t, labels in enumerate(wanted):
+        if labels is None:
+            continue
+        field = f"{model_field(plan, t)}.data.labels"
+        if kind == CAUSAL:
+            raise ConfigError("'labels' applies to sequence-classification models only", field=field)
+        if labels == "auto":
+            continue
+        ids = []
+        for label in labels:
+            i = label if isinstance(label, int) else by_name.get(label)
+            if i is None or not 0 <= i < n_labels:
+                known = ", ".join(repr(v) for v in list(id2label.values())[:20])
+                raise ConfigError(
+                    f"label {label!r} is not one of the model's {n_labels} labels (id2label: {known})",
+                    field=field,
+                )
+            ids.append(i)
+        masks[t] = False
+        masks[t, ids] = True
+    return masks.to(device)
+
+
+def label_names(plan: MergePlan, masks: torch.Tensor | None) -> dict[str, list[str | int]] | None:
+    """Task reference -> the labels it is scored on (names from ``id2label``, else ids), for every task that
+    sets ``data.labels`` (explicit or ``auto``); None when none does."""
+    if masks is None:
+        return None
+    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
+    out: dict[str, list[str | int]] = {}
+    for t, row in enumerate(masks.cpu()):
+        if plan.specs[t].data is not None and plan.specs[t].data.labels is not None:
+            out[plan.models[t].ref.raw] = [id2label.get(i, i) for i in row.nonzero().flatten().tolist()]
+    return out

@@ -1,0 +1,54 @@
+"""The parameters of the learned methods (divmerge, adamerging): one class, read by ``learned.py`` and
+``teachers.py`` as ``plan.config.parameters.<name>``. Defaults follow the DivMerge paper."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, FiniteFloat
+
+from .base import MethodParameters
+
+
+class LearnedParameters(MethodParameters):
+    """Optimisation and data parameters of the learned methods."""
+
+    granularity: Literal["task", "layer", "tensor"] = Field(
+        "layer", description="one coefficient per task, per (layer, task) or per (tensor, task)"
+    )
+    divergence: Literal["js", "kl"] = Field(
+        "js", description="divmerge: Jensen-Shannon or forward KL (teacher first); unused by adamerging"
+    )
+    lr: Annotated[float, Field(gt=0)] = Field(1e-2, description="Adam learning rate")
+    epochs: Annotated[int, Field(ge=1)] = Field(4, description="passes over the largest task's inputs")
+    batch_size_per_task: Annotated[int, Field(ge=1)] = Field(4, description="inputs of every task per step")
+    init: FiniteFloat | None = Field(None, description="initial coefficient (default 1/n_tasks)")
+    max_length: Annotated[int, Field(ge=1)] = Field(128, description="input tokens kept per example")
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(
+        32, description="causal LMs: tokens the teacher generates per input"
+    )
+    top_k: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="store only the teacher's top-k token probabilities (approximation; default full vocab)",
+    )
+    seed: int = Field(0, description="seed of the data sampling and of the batch order")
+    # --- at scale: memory placement and activation memory (docs/scale.md) ---
+    placement: Literal["auto", "resident", "offload", "stream"] = Field(
+        "auto",
+        description="where the task vectors live: on the compute device (resident), in host memory "
+        "(offload), read from the experts' files at every step (stream); auto picks the fastest that fits",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in backward instead of keeping them"
+    )
+    micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="inputs per forward/backward; a step's batch_size_per_task x K inputs are split into "
+        "micro-batches whose gradients add up (default: the whole step at once)",
+    )
+    # --- teacher outputs (docs/teachers.md) ---
+    teacher: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: teacher outputs computed once into the worker's teacher cache (on disk, shared "
+        "across jobs); online: recomputed at every step from theta_0 + tau_t, nothing stored",
+    )

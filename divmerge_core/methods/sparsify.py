@@ -1,0 +1,162 @@
+"""Task-vector primitives shared by TIES and DARE, exactly as peft's ``merge_utils`` computes them.
+
+Same pruning, same sign election, same random draw: for equal densities and the same seed the methods
+built on them give bit-identical task-vector mixes to peft's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def weights_like(weights: Sequence[float], stacked: Tensor) -> Tensor:
+    """The per-task weights as a ``[K, 1, ...]`` tensor in ``stacked``'s dtype (peft's rounding)."""
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    return w.view(w.shape + (1,) * (stacked.dim() - 1))
+
+
+def safe_divisor(total: float) -> float:
+    """mergekit's guard: a weight sum of (almost) zero is not divided by."""
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+#: float32 CPU tensors at least this large find the top-k threshold by radix selection (smaller: topk).
+RADIX_MIN_NUMEL = 1 << 16
+
+
+def _kth_largest_magnitude(tensor: Tensor, k: int) -> tuple[Tensor, int, int] | None:
+    """(``|x|``'s bits as int32, the bits of the ``k``-th largest magnitude, how many are >= it).
+
+    Radix selection: non-negative float32 values order like their bit patterns as integers (NaN above
+    inf, as topk orders it), so two histograms (``bincount`` of the high 16 bits, then of the low 16
+    bits inside the one bucket that holds the k-th value) give the exact k-th largest magnitude in a
+    few streaming passes instead of a selection over the whole tensor. None if it does not apply.
+    """
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not 0 < k <= tensor.numel():
+        return None
+    if tensor.numel() < RADIX_MIN_NUMEL:
+        return None
+    bits = tensor.reshape(-1).view(torch.int32).bitwise_and(0x7FFFFFFF)  # |x|, NaN payloads kept
+    high = bits.bitwise_right_shift(16)
+    above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum_(0)  # [i]: count with high >= 32767-i
+    i = int(torch.searchsorted(above, k))  # first bucket (from the top) reaching k entries
+    bucket = (1 << 15) - 1 - i
+    before = int(above[i - 1]) if i else 0
+    low = bits[high == bucket].bitwise_and_(0xFFFF)
+    inside = torch.bincount(low, minlength=1 << 16).flip(0).cumsum_(0)
+    j = int(torch.searchsorted(inside, k - before))
+    return bits, (bucket << 16) | ((1 << 16) - 1 - j), before + int(inside[j])
+
+
+def _top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
+    """A bool mask (same shape) of the ``k`` entries of largest magnitude, exactly the set peft's topk
+    picks; None when keeping them leaves ``tensor`` as it is (the k-th largest magnitude is 0).
+
+    The set is unique unless entries tie at the k-th magnitude with some kept and some not. The radix
+    threshold (:func:`_kth_largest_magnitude`) is used when exactly ``k`` entries reach it, i.e. no tie
+    straddles the cut; otherwise topk decides as peft's does. peft calls ``topk(|x|, k)``, sorted: on
+    CPU the selection (``std::nth_element``, or ``partial_sort`` for small k) does not depend on
+    ``sorted``, only the order of the returned indices does, so ``sorted=False`` gives the same set,
+    ties included. Other devices keep peft's exact call.
+    """
+    flat = tensor.reshape(-1)
+    found = _kth_largest_magnitude(tensor, k)
+    if found is not None:
+        bits, threshold, reaching = found
+        if threshold == 0:  # the kept set holds every nonzero: x * mask is x, bit for bit (signed zeros too)
+            return None
+        if reaching == k:
+            return (bits >= threshold).view(tensor.shape)
+        magnitudes = bits.view(torch.float32)  # |x|, the same bits as flat.abs(): no second copy
+        del found, bits
+    elif not bool(tensor.any()):  # all zeros: topk over ties only would be slow, x * mask is x
+        return None
+    else:
+        magnitudes = flat.abs()
+    indices = torch.topk(magnitudes, k=k, largest=True, sorted=flat.device.type != "cpu").indices
+    del magnitudes
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[indices] = True
+    return keep.view(tensor.shape)
+
+
+def magnitude_prune(tensor: Tensor, density: float) -> Tensor:
+    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest."""
+    if density >= 1:
+        return tensor
+    return magnitude_prune_(tensor.clone(), density)
+
+
+def magnitude_prune_(tensor: Tensor, density: float) -> Tensor:
+    """:func:`magnitude_prune` in place."""
+    if density >= 1:
+        return tensor
+    mask = _top_magnitude_mask(tensor, int(density * tensor.numel()))
+    return tensor if mask is None else tensor.mul_(mask)
+
+
+def random_prune(
+    tensor: Tensor, density: float, *, rescale: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """DARE's drop: keep each entry with probability ``density`` (a Bernoulli mask), rescale by 1/density.
+
+    Draws exactly as peft does (``torch.bernoulli`` of a tensor filled with ``density``); ``generator``
+    defaults to torch's global generator, which is what peft uses.
+    """
+    if density >= 1:
+        return tensor
+    return random_prune_(tensor.clone(), density, rescale=rescale, generator=generator)
+
+
+def random_prune_(
+    tensor: Tensor, density: float, *, rescale: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """:func:`random_prune` in place (the same draw and the same arithmetic)."""
+    if density >= 1:
+        return tensor
+    mask = torch.full_like(tensor, density)
+    torch.bernoulli(mask, generator=generator, out=mask)
+    tensor.mul_(mask)
+    del mask
+    return tensor.div_(density) if rescale else tensor
+
+
+def majority_sign(stacked: Tensor) -> Tensor:
+    """TIES sign election by total mass: +1 where the sum over tasks is >= 0, else -1 (NaN: -1), as peft."""
+    return stacked.sum(dim=0).ge_(0).to(stacked.dtype).mul_(2).sub_(1)
+
+
+def elect_and_merge_(stacked: Tensor, weights: Sequence[float], mean: bool) -> Tensor:
+    """peft's sign election and disjoint merge of task vectors ``[K, ...]``, which it overwrites.
+
+    peft: ``mask = sign(x) == majority; ((x * w) * mask).sum(0) / clamp(mask.sum(0), min=1)``. Here the
+    same products are made row by row (``sign(x) == majority`` as ``x * majority > 0``: multiplying by
+    +-1 is exact, zero and NaN fail both tests), the counts accumulate in uint8 (K < 256), and the sum
+    over the stacked rows is the same reduction, so no [K, ...] mask or float sign tensor is built.
+    """
+    majority = majority_sign(stacked)
+    keep = torch.empty(stacked.shape[1:], dtype=torch.bool, device=stacked.device)
+    scratch = torch.empty_like(majority)
+    small = stacked.shape[0] < 256
+    count = torch.zeros(
+        stacked.shape[1:], dtype=torch.uint8 if small else torch.float32, device=stacked.device
+    )
+    # the weights rounded to the tensors' dtype, as peft's weight tensor multiplies them
+    for row, w in zip(stacked, weights_like(weights, stacked).reshape(-1).tolist(), strict=True):
+        torch.gt(torch.mul(row, majority, out=scratch), 0, out=keep)
+        if w != 1.0:  # x * 1.0 is x exactly: skip the pass
+            row.mul_(w)
+        row.mul_(keep)
+        if mean:
+            count.add_(keep)
+    del majority, scratch, keep
+    mixed = stacked.sum(dim=0)
+    if not mean:
+        return mixed
+    # float32 counts, as peft's clamp(int64 count, min=1.0) gives
+    divisor = count.to(torch.float32).clamp_(min=1.0)
+    return mixed.div_(divisor) if mixed.dtype == torch.float32 else mixed / divisor

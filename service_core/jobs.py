@@ -1,0 +1,247 @@
+"""The job store shared by the API and the workers: a job's history (events) and the workers' lease
+protocol. Every state change of a claimed job is one conditional UPDATE fenced on the claim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, null, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Job, JobEvent, utcnow
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str, **data: Any) -> None:
+    """Append to the job's history (in the caller's transaction, so it commits with the state change)."""
+    session.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, message=message, data=data))
+
+
+def list_events(session: Session, job_id: str, limit: int = 1000) -> list[JobEvent]:
+    return list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit))
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a running job; every write is fenced on (worker_id, attempt)."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+
+    def fence(self):
+        return (
+            Job.id == self.job_id,
+            Job.worker_id == self.worker_id,
+            Job.attempts == self.attempt,
+            Job.status == "running",
+        )
+
+
+def claim(
+    session: Session, job_id: str, worker_id: str, *, lease_s: float, max_attempts: int
+) -> Claim | None:
+    """Atomically take a queued job, or a running one whose lease expired. None: drop the message."""
+    now = utcnow()
+    claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now))
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempts < max_attempts, Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=func.coalesce(Job.started_at, now),
+            run_after=None,
+        )
+        .returning(Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is not None:
+        add_event(
+            session,
+            job_id,
+            "claimed",
+            f"attempt {row[0]} on worker {worker_id}",
+            worker=worker_id,
+            attempt=row[0],
+        )
+        return Claim(job_id, worker_id, row[0])
+    expire_lost(session, max_attempts, job_id=job_id)
+    return None
+
+
+def team_at_capacity(session: Session, job_id: str, cap: int) -> bool:
+    """Whether the job's team already has ``cap`` other jobs running with a live lease. On PostgreSQL the
+    team's claims are serialised for the rest of the transaction (an advisory lock), so that concurrent
+    claims cannot both slip under the cap; call it in the transaction that then claims."""
+    team_id = session.scalar(
+        select(Job.team_id).where(Job.id == job_id, Job.status.in_(("queued", "running")))
+    )
+    if team_id is None:
+        return False
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(0x0D1F_0000 + team_id)))
+    running = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.team_id == team_id,
+            Job.id != job_id,
+            Job.status == "running",
+            Job.lease_expires_at >= utcnow(),
+        )
+    )
+    return (running or 0) >= cap
+
+
+def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) -> int:
+    """End jobs whose lease expired: cancelled if a cancel was requested, failed (worker_lost) when out of
+    attempts. Returns how many rows changed."""
+    now = utcnow()
+    expired = and_(Job.status == "running", Job.lease_expires_at < now)
+    scope = (Job.id == job_id,) if job_id else ()
+    n = session.execute(
+        update(Job)
+        .where(expired, Job.cancel_requested.is_(True), *scope)
+        .values(status="cancelled", finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    n += session.execute(
+        update(Job)
+        .where(expired, Job.attempts >= max_attempts, *scope)
+        .values(
+            status="failed",
+            finished_at=now,
+            lease_expires_at=None,
+            error_code="worker_lost",
+            error_message=f"the worker running this job was lost {max_attempts} time(s)",
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return n
+
+
+def heartbeat(session: Session, c: Claim, lease_s: float) -> tuple[bool, bool]:
+    """Extend the lease. Returns (still ours, cancel requested)."""
+    row = session.execute(
+        update(Job)
+        .where(*c.fence())
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return (row is not None, bool(row[0]) if row else False)
+
+
+def update_running(session: Session, c: Claim, **values: Any) -> bool:
+    """Write progress/resolved/upload on a job we hold. False if we no longer hold it."""
+    res = session.execute(
+        update(Job).where(*c.fence()).values(**values).execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def finish(session: Session, c: Claim, status: str, message: str = "", **values: Any) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(*c.fence())
+        .values(status=status, finished_at=now, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:
+        add_event(session, c.job_id, status, message or status, code=values.get("error_code"))
+    return res.rowcount == 1
+
+
+def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str) -> bool:
+    """Give a job back for a later attempt (transient error)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(*c.fence())
+        .values(
+            status="queued",
+            lease_expires_at=None,
+            worker_id=None,
+            run_after=now + timedelta(seconds=delay_s),
+            enqueued_at=now,
+            error_code=code,
+            error_message=message,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:
+        add_event(
+            session,
+            c.job_id,
+            "retry",
+            f"{code}: {message}; next attempt in {delay_s:.0f}s",
+            code=code,
+            delay_s=delay_s,
+        )
+    return res.rowcount == 1
+
+
+def load(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) -> list[tuple[str, str]]:
+    """Jobs a reconciler should enqueue again: queued too long (message lost) or lease expired (worker lost).
+    Marks them re-enqueued now so that concurrent reconcilers do not pile up duplicates."""
+    expire_lost(session, max_attempts)
+    now = utcnow()
+    old = now - timedelta(seconds=queued_stale_s)
+    due = or_(Job.run_after.is_(None), Job.run_after <= now)
+    queued = and_(Job.status == "queued", due, or_(Job.enqueued_at.is_(None), Job.enqueued_at < old))
+    lost = and_(
+        Job.status == "running",
+        Job.lease_expires_at < now,
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.lease_expires_at, Job.enqueued_at < old),
+    )
+    rows = session.execute(
+        update(Job)
+        .where(or_(queued, lost))
+        .values(enqueued_at=now)
+        .returning(Job.id, Job.queue)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def next_claimable(session: Session) -> str | None:
+    """Embedded worker: the oldest job that can run now."""
+    now = utcnow()
+    due = or_(Job.run_after.is_(None), Job.run_after <= now)
+    return session.scalar(
+        select(Job.id)
+        .where(
+            or_(and_(Job.status == "queued", due), and_(Job.status == "running", Job.lease_expires_at < now))
+        )
+        .order_by(Job.created_at)
+        .limit(1)
+    )
+
+
+def expired_kept(session: Session) -> list[str]:
+    """Kept results past their time: the paths to delete. Clears them from their jobs."""
+    now = utcnow()
+    rows = session.execute(select(Job.id, Job.kept).where(Job.kept.is_not(None))).all()
+    paths = []
+    for job_id, kept in rows:
+        if kept and datetime.fromisoformat(kept["until"]) <= now:
+            paths.append(kept["path"])
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(kept=null())
+                .execution_options(synchronize_session=False)
+            )
+            add_event(session, job_id, "kept_expired", "the kept result was deleted (keep_result_s passed)")
+    return paths

@@ -1,0 +1,309 @@
+"""mergekit's own example configs (adapted to tiny local models) load and give mergekit's tensors.
+
+The reference tensors come from ``mergekit-yaml`` 0.1.5 run in the test, in its own virtualenv
+(``benchmarks/.venvs/mergekit``, made by ``scripts/setup.sh``: mergekit pins its own transformers/peft
+range). Without that venv the comparisons are skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from divmerge_core import parse_config, run_merge
+from divmerge_core.errors import ConfigError
+from divmerge_core.methods import sparsify
+from divmerge_core.methods.settings import evaluate
+from divmerge_core.pipeline import prepare
+
+from .merge_models import llama_family
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_YAML = ROOT / "benchmarks" / ".venvs" / "mergekit" / "bin" / "mergekit-yaml"
+needs_mergekit = pytest.mark.skipif(
+    not MERGEKIT_YAML.exists(),
+    reason=f"mergekit venv missing ({MERGEKIT_YAML.parent.parent}; scripts/setup.sh creates it)",
+)
+
+# mergekit/examples/gradient-slerp.yml, with our tiny 4-layer models
+GRADIENT_SLERP = {
+    "slices": [
+        {
+            "sources": [
+                {"model": "BASE", "layer_range": [0, 4]},
+                {"model": "T1", "layer_range": [0, 4]},
+            ]
+        }
+    ],
+    "merge_method": "slerp",
+    "base_model": "BASE",
+    "parameters": {
+        "t": [
+            {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+            {"value": 0.5},
+        ]
+    },
+    "dtype": "float32",
+}
+# mergekit/examples/ties.yml (density and weight gradients, a filtered weight, int8_mask)
+TIES = {
+    "models": [
+        {"model": "T1", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+        {"model": "T2", "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+        {
+            "model": "T3",
+            "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
+        },
+    ],
+    "merge_method": "ties",
+    "base_model": "BASE",
+    "parameters": {"normalize": True, "int8_mask": True},
+    "dtype": "float32",
+}
+# mergekit/examples/linear.yml
+LINEAR = {
+    "models": [
+        {"model": "T1", "parameters": {"weight": 1.0}},
+        {"model": "T2", "parameters": {"weight": 0.3}},
+        {"model": "T3", "parameters": {"weight": 0.5}},
+    ],
+    "merge_method": "linear",
+    "dtype": "float32",
+}
+# task arithmetic with per-model and global gradients and filters
+GRADIENT_TASK_ARITHMETIC = {
+    "models": [
+        {"model": "T1", "parameters": {"weight": [0.2, 0.8]}},
+        {
+            "model": "T2",
+            "parameters": {"weight": [{"filter": "self_attn", "value": [1.0, 0.0, 0.5]}, {"value": 0.4}]},
+        },
+    ],
+    "merge_method": "task_arithmetic",
+    "base_model": "BASE",
+    "parameters": {"lambda": [0.5, 1.0]},
+    "dtype": "float32",
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    return llama_family(tmp_path_factory.mktemp("llama"), n=3)
+
+
+def _fill(cfg: dict, fam: dict[str, Path]) -> dict:
+    """The config with BASE/T1.. replaced by the model folders."""
+    names = {"BASE": str(fam["base"]), **{f"T{i}": str(fam[f"t{i}"]) for i in range(1, 4)}}
+
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return names.get(v, v) if isinstance(v, str) else v
+
+    return walk(copy.deepcopy(cfg))
+
+
+def _ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
+    result = run_merge(parse_config(cfg), out, device="cpu")
+    return load_file(result.out_dir / "model.safetensors")
+
+
+def _mergekit(cfg: dict, tmp: Path) -> dict[str, torch.Tensor]:
+    config = tmp / "mergekit.yml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out = tmp / "mergekit-out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(MERGEKIT_YAML), str(config), str(out), "--no-cuda", "--lazy-unpickle"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert set(ours) == set(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_mergekit
+@pytest.mark.parametrize(
+    "example",
+    ["gradient_slerp_slices", "gradient_slerp_models", "linear", "gradient_task_arithmetic"],
+)
+def test_mergekit_examples_give_mergekits_tensors(family, tmp_path, example):
+    if example == "gradient_slerp_models":  # the example's "equivalent models: syntax"
+        cfg = {k: v for k, v in GRADIENT_SLERP.items() if k != "slices"}
+        cfg["models"] = [{"model": "BASE"}, {"model": "T1"}]
+    else:
+        cfg = {
+            "gradient_slerp_slices": GRADIENT_SLERP,
+            "linear": LINEAR,
+            "gradient_task_arithmetic": GRADIENT_TASK_ARITHMETIC,
+        }[example]
+    cfg = _fill(cfg, family)
+    ours = _ours(cfg, tmp_path / "ours")
+    theirs = _mergekit(cfg, tmp_path)
+    _assert_same(ours, theirs)
+    base = load_file(family["base"] / "model.safetensors")
+    assert any(not torch.equal(ours[n], base[n]) for n in ours)  # a merge happened
+
+
+@needs_mergekit
+def test_slerp_two_slices_with_their_own_t(family, tmp_path):
+    """Two slices, each with its own gradient: t restarts at 0 in each slice, as in mergekit."""
+    cfg = _fill(
+        {
+            "slices": [
+                {
+                    "sources": [{"model": m, "layer_range": [a, b]} for m in ("BASE", "T1")],
+                    "parameters": {"t": t},
+                }
+                for (a, b), t in (((0, 2), [0.0, 1.0]), ((2, 4), [0.9, 0.2]))
+            ],
+            "merge_method": "slerp",
+            "base_model": "BASE",
+            "dtype": "float32",
+        },
+        family,
+    )
+    _assert_same(_ours(cfg, tmp_path / "ours"), _mergekit(cfg, tmp_path))
+
+
+def test_ties_example_loads_and_warns_about_int8_mask(family, tmp_path):
+    cfg = parse_config(_fill(TIES, family))
+    assert cfg.warnings() == [
+        "parameters.int8_mask: accepted for mergekit compatibility and ignored: masks are boolean tensors "
+        "here, the int8 storage trick saves nothing"
+    ]
+    merged = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
+    base, *tasks = (load_file(family[k] / "model.safetensors") for k in ("base", "t1", "t2", "t3"))
+
+    def expected(name: str, weights: list[float], densities: list[float]) -> torch.Tensor:
+        stacked = torch.stack([t[name] - base[name] for t in tasks])
+        for row, p in zip(stacked, densities, strict=True):
+            sparsify.magnitude_prune_(row, p)
+        return sparsify.elect_and_merge_(stacked, weights, True) + base[name]
+
+    # embeddings: t = 0, so T2's weight gradient gives 0, T3 (outside the mlp) 0, T1's density 1
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(
+        merged[name], expected(name, [1.0, 0.0, 0.0], [1.0, 0.5, 0.33]), rtol=0, atol=1e-6
+    )
+    # layer 1 of 4: t = 1/3, T1's density 1 -> 0.7 -> 0.1 gives 0.8, T2's weight 0.3, T3's mlp weight 0.5
+    name = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(
+        merged[name], expected(name, [1.0, 0.3, 0.5], [0.8, 0.5, 0.33]), rtol=0, atol=1e-6
+    )
+
+
+def test_gradient_is_interpolated_over_the_layers_like_mergekit():
+    """mergekit's evaluate_setting: linear interpolation at t, filters by substring, first match wins."""
+    assert evaluate([0.0, 1.0], "x", 0.25) == 0.25
+    assert evaluate([0, 0.5, 0.3, 0.7, 1], "x", 0.5) == 0.3
+    assert evaluate([0, 0.5, 0.3, 0.7, 1], "x", 0.375) == pytest.approx(0.4)
+    cfg = parse_config(
+        {
+            "merge_method": "slerp",
+            "base_model": "/a",
+            "models": [{"model": "/b"}],
+            "parameters": GRADIENT_SLERP["parameters"],
+        }
+    )
+    conds = cfg.parameters.t
+    assert evaluate(conds, "model.layers.1.self_attn.q_proj.weight", 1.0) == 1
+    assert evaluate(conds, "model.layers.1.mlp.up_proj.weight", 1.0) == 0
+    assert evaluate(conds, "model.norm.weight", 1.0) == 0.5
+
+
+def test_unmatched_filter_without_fallback_is_a_config_error(family):
+    cfg = _fill(
+        {
+            "merge_method": "slerp",
+            "base_model": "BASE",
+            "models": [{"model": "BASE"}, {"model": "T1"}],
+            "parameters": {"t": [{"filter": "mlp", "value": 0.5}]},
+        },
+        family,
+    )
+    with pytest.raises(ConfigError, match="'t' has no value for tensor") as err:
+        prepare(parse_config(cfg))
+    assert err.value.field == "parameters.t"
+
+
+@pytest.mark.parametrize(
+    ("slices", "message"),
+    [
+        ([((0, 2), (0, 2)), ((3, 4), (3, 4))], "starts at 3, expected 2"),
+        ([((0, 4), (0, 3))], "same 'layer_range'"),
+    ],
+)
+def test_slices_that_change_the_layer_layout_are_refused(slices, message):
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": "/a",
+        "parameters": {"t": 0.5},
+        "slices": [
+            {"sources": [{"model": "/a", "layer_range": list(ra)}, {"model": "/b", "layer_range": list(rb)}]}
+            for ra, rb in slices
+        ],
+    }
+    with pytest.raises(ConfigError, match=message):
+        parse_config(cfg)
+
+
+def test_slices_must_cover_every_layer(family):
+    cfg = _fill(
+        {
+            "merge_method": "slerp",
+            "base_model": "BASE",
+            "parameters": {"t": 0.5},
+            "slices": [{"sources": [{"model": m, "layer_range": [0, 3]} for m in ("BASE", "T1")]}],
+        },
+        family,
+    )
+    with pytest.raises(ConfigError, match="cover layers 0-3, the models have 4 layers") as err:
+        prepare(parse_config(cfg))
+    assert err.value.field == "slices"
+
+
+def test_bare_local_folder_name_is_resolved_locally(family, tmp_path, monkeypatch):
+    """``model: my-expert`` (a folder in the current directory) is that folder, not a Hub id."""
+    import shutil
+
+    shutil.copytree(family["t1"], tmp_path / "my-expert")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(
+        {"merge_method": "linear", "models": [{"model": "my-expert"}, {"model": str(family["t2"])}]}
+    )
+    plan = prepare(cfg)
+    assert plan.models[0].path == (tmp_path / "my-expert").resolve() and plan.models[0].commit is None
+
+
+@pytest.mark.parametrize("cfg", [GRADIENT_SLERP, TIES, GRADIENT_TASK_ARITHMETIC], ids=["slerp", "ties", "ta"])
+def test_a_dumped_config_loads_again(cfg):
+    """merge_config.yaml and the service's stored spec (dumps of the config) validate as the same config."""
+    config = parse_config(
+        _fill(cfg, {"base": Path("/m/base"), **{f"t{i}": Path(f"/m/t{i}") for i in (1, 2, 3)}})
+    )
+    again = parse_config(yaml.safe_load(config.to_yaml()))
+    assert again == config
+    assert parse_config(config.model_dump(mode="json", by_alias=True, exclude_none=True)) == config
