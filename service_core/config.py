@@ -172,7 +172,9 @@ def settings_table() -> str:
             default = ",".join(map(str, default)) if isinstance(default, list) else (default or "")
         else:
             default = "" if field.default is None else field.default
-        rows.append(f"| `DIVMERGE_{name.upper()}` | `{default}` | {field.description or ''} |".replace("``", "unset"))
+        rows.append(
+            f"| `DIVMERGE_{name.upper()}` | `{default}` | {field.description or ''} |".replace("``", "unset")
+        )
     return "\n".join(rows)
 
 
