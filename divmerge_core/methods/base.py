@@ -86,6 +86,23 @@ def lambda_default() -> Any:
     return Field(1.0, validation_alias=AliasChoices("lambda", "lambda_"), serialization_alias="lambda")
 
 
+def model_default(what: str) -> Any:
+    """A global ``weight``/``density``: the default of every model that does not set its own."""
+    return Field(None, description=f"default {what} of every model (its own {what} wins)")
+
+
+def int8_mask_field() -> Any:
+    """mergekit's ``int8_mask``: accepted with a warning (:data:`MERGEKIT_NO_OPS`), changes nothing."""
+    return Field(None, description="mergekit knob, accepted with a warning, changes nothing")
+
+
+class SparsifiedModelParameters(MethodParameters):
+    """Per-model parameters of the methods that sparsify each task vector (ties, dare_linear, dare_ties)."""
+
+    weight: Weight = 1.0
+    density: Density = 0.2
+
+
 #: mergekit knobs accepted for compatibility although they change nothing here, with the reason.
 MERGEKIT_NO_OPS = {
     "int8_mask": "accepted for mergekit compatibility and ignored: masks are boolean tensors here, "

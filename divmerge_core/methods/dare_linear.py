@@ -7,28 +7,35 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from .base import Density, Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
+from .base import (
+    Density,
+    Lambda,
+    MergeMethod,
+    MethodParameters,
+    SparsifiedModelParameters,
+    TensorInputs,
+    Weight,
+    int8_mask_field,
+    lambda_default,
+    model_default,
+)
 
 if TYPE_CHECKING:
     import torch
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
-    density: Density | None = Field(None, description="default density of every model (its own wins)")
+    weight: Weight | None = model_default("weight")
+    density: Density | None = model_default("density")
     normalize: bool = Field(False, description="divide the mixed task vector by the sum of the weights")
     lambda_: Lambda = lambda_default()
     seed: int = Field(
         0, description="seed of the random drop (each tensor draws from its own seeded generator)"
     )
-    int8_mask: bool | None = Field(
-        None, description="mergekit knob, accepted with a warning, changes nothing"
-    )
+    int8_mask: bool | None = int8_mask_field()
 
 
-class ModelParameters(MethodParameters):
-    weight: Weight = 1.0
-    density: Density = 0.2
+ModelParameters = SparsifiedModelParameters
 
 
 def merge(x: TensorInputs) -> torch.Tensor:

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .base import MergeMethod, MethodParameters, TensorInputs, Weight
+from .base import MergeMethod, MethodParameters, TensorInputs, Weight, model_default
 
 if TYPE_CHECKING:
     import torch
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    weight: Weight | None = model_default("weight")
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 

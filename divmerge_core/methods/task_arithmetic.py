@@ -6,19 +6,26 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from .base import Lambda, MergeMethod, MethodParameters, TensorInputs, Weight, lambda_default
+from .base import (
+    Lambda,
+    MergeMethod,
+    MethodParameters,
+    TensorInputs,
+    Weight,
+    int8_mask_field,
+    lambda_default,
+    model_default,
+)
 
 if TYPE_CHECKING:
     import torch
 
 
 class Parameters(MethodParameters):
-    weight: Weight | None = Field(None, description="default weight of every model (its own weight wins)")
+    weight: Weight | None = model_default("weight")
     normalize: bool = Field(False, description="divide the mixed task vector by the sum of the weights")
     lambda_: Lambda = lambda_default()
-    int8_mask: bool | None = Field(
-        None, description="mergekit knob, accepted with a warning, changes nothing"
-    )
+    int8_mask: bool | None = int8_mask_field()
 
 
 class ModelParameters(MethodParameters):
