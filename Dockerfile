@@ -20,6 +20,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
       > /tmp/service.txt && pip install --no-cache-dir -c constraints.txt -r /tmp/service.txt
 COPY divmerge_core ./divmerge_core
 COPY service_core ./service_core
+COPY divmerge_client ./divmerge_client
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
@@ -43,6 +44,7 @@ COPY pyproject.toml constraints.txt README.md* alembic.ini ./
 RUN pip install --no-cache-dir -c constraints.txt torch --index-url "${TORCH_INDEX_URL}"
 COPY divmerge_core ./divmerge_core
 COPY service_core ./service_core
+COPY divmerge_client ./divmerge_client
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
