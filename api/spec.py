@@ -14,7 +14,7 @@ import yaml
 
 from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
-from divmerge_core.paths import check_folder, check_local_path
+from divmerge_core.paths import check_folder, check_local_path, strip_scheme
 from service_core.config import Settings
 
 from .errors import ApiError
@@ -125,13 +125,10 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
     every file of a local model folder must resolve under one too (the engine's allow-list, applied at
     submit so that the caller gets a 422 rather than a failed job; the worker checks again)."""
     roots = settings.roots
-    models = [("base_model", config.base_model)] if config.base_model else []
-    models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
-    for field, raw in models:
-        if is_local_ref(raw):
-            real = _allowed(raw, roots, field)
-            if real.is_dir():
-                _guard(field, lambda: check_folder(real, roots, f"model {raw!r}"))  # noqa: B023
+    for field, raw in _local_models(config):
+        real = _allowed(raw, roots, field)
+        if real.is_dir():
+            _guard(field, lambda: check_folder(real, roots, f"model {raw!r}"))  # noqa: B023
     for i, m in enumerate(config.models):
         if m.data is not None and m.data.path is not None:
             _allowed(m.data.path, roots, f"models.{i}.data.path")
@@ -139,23 +136,21 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
         _allowed(config.output.path, roots, "output.path")
 
 
-def local_path(raw: str) -> Path:
-    return Path(raw[len("file://") :] if raw.startswith("file://") else raw)
+def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
+    """(field, reference) of each local model the spec names, the base first."""
+    models = [("base_model", config.base_model)] if config.base_model else []
+    models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    return [(field, raw) for field, raw in models if is_local_ref(raw)]
 
 
 def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
     """The cheap checks that would otherwise fail the job late (after check_paths): local models and data
     exist, a local output does not (unless ``output.overwrite``), a Hub output has a write token."""
-    if config.base_model and is_local_ref(config.base_model) and not local_path(config.base_model).is_dir():
-        raise ApiError(
-            422, "model_not_found", f"model directory {config.base_model!r} does not exist", "base_model"
-        )
+    for field, raw in _local_models(config):
+        if not Path(strip_scheme(raw)).is_dir():
+            raise ApiError(422, "model_not_found", f"model directory {raw!r} does not exist", field)
     for i, m in enumerate(config.models):
-        if is_local_ref(m.model) and not local_path(m.model).is_dir():
-            raise ApiError(
-                422, "model_not_found", f"model directory {m.model!r} does not exist", f"models.{i}.model"
-            )
-        if m.data is not None and m.data.path is not None and not local_path(m.data.path).is_file():
+        if m.data is not None and m.data.path is not None and not Path(strip_scheme(m.data.path)).is_file():
             raise ApiError(
                 422, "invalid_dataset", f"data file {m.data.path!r} does not exist", f"models.{i}.data.path"
             )
@@ -169,7 +164,7 @@ def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
             "output.repo_id",
         )
     if out is not None and out.path is not None and not out.overwrite:
-        dest = local_path(out.path)
+        dest = Path(strip_scheme(out.path))
         if dest.is_file() or (dest.is_dir() and any(dest.iterdir())):
             raise ApiError(
                 409,

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from service_core import jobs
 from service_core.config import Settings, get_settings
@@ -21,6 +22,7 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
     worker_id = new_worker_id()
     parent = os.getppid()
     log.info("embedded worker %s polling %s", worker_id, settings.db_url)
+    purged_at = float("-inf")
     while not stop.is_set():
         if os.getppid() != parent:  # the server that started us is gone
             return
@@ -28,7 +30,9 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
             with session_scope(settings.db_url) as s:
                 jobs.expire_lost(s, settings.max_attempts)
                 job_id = jobs.next_claimable(s)
-            purge_kept(settings)
+            if time.monotonic() - purged_at >= settings.reconcile_interval_s:  # as often as the reconciler
+                purge_kept(settings)
+                purged_at = time.monotonic()
             if job_id is not None:
                 run_job(job_id, settings, worker_id)
                 continue

@@ -9,8 +9,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from divmerge_core.paths import is_under
 from service_core import jobs
 from service_core.config import Settings
 from service_core.db import session_scope
@@ -125,10 +127,7 @@ async def create_merge(
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
 def get_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> JobOut:
     with session_scope(_settings(request).db_url) as s:
-        job = crud.get_job(s, caller.team_id, job_id)
-        if job is None:
-            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
-        return JobOut.of(job)
+        return JobOut.of(_owned(s, caller, job_id))
 
 
 @router.get("", response_model=JobList, responses={401: _ERRORS[401]})
@@ -184,12 +183,17 @@ async def validate_merge(request: Request, caller: Caller = CallerDep) -> Valida
     return await dryrun.validate(raw, request.headers.get("content-type"), settings, caller.team)
 
 
+def _owned(s: Session, caller: Caller, job_id: str) -> Job:
+    """The caller's team's job; 404 ``not_found`` for a missing job or another team's."""
+    job = crud.get_job(s, caller.team_id, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    return job
+
+
 def _job(settings: Settings, caller: Caller, job_id: str) -> Job:
     with session_scope(settings.db_url) as s:
-        job = crud.get_job(s, caller.team_id, job_id)
-        if job is None:
-            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
-        return job
+        return _owned(s, caller, job_id)
 
 
 @router.post(
@@ -218,9 +222,8 @@ def retry_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> Jo
 def merge_events(job_id: str, request: Request, caller: Caller = CallerDep) -> EventList:
     """What happened to the job, oldest first: submitted, claimed (by which worker), each stage, retries
     and their reason, warnings, the outcome."""
-    settings = _settings(request)
-    _job(settings, caller, job_id)
-    with session_scope(settings.db_url) as s:
+    with session_scope(_settings(request).db_url) as s:
+        _owned(s, caller, job_id)
         return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
 
 
@@ -263,7 +266,7 @@ def merge_file(job_id: str, name: str, request: Request, caller: Caller = Caller
         raise ApiError(404, "not_found", f"no output file {name!r}", "name")
     folder = Path(os.path.realpath(dest))
     path = Path(os.path.realpath(folder / name))
-    inside = path.parent == folder and any(folder == r or r in folder.parents for r in settings.roots)
+    inside = path.parent == folder and is_under(folder, settings.roots)
     if not inside or not path.is_file():
         raise ApiError(404, "not_found", f"output file {name!r} is no longer on the server", "name")
     return FileResponse(path, filename=name, media_type="application/octet-stream")
@@ -272,7 +275,10 @@ def merge_file(job_id: str, name: str, request: Request, caller: Caller = Caller
 @router.get(
     "/{job_id}/coefficients",
     response_model=Coefficients,
-    responses={404: {"description": "no such job, or a classic method (no coefficients)"}},
+    responses={
+        **_ERRORS,
+        404: {"description": "no such job for this team, or a classic method (no coefficients)"},
+    },
 )
 def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep) -> Coefficients:
     """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
