@@ -230,9 +230,15 @@ def next_claimable(session: Session) -> str | None:
 
 
 def expired_kept(session: Session) -> list[str]:
-    """Kept results past their time: the paths to delete. Clears them from their jobs."""
+    """Kept results past their time: the paths to delete. Clears them from their jobs.
+
+    A job queued or running again (``POST /retry``) is delivering its kept result, which must not be
+    deleted under it: only a finished job's kept result expires.
+    """
     now = utcnow()
-    rows = session.execute(select(Job.id, Job.kept).where(Job.kept.is_not(None))).all()
+    rows = session.execute(
+        select(Job.id, Job.kept).where(Job.kept.is_not(None), Job.status.not_in(("queued", "running")))
+    ).all()
     paths = []
     for job_id, kept in rows:
         if kept and datetime.fromisoformat(kept["until"]) <= now:

@@ -33,9 +33,8 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
             if time.monotonic() - purged_at >= settings.reconcile_interval_s:  # as often as the reconciler
                 purge_kept(settings)
                 purged_at = time.monotonic()
-            if job_id is not None:
-                run_job(job_id, settings, worker_id)
-                continue
+            if job_id is not None and run_job(job_id, settings, worker_id).status != "retry":
+                continue  # next job at once; a job put back (its team at capacity) waits for the next poll
         except Exception as err:  # noqa: BLE001 - keep polling
             log.warning("embedded worker round failed: %s", type(err).__name__)
         stop.wait(settings.embedded_poll_s)

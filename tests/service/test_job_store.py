@@ -134,3 +134,26 @@ def test_transient_requeue_waits_for_run_after(url):
         )
         assert jobs.next_claimable(s) == job_id
     assert claim(url, job_id, "b").attempt == 2
+
+
+def test_kept_results_expire_only_when_past_their_time_and_not_being_delivered(url):
+    """A failed job's kept result is deleted once ``until`` has passed; a job retried (queued or running
+    again) is delivering its kept result, which must survive its expiry time until the job ends."""
+    past = (utcnow() - timedelta(seconds=1)).isoformat()
+    future = (utcnow() + timedelta(hours=1)).isoformat()
+    ids = {}
+    for name, job_status, until in [("expired", "failed", past), ("fresh", "failed", future),
+                                    ("retrying", "running", past), ("requeued", "queued", past)]:  # fmt: skip
+        ids[name] = new_job(url)
+        with session_scope(url) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == ids[name])
+                .values(status=job_status, kept={"path": f"/kept/{name}", "until": until})
+            )
+    with session_scope(url) as s:
+        paths = jobs.expired_kept(s)
+    assert "/kept/expired" in paths
+    assert not {"/kept/fresh", "/kept/retrying", "/kept/requeued"} & set(paths)
+    assert status(url, ids["expired"]).kept is None
+    assert status(url, ids["retrying"]).kept == {"path": "/kept/retrying", "until": past}
