@@ -26,12 +26,7 @@ CPU = torch.device("cpu")
 TEXTS = ["cat dog up", "red blue", "1 2 3 4", "yes no yes", "x y z"]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def chat_tokenizer():

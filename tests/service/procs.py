@@ -261,3 +261,44 @@ class PrivatePostgres:
         subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                         "stop"], capture_output=True, timeout=60)  # fmt: skip
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DivmergeServe:
+    """``divmerge serve`` (uvicorn) on a free port in its own process group, logging to ``log``.
+    ``start()`` launches it, ``wait_ready()`` waits for /readyz to answer 200, ``stop()`` sends SIGTERM and
+    kills the group when it has not exited within 30 s."""
+
+    def __init__(self, env: dict, log: Path, *args: str):
+        self.env, self.log, self.args = env, log, args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DivmergeServe:
+        self._log = open(self.log, "w")  # noqa: SIM115
+        cmd = [str(BIN / "divmerge"), "serve", *self.args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        def up():
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, interval=0.2, what="divmerge serve")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._log.close()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 import yaml
 
-from .procs import BIN, REPO, checkout_plugins, free_port, wait_until
+from .procs import BIN, REPO, DivmergeServe, checkout_plugins
 
 pytestmark = pytest.mark.service
 
@@ -31,29 +29,14 @@ def live(svc, tmp_path_factory):
     )
     # the token first: it creates and migrates the SQLite database, which the server then finds ready
     token = svc.cli("token", "create", "--team", "client-team", env=env).strip().splitlines()[-1]
-    port = free_port()
-    log = open(tmp / "serve.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([str(BIN / "divmerge"), "serve", "--port", str(port)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = DivmergeServe(env, tmp / "serve.log").start()
+    url = server.url
     try:
-
-        def up():
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, interval=0.2, what="divmerge serve")
+        server.wait_ready()
         env.update(DIVMERGE_URL=url, DIVMERGE_TOKEN=token)
         yield env, tmp, url, token
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 def divmerge(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

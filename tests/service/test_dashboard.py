@@ -54,7 +54,11 @@ def server(svc):
         yield base
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # never leave it behind
+            proc.kill()
+            proc.wait(timeout=10)
         log.close()
 
 

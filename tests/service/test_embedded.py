@@ -4,13 +4,12 @@ polling it) runs a job end to end, no Postgres or Redis involved."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 
 import httpx
 import pytest
 
-from .procs import BIN, REPO, free_port, wait_until
+from .procs import REPO, DivmergeServe, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -21,21 +20,11 @@ def test_serve_embedded_runs_a_job(svc, tmp_path):
     env.update(
         DIVMERGE_HOME=str(home), DIVMERGE_LOCAL_ROOTS=str(svc.models["base"].parent), PYTHONPATH=str(REPO)
     )
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([str(BIN / "divmerge"), "serve", "--port", str(port)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = DivmergeServe(env, tmp_path / "serve.log").start()
     try:
         token = svc.cli("token", "create", "--team", "solo", env=env).strip().splitlines()[-1]
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, interval=0.2, what="divmerge serve")
+        base = server.url
+        server.wait_ready()
         assert httpx.get(f"{base}/readyz").json()["checks"] == {"database": "ok", "broker": "embedded"}
         h = {"Authorization": f"Bearer {token}"}
         r = httpx.post(f"{base}/v1/merges", json=svc.classic(), headers=h)
@@ -52,16 +41,11 @@ def test_serve_embedded_runs_a_job(svc, tmp_path):
         assert (home / "divmerge.db").exists()
         assert (home / "outputs" / job_id / "model.safetensors").exists()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
     def worker_gone():
         ps = subprocess.run(
-            ["pgrep", "-g", str(server.pid), "-f", "worker.embedded"], capture_output=True, text=True
+            ["pgrep", "-g", str(server.proc.pid), "-f", "worker.embedded"], capture_output=True, text=True
         )
         return not ps.stdout.strip()
 

@@ -11,9 +11,6 @@ start within 30 s of the database's return; every API endpoint answers 503 ``dat
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -23,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .procs import BIN, CeleryWorker, PrivatePostgres, RedisServer, free_port, wait_until
+from .procs import CeleryWorker, DivmergeServe, PrivatePostgres, RedisServer, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -32,50 +29,38 @@ OUTAGE_S = 20
 
 @pytest.fixture
 def stack(svc, tmp_path):
-    pg = PrivatePostgres().init()
-    redis = RedisServer(tmp_path / "redis").start()
-    env = {**svc.env}
-    env.update(
-        DIVMERGE_DATABASE_URL=pg.url,
-        DIVMERGE_BROKER_URL=redis.url,
-        DIVMERGE_HOME=str(tmp_path / "home"),
-        DIVMERGE_LEASE_S="60",
-        DIVMERGE_HEARTBEAT_S="2",
-        DIVMERGE_RECONCILE_INTERVAL_S="30",
-        DIVMERGE_QUEUED_STALE_S="300",
-        DIVMERGE_STEP_DELAY_S="0",
-    )
-    from service_core.db import get_engine, migrate
-
-    migrate(pg.url)
-    get_engine(pg.url).dispose()
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([str(BIN / "divmerge"), "serve", "--no-worker", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    pg, redis = PrivatePostgres(), RedisServer(tmp_path / "redis")
+    server: DivmergeServe | None = None
     workers: list[CeleryWorker] = []
-    try:
+    try:  # whatever fails part way, everything started so far is stopped
+        pg.init()
+        redis.start()
+        env = {**svc.env}
+        env.update(
+            DIVMERGE_DATABASE_URL=pg.url,
+            DIVMERGE_BROKER_URL=redis.url,
+            DIVMERGE_HOME=str(tmp_path / "home"),
+            DIVMERGE_LEASE_S="60",
+            DIVMERGE_HEARTBEAT_S="2",
+            DIVMERGE_RECONCILE_INTERVAL_S="30",
+            DIVMERGE_QUEUED_STALE_S="300",
+            DIVMERGE_STEP_DELAY_S="0",
+        )
+        from service_core.db import get_engine, migrate
+
+        migrate(pg.url)
+        get_engine(pg.url).dispose()
+        server = DivmergeServe(env, tmp_path / "serve.log", "--no-worker").start()
         token = svc.cli("token", "create", "--team", "ops", env=env).strip().splitlines()[-1]
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, interval=0.2, what="divmerge serve")
+        base = server.url
+        server.wait_ready()
         yield {"pg": pg, "env": env, "base": base, "h": {"Authorization": f"Bearer {token}"},
                "workers": workers, "tmp": tmp_path}  # fmt: skip
     finally:
         for w in workers:
             w.stop()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        if server is not None:
+            server.stop()
         redis.kill()
         pg.destroy()
 
