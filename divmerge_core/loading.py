@@ -60,7 +60,7 @@ class Checkpoint:
             for fname in files:
                 handle = safe_open(str(self.folder / fname), framework="pt")
                 self._handles[fname] = handle
-                self._headers[fname] = _read_header(self.folder / fname)
+                self._headers[fname] = read_header(self.folder / fname)
                 for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     self._where[name] = fname
         else:
@@ -205,7 +205,7 @@ class Checkpoint:
         return state
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(offset of the data section, parsed JSON header) of a safetensors file."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")

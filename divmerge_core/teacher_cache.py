@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .loading import read_header
 from .options import EngineOptions
 
 #: Bumped whenever the entry layout or the way teacher outputs are computed changes.
@@ -129,10 +130,7 @@ class Entry:
 
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
-        with open(path, "rb", buffering=0) as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        self._data_start = 8 + size
+        self._data_start, header = read_header(path)
         self.layout: dict[str, Any] = json.loads(header.pop("__metadata__")["divmerge"])
         self._tensors = header
         self.width = int(header["logp"]["shape"][1])
@@ -213,11 +211,9 @@ class EntryWriter:
     def attach(cls, path: Path) -> EntryWriter:
         fd = os.open(path, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        with open(path, "rb", buffering=0) as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+        data_start, header = read_header(path)
         key = path.name[1:].split(".", 1)[0]
-        return cls(path, path.parent / f"{key}{_SUFFIX}", fd, header, 8 + size)
+        return cls(path, path.parent / f"{key}{_SUFFIX}", fd, header, data_start)
 
     def write(self, lo: int, logp: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """Write rows ``lo:lo+len(logp)`` (cast to the entry's dtypes)."""
