@@ -152,14 +152,8 @@ class Checkpoint:
         fd = self._fds.get(fname)
         if fd is None:
             fd = self._fds[fname] = os.open(self.folder / fname, os.O_RDONLY)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        pos = self._headers[fname][0] + begin
-        got = 0
-        while got < size:
-            n = os.preadv(fd, [view[got:]], pos + got)
-            if not n:
-                raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
-            got += n
+        if pread_into(fd, out, self._headers[fname][0] + begin) < size:
+            raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
 
     def state_dict(
         self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -203,6 +197,22 @@ class Checkpoint:
                 raise UnsafeCheckpointError(f"cannot load {fname!r} safely: {err}") from None
             state.update(part)
         return state
+
+
+def pread_into(fd: int, out: torch.Tensor, pos: int) -> int:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of ``fd`` from ``pos`` (``os.preadv``, repeated
+    until full); returns the bytes read, fewer than ``out``'s size only when the file ends first."""
+    size = out.numel() * out.element_size()
+    if size == 0:
+        return 0
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:

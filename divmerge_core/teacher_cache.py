@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .loading import read_header
+from .loading import pread_into, read_header
 from .options import EngineOptions
 
 #: Bumped whenever the entry layout or the way teacher outputs are computed changes.
@@ -147,7 +147,10 @@ class Entry:
         dtype, width = _FROM_ST[info["dtype"]], int(info["shape"][1])
         out = torch.empty((hi - lo, width), dtype=dtype)
         row = width * out.element_size()
-        _pread_into(self._fd, out, self._data_start + info["data_offsets"][0] + lo * row)
+        pos = self._data_start + info["data_offsets"][0] + lo * row
+        got = pread_into(self._fd, out, pos)
+        if got < out.numel() * out.element_size():
+            raise OSError(f"teacher cache entry truncated at byte {pos + got}")
         return out
 
     def close(self) -> None:
@@ -334,19 +337,6 @@ def _delete_unless_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _pread_into(fd: int, out: torch.Tensor, pos: int) -> None:
-    size = out.numel() * out.element_size()
-    if size == 0:
-        return
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], pos + got)
-        if not n:
-            raise OSError(f"teacher cache entry truncated at byte {pos + got}")
-        got += n
 
 
 def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
