@@ -51,14 +51,16 @@ def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") ->
     out = DryRun()
     refs = [("base_model", config.base_model)] if config.base_model else []
     refs += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    resolved = {}
     for where, raw in refs:
         try:
-            resolve_model(raw, options)
+            if raw not in resolved:
+                resolved[raw] = resolve_model(raw, options)
         except DivMergeError as err:
             out.add(err, where)
     if out.ok:
         try:
-            out.plan = prepare(config, options)
+            out.plan = prepare(config, options, resolved_models=resolved)
         except IncompatibleModelsError as err:
             out.problems += [{"code": err.code, "message": p, "field": "models"} for p in err.problems]
         except DivMergeError as err:
