@@ -9,19 +9,19 @@ Hub cannot hold it past its time limit.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LEARNED_METHODS, MergeConfig, parse_config
+from .config import MergeConfig, parse_config
 from .errors import DivMergeError, IncompatibleModelsError
 from .options import EngineOptions
 from .plan import MergePlan
 
 #: Rows read from each dataset to check its columns (and that it yields text).
 PROBE_ROWS = 4
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -51,14 +51,16 @@ def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") ->
     out = DryRun()
     refs = [("base_model", config.base_model)] if config.base_model else []
     refs += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    resolved = {}
     for where, raw in refs:
         try:
-            resolve_model(raw, options)
+            if raw not in resolved:
+                resolved[raw] = resolve_model(raw, options)
         except DivMergeError as err:
             out.add(err, where)
     if out.ok:
         try:
-            out.plan = prepare(config, options)
+            out.plan = prepare(config, options, resolved_models=resolved)
         except IncompatibleModelsError as err:
             out.problems += [{"code": err.code, "message": p, "field": "models"} for p in err.problems]
         except DivMergeError as err:
@@ -78,27 +80,22 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
     the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
     host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
-    from .loading import Checkpoint
+    from .loading import DTYPES, Checkpoint
 
     read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
-    elements = 0
     with Checkpoint(plan.reference.path, plan.options) as ref:
-        for name in plan.tensor_names:
-            n = 1
-            for d in ref.shape(name):
-                n *= d
-            elements += n
+        elements = sum(math.prod(ref.shape(name)) for name in plan.tensor_names)
     return {
         "tensors": len(plan.tensor_names),
         "parameters": elements,
         "read_bytes": read,
-        "output_bytes": elements * _DTYPE_BYTES[plan.config.output_dtype],
+        "output_bytes": elements * DTYPES[plan.config.output_dtype].itemsize,
         "memory": _learned_memory(plan, device),
     }
 
 
 def _learned_memory(plan: MergePlan, device: str) -> dict[str, Any] | None:
-    if plan.config.merge_method not in LEARNED_METHODS:
+    if not plan.config.method.learned:
         return None
     from .learned.memory import estimate_learned_memory
     from .pipeline import resolve_device

@@ -60,7 +60,7 @@ class Checkpoint:
             for fname in files:
                 handle = safe_open(str(self.folder / fname), framework="pt")
                 self._handles[fname] = handle
-                self._headers[fname] = _read_header(self.folder / fname)
+                self._headers[fname] = read_header(self.folder / fname)
                 for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     self._where[name] = fname
         else:
@@ -152,14 +152,8 @@ class Checkpoint:
         fd = self._fds.get(fname)
         if fd is None:
             fd = self._fds[fname] = os.open(self.folder / fname, os.O_RDONLY)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        pos = self._headers[fname][0] + begin
-        got = 0
-        while got < size:
-            n = os.preadv(fd, [view[got:]], pos + got)
-            if not n:
-                raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
-            got += n
+        if pread_into(fd, out, self._headers[fname][0] + begin) < size:
+            raise ModelNotFoundError(f"{str(self.folder / fname)!r} is truncated (tensor {name!r})")
 
     def state_dict(
         self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -205,7 +199,23 @@ class Checkpoint:
         return state
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+def pread_into(fd: int, out: torch.Tensor, pos: int) -> int:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of ``fd`` from ``pos`` (``os.preadv``, repeated
+    until full); returns the bytes read, fewer than ``out``'s size only when the file ends first."""
+    size = out.numel() * out.element_size()
+    if size == 0:
+        return 0
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(offset of the data section, parsed JSON header) of a safetensors file."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")

@@ -82,9 +82,16 @@ def _check_parameters(config: MergeConfig, specs: list[ModelSpec], tensor_names:
 
 
 def prepare(
-    config: MergeConfig, options: EngineOptions | None = None, reporter: Reporter | None = None
+    config: MergeConfig,
+    options: EngineOptions | None = None,
+    reporter: Reporter | None = None,
+    resolved_models: dict[str, ResolvedModel] | None = None,
 ) -> MergePlan:
-    """Resolve every model reference (local folder or Hub snapshot) and check the models are compatible."""
+    """Resolve every model reference (local folder or Hub snapshot) and check the models are compatible.
+
+    ``resolved_models``: references the caller already resolved with the same options (raw -> model),
+    not resolved again.
+    """
     options = options or EngineOptions()
     reporter = reporter or Reporter()
     specs = config.task_models()
@@ -93,7 +100,8 @@ def prepare(
     for i, raw in enumerate(raws):
         reporter.check()
         reporter.report("resolve", i, len(raws), message=raw)
-        resolved[raw] = resolve_model(raw, options)
+        known = (resolved_models or {}).get(raw)
+        resolved[raw] = known if known is not None else resolve_model(raw, options)
     reporter.report("resolve", len(raws), len(raws))
 
     reporter.check()

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .loading import pread_into, read_header
 from .options import EngineOptions
 
 #: Bumped whenever the entry layout or the way teacher outputs are computed changes.
@@ -129,10 +130,7 @@ class Entry:
 
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
-        with open(path, "rb", buffering=0) as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        self._data_start = 8 + size
+        self._data_start, header = read_header(path)
         self.layout: dict[str, Any] = json.loads(header.pop("__metadata__")["divmerge"])
         self._tensors = header
         self.width = int(header["logp"]["shape"][1])
@@ -149,7 +147,10 @@ class Entry:
         dtype, width = _FROM_ST[info["dtype"]], int(info["shape"][1])
         out = torch.empty((hi - lo, width), dtype=dtype)
         row = width * out.element_size()
-        _pread_into(self._fd, out, self._data_start + info["data_offsets"][0] + lo * row)
+        pos = self._data_start + info["data_offsets"][0] + lo * row
+        got = pread_into(self._fd, out, pos)
+        if got < out.numel() * out.element_size():
+            raise OSError(f"teacher cache entry truncated at byte {pos + got}")
         return out
 
     def close(self) -> None:
@@ -213,11 +214,9 @@ class EntryWriter:
     def attach(cls, path: Path) -> EntryWriter:
         fd = os.open(path, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        with open(path, "rb", buffering=0) as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+        data_start, header = read_header(path)
         key = path.name[1:].split(".", 1)[0]
-        return cls(path, path.parent / f"{key}{_SUFFIX}", fd, header, 8 + size)
+        return cls(path, path.parent / f"{key}{_SUFFIX}", fd, header, data_start)
 
     def write(self, lo: int, logp: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """Write rows ``lo:lo+len(logp)`` (cast to the entry's dtypes)."""
@@ -338,19 +337,6 @@ def _delete_unless_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _pread_into(fd: int, out: torch.Tensor, pos: int) -> None:
-    size = out.numel() * out.element_size()
-    if size == 0:
-        return
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], pos + got)
-        if not n:
-            raise OSError(f"teacher cache entry truncated at byte {pos + got}")
-        got += n
 
 
 def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:

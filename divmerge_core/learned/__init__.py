@@ -65,11 +65,11 @@ def learn_coefficients(
     rows = {n: group_index[group_of[n]] for n in model.merged_names}
     vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
     teachers = None
-    if method == "divmerge":
-        teachers = teacher_stage(
-            plan, kind, inputs, dtype=dtype, device=device, reporter=reporter, ranks=ranks
-        )
     try:
+        if method == "divmerge":
+            teachers = teacher_stage(
+                plan, kind, inputs, dtype=dtype, device=device, reporter=reporter, ranks=ranks
+            )
         run_experts(
             plan, model, kind, inputs, vectors, teachers, dtype=dtype, device=device, reporter=reporter
         )

@@ -18,17 +18,17 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import InsufficientMemoryError
-from ..loading import Checkpoint
+from ..loading import DTYPES, Checkpoint
 from ..plan import MergePlan
 from ..teachers import CAUSAL, model_kind, teacher_batch_size
 from .placement import PLACEMENTS
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: the Python/torch runtime's own host footprint (libraries, allocator), counted once
 RUNTIME_BYTES = 1 << 30
 #: share of the free memory a plan may use
@@ -100,9 +100,7 @@ def _tensor_sizes(plan: MergePlan) -> dict[str, int]:
         for n in plan.tensor_names:
             if n not in ck:
                 continue
-            numel = 1
-            for d in ck.shape(n):
-                numel *= d
+            numel = math.prod(ck.shape(n))
             if ck.dtype(n).is_floating_point:
                 merged += numel
                 largest = max(largest, numel)
@@ -134,7 +132,7 @@ def _n_inputs(plan: MergePlan) -> list[int]:
 
 def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpointing: bool) -> dict[str, int]:
     cfg, params = plan.model_config, plan.config.parameters
-    b = _BYTES[plan.config.dtype]
+    b = DTYPES[plan.config.dtype].itemsize
     k = len(plan.models)
     kind = model_kind(cfg)
     causal = kind == CAUSAL

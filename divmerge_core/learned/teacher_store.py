@@ -228,13 +228,7 @@ class CachedTeachers(TeacherStage):
                 logp, index = top_k_support(
                     teacher_logp(module, self.kind, self.inputs.tokenizer, chunk, self.device), top_k
                 )
-                counts = [scored_rows(self.kind, e) for e in chunk]
-                for e, part, ipart in zip(
-                    chunk,
-                    logp.split(counts),
-                    index.split(counts) if index is not None else [None] * len(chunk),
-                    strict=True,
-                ):
+                for e, (part, ipart) in zip(chunk, _per_example(self.kind, chunk, logp, index), strict=True):
                     writer.write(e.row, part, ipart)
             self.ranks.gather(None)  # every rank's rows are written
             if self.ranks.is_main:
@@ -246,6 +240,8 @@ class CachedTeachers(TeacherStage):
         except BaseException:
             if self.ranks.is_main:
                 writer.abort()
+            else:
+                writer.close()  # an attached rank lets go of the temporary file; rank 0 removes it
             raise
         writer.close()  # the entry's own shared lock now keeps it
         if self.ranks.is_main:
@@ -344,20 +340,23 @@ class OnlineTeachers(TeacherStage):
             logp, index = top_k_support(logp, top_k)
             if self.store_dtype != torch.float32:  # the same rounding as a cached entry
                 logp = logp.to(self.store_dtype).float()
-            counts = [scored_rows(self.kind, e) for e in chunk]
-            for j, part, ipart in zip(
-                which,
-                logp.split(counts),
-                index.split(counts) if index is not None else [None] * len(chunk),
-                strict=True,
-            ):
-                rows[j] = (part, ipart)
+            for j, pair in zip(which, _per_example(self.kind, chunk, logp, index), strict=True):
+                rows[j] = pair
         target = torch.cat([r[0] for r in rows])  # type: ignore[index]
         index = None if rows[0][1] is None else torch.cat([r[1] for r in rows])  # type: ignore[index,misc]
         return self._restricted(target, picked, device), index
 
     def close(self) -> None:
         self.module = self.vectors = None
+
+
+def _per_example(
+    kind: str, chunk: list[Example], logp: torch.Tensor, index: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each example's rows of a chunk's teacher outputs (``logp`` and, with top-k, ``index``)."""
+    counts = [scored_rows(kind, e) for e in chunk]
+    indexes = index.split(counts) if index is not None else [None] * len(chunk)
+    return list(zip(logp.split(counts), indexes, strict=True))
 
 
 def teacher_stage(plan: MergePlan, kind: str, inputs: LearnedInputs, **kw: Any) -> TeacherStage:
