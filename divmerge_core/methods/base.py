@@ -96,6 +96,16 @@ def int8_mask_field() -> Any:
     return Field(None, description="mergekit knob, accepted with a warning, changes nothing")
 
 
+class SparsifyingParameters(MethodParameters):
+    """Global parameters shared by the methods that sparsify each task vector (ties, dare_linear,
+    dare_ties); each adds its own ``normalize`` (and DARE its ``seed``)."""
+
+    weight: Weight | None = model_default("weight")
+    density: Density | None = model_default("density")
+    lambda_: Lambda = lambda_default()
+    int8_mask: bool | None = int8_mask_field()
+
+
 class SparsifiedModelParameters(MethodParameters):
     """Per-model parameters of the methods that sparsify each task vector (ties, dare_linear, dare_ties)."""
 

@@ -7,31 +7,16 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from .base import (
-    Density,
-    Lambda,
-    MergeMethod,
-    MethodParameters,
-    SparsifiedModelParameters,
-    TensorInputs,
-    Weight,
-    int8_mask_field,
-    lambda_default,
-    model_default,
-)
+from .base import MergeMethod, SparsifiedModelParameters, SparsifyingParameters, TensorInputs
 
 if TYPE_CHECKING:
     import torch
 
 
-class Parameters(MethodParameters):
-    weight: Weight | None = model_default("weight")
-    density: Density | None = model_default("density")
+class Parameters(SparsifyingParameters):
     normalize: bool = Field(
         True, description="disjoint mean (divide by the number of agreeing models, as peft); false: their sum"
     )
-    lambda_: Lambda = lambda_default()
-    int8_mask: bool | None = int8_mask_field()
 
 
 ModelParameters = SparsifiedModelParameters
