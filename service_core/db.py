@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -71,4 +71,17 @@ def migrate(url: str) -> None:
     cfg.set_main_option("script_location", str(root / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url)
     cfg.attributes["configure_logging"] = False
-    command.upgrade(cfg, "head")
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if (
+        not database or database == ":memory:"
+    ):  # PostgreSQL: Alembic's own transaction (and the migrate job of the topology)
+        command.upgrade(cfg, "head")
+        return
+    # SQLite (embedded): `divmerge serve` and `divmerge token create` may migrate a fresh home at the same
+    # moment; an exclusive file lock makes the second wait and then find the schema at head.
+    import fcntl
+
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.migrate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        command.upgrade(cfg, "head")
