@@ -15,6 +15,7 @@ environment and every process runs the whole merge; only rank 0 writes outputs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -142,6 +143,9 @@ def torchrun_ranks() -> Distributed | None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # torchrun ranks exit through the CLI: tear the group down first (an undestroyed gloo group can
+        # abort the process at exit with 'terminate called without an active exception')
+        atexit.register(dist.destroy_process_group)
     return Distributed()
 
 
