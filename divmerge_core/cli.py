@@ -1,4 +1,4 @@
-"""The ``divmerge`` command line: ``merge`` and ``validate``, plus subcommands from installed plugins.
+"""The ``divmerge`` command line: ``merge``, ``eval``, ``validate`` and ``methods``, plus subcommands from installed plugins.
 
 Plugins (e.g. the service's ``serve``/``token``) register through the ``divmerge.commands`` entry-point
 group: each entry point is loaded and its ``register(subparsers)`` called (or the object itself, if it is
@@ -111,10 +111,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
         return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
+    evaluation = result.evaluation
+    method = evaluation.get("method", config.merge_method) if evaluation else config.merge_method
     print(
-        f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
+        f"merged {len(config.task_models())} model(s) with {method} into {result.out_dir} "
         f"({len(result.files)} files, {metrics['wall_s']:.1f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB{loss})"
     )
+    if evaluation is not None:
+        from .evaluation import table
+
+        print(table(evaluation))
+        if evaluation.get("error"):
+            return 1
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score an existing merged folder on the config's ``eval`` sets, beside each expert."""
+    from pathlib import Path
+
+    from .evaluation import Candidate, evaluate_merges, load_eval_sets, table
+    from .pipeline import prepare, resolve_device
+    from .progress import Reporter
+
+    config = _load(args.config)
+    if not any(m.eval is not None for m in config.task_models()):
+        raise ConfigError("no model of the config has an 'eval' set to score on", field="models")
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"model directory {args.model_dir!r} does not exist")
+    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        reporter = Reporter(progress)
+        plan = prepare(config, _options(args), reporter)
+        sets = load_eval_sets(plan, reporter)
+        label = folder.resolve().name or str(folder)
+        report = evaluate_merges(
+            plan,
+            sets,
+            [Candidate(label, config.merge_method, {}, folder)],
+            device=resolve_device(args.device),
+            reporter=reporter,
+            base=args.base,
+        )
+    finally:
+        progress.close()
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(report))
     return 0
 
 
@@ -210,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device the memory estimate is for"
     )
     validate.set_defaults(func=cmd_validate)
+
+    evaluate = sub.add_parser(
+        "eval", help="score a merged model folder on the config's eval sets, beside each expert"
+    )
+    evaluate.add_argument("config", help="merge config (YAML) whose models carry 'eval' sets")
+    evaluate.add_argument("model_dir", metavar="MODEL_DIR", help="the merged model folder to score")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--base", action="store_true", help="score the base model too")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the report (evaluation.json) to FILE")
+    evaluate.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_eval)
 
     methods = sub.add_parser("methods", help="list the merge methods and their parameters (markdown)")
     methods.set_defaults(func=cmd_methods)

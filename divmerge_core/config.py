@@ -123,11 +123,109 @@ class DataSpec(_Strict):
         return self
 
 
+#: Most labelled examples one task's ``eval`` set may take (``num_samples``).
+MAX_EVAL_SAMPLES = 5000
+#: Most tokens a causal LM may generate per evaluation answer (``max_new_tokens``).
+MAX_EVAL_NEW_TOKENS = 64
+#: Most methods one job may compare (``evaluation.compare``).
+MAX_COMPARE = 8
+
+
+class EvalSpec(_Strict):
+    """Labelled (or unlabelled) held-out inputs of one task, to score the merge against its expert.
+
+    Same sources as :class:`DataSpec`; ``label_column`` (default ``label``, when the data has that column)
+    or, with inline ``texts``, ``labels`` give the gold labels. Without labels the task is scored label-free:
+    the Jensen-Shannon divergence between expert and merged model on the inputs.
+    """
+
+    dataset: str | None = Field(None, description="Hub dataset id, optionally 'org/name@revision'")
+    config: str | None = Field(None, description="dataset configuration (subset) name")
+    split: str = "validation"
+    path: str | None = Field(None, description="local .jsonl/.json/.csv/.tsv/.txt/.parquet file")
+    texts: list[str] | None = Field(None, description="inline input texts")
+    labels: list[str | int] | None = Field(
+        None, description="with 'texts': each text's gold label (same length as 'texts')"
+    )
+    text_columns: list[str] | None = Field(
+        None, description="column(s) holding the input; two columns are encoded as a sentence pair"
+    )
+    template: str | None = Field(None, description="format string over the columns (as in 'data')")
+    label_column: str | None = Field(
+        None, description="column holding the gold label (default: 'label' when the data has one)"
+    )
+    chat_template: bool = Field(
+        False, description="causal LMs: present each input as the user turn of the tokenizer's chat template"
+    )
+    system_prompt: str | None = Field(None, description="with chat_template: the system turn")
+    max_new_tokens: int = Field(
+        8, ge=1, le=MAX_EVAL_NEW_TOKENS, description="causal LMs: most tokens generated per answer"
+    )
+    answers: dict[str, str | list[str]] | None = Field(
+        None,
+        description="causal LMs: label value -> its answer word(s); the prediction is the label whose "
+        "answer word occurs first in the greedy output (case-insensitive, whole word). Default: the label "
+        "values themselves, when they are words",
+    )
+    num_samples: int = Field(
+        200, ge=1, le=MAX_EVAL_SAMPLES, description="how many examples to score (seeded sample)"
+    )
+    seed: int = 0
+
+    @field_validator("answers")
+    @classmethod
+    def _answers(cls, v: dict[str, str | list[str]] | None) -> dict[str, str | list[str]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("'answers' is empty")
+        for label, words in v.items():
+            listed = [words] if isinstance(words, str) else words
+            if not listed or not all(isinstance(w, str) and w.strip() for w in listed):
+                raise ValueError(f"'answers' gives label {label!r} no answer word")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSpec:
+        sources = [name for name in ("dataset", "path", "texts") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
+        if self.texts is not None:
+            if not any(t.strip() for t in self.texts):
+                raise ValueError("'texts' holds no non-empty text")
+            if self.labels is not None and len(self.labels) != len(self.texts):
+                raise ValueError(f"'labels' gives {len(self.labels)} label(s) for {len(self.texts)} text(s)")
+            if self.label_column is not None:
+                raise ValueError("'label_column' applies to 'dataset' and 'path'; give 'labels' with 'texts'")
+        elif self.labels is not None:
+            raise ValueError("'labels' goes with 'texts'; use 'label_column' with 'dataset' and 'path'")
+        if self.dataset is not None and not is_hub_ref(self.dataset):
+            raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("'system_prompt' needs 'chat_template: true'")
+        return self
+
+
 class ModelSpec(_Strict):
     model: str = Field(min_length=1, description="Hub id 'org/name[@revision]' or a local directory")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="the task's name in the evaluation (default: the folder or repo name)",
+    )
     #: The method's per-model parameters (``MergeConfig.model_validate`` sets the method's own class).
     parameters: MethodParameters = Field(default_factory=MethodParameters)
     data: DataSpec | None = None
+    eval: EvalSpec | None = Field(None, description="held-out examples the merge is scored on, per task")
+
+    @property
+    def task_name(self) -> str:
+        """``name``, else the last part of the folder or repo name (revision left out)."""
+        if self.name:
+            return self.name
+        ref = self.model.partition("@")[0] if not is_local_ref(self.model) else self.model
+        return ref.rstrip("/").rsplit("/", 1)[-1] or ref
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -185,6 +283,35 @@ class SliceSpec(_Strict):
     parameters: MethodParameters | None = None
 
 
+class CompareSpec(_Strict):
+    """One more method run on the same experts and evaluated beside the job's own (``evaluation.compare``)."""
+
+    merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="that method's parameters (default: its own defaults)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"merge_method": data} if isinstance(data, str) else data
+
+
+class EvaluationSpec(_Strict):
+    """What the evaluation stage does beyond scoring the merge on each model's ``eval`` set."""
+
+    compare: list[CompareSpec] = Field(
+        default_factory=list,
+        max_length=MAX_COMPARE,
+        description="other methods run on the same experts and evaluated too, e.g. [task_arithmetic, ties]",
+    )
+    select: Literal["best"] | None = Field(
+        None,
+        description="'best': the merge with the highest ANP becomes the output (the others are reported)",
+    )
+    base: bool = Field(False, description="score the base model too")
+
+
 class MergeConfig(_Strict):
     merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
     base_model: Annotated[str, Field(min_length=1)] | None = None
@@ -196,6 +323,9 @@ class MergeConfig(_Strict):
     dtype: DType = Field("float32", description="compute dtype")
     out_dtype: DType | None = Field(None, description="output dtype (default: dtype)")
     output: OutputSpec | None = None
+    evaluation: EvaluationSpec | None = Field(
+        None, description="compare methods and select the best (needs 'eval' on the models)"
+    )
 
     @field_validator("base_model")
     @classmethod
@@ -257,6 +387,7 @@ class MergeConfig(_Strict):
                     ("models", missing[0], "data"),
                     f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'",
                 )
+        _check_evaluation(self)
         if self.slices is not None:
             _check_slices(self.slices, [m.model for m in self.models])
         else:
@@ -320,6 +451,52 @@ def _fail(loc: tuple[str | int, ...], message: str) -> None:
     """A validation error at ``loc`` (a check that needs several fields still names the one at fault)."""
     error = InitErrorDetails(type=PydanticCustomError("method_requirement", message), loc=loc, input=None)
     raise ValidationError.from_exception_data("MergeConfig", [error])
+
+
+def _check_evaluation(config: MergeConfig) -> None:
+    """Task names are unique; ``evaluation`` needs ``eval`` sets; compared methods fit the config."""
+    tasks = config.task_models()
+    evaluated = [m for m in tasks if m.eval is not None]
+    names: dict[str, int] = {}
+    for i, m in enumerate(config.models):
+        if m in tasks:
+            if m.task_name in names:
+                _fail(
+                    ("models", i, "name"),
+                    f"two models are named {m.task_name!r} (models {names[m.task_name]} and {i}); "
+                    "give each a distinct 'name'",
+                )
+            names[m.task_name] = i
+    if config.evaluation is None:
+        return
+    if not evaluated:
+        _fail(("evaluation",), "'evaluation' needs an 'eval' set on at least one model")
+    for i, c in enumerate(config.evaluation.compare):
+        if c.merge_method == config.merge_method and not c.parameters:
+            _fail(
+                ("evaluation", "compare", i),
+                f"{c.merge_method!r} is the job's own method; give it other 'parameters'",
+            )
+        try:
+            compare_config(config, c)
+        except ValidationError as err:
+            _fail(("evaluation", "compare", i), format_validation_error(err, c.merge_method))
+
+
+def compare_config(config: MergeConfig, compare: CompareSpec) -> MergeConfig:
+    """The config of a compared method: the same models, data and eval sets, that method's parameters
+    (per-model parameters left at the method's defaults), no ``evaluation`` and no ``output``."""
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data.pop("evaluation", None)
+    data.pop("output", None)
+    data.pop("slices", None)
+    data["merge_method"] = compare.merge_method
+    data["parameters"] = dict(compare.parameters)
+    data["models"] = [
+        m.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"parameters"})
+        for m in config.models
+    ]
+    return MergeConfig.model_validate(data)
 
 
 def _check_slices(slices: list[SliceSpec], models: list[str]) -> None:

@@ -11,15 +11,16 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .config import DataSpec
+from .config import DataSpec, EvalSpec
 from .errors import DatasetError
 from .options import EngineOptions
 from .paths import check_local_path
 from .refs import resolve_dataset_repo
 
 TaskInput = str | tuple[str, str]
+T = TypeVar("T")
 
 #: Column choices tried in order when ``text_columns`` is not given (the pair ``question``/``sentence``
 #: comes before the single ``sentence`` so QNLI-style data is read as pairs).
@@ -53,24 +54,30 @@ class TaskInputs:
 def load_task_inputs(spec: DataSpec, options: EngineOptions, seed: int = 0) -> TaskInputs:
     """Load and sample ``spec.num_samples`` inputs (all of them if fewer), seeded by ``seed`` and ``spec.seed``."""
     rng = random.Random(f"{seed}/{spec.seed}")
-    if spec.texts is not None:
-        rows: _Rows = _ListRows([{"text": t} for t in spec.texts], ["text"])
-        source, commit = "inline", None
-    elif spec.path is not None:
-        path = check_local_path(spec.path, options.local_roots, "dataset path")
-        rows, source, commit = _read_local(path, spec.path), spec.path, None
-    else:
-        assert spec.dataset is not None
-        rows, commit = _read_hub(spec, options)
-        source = spec.dataset
-    texts = _sample(rows, _extractor(spec, rows.columns, source), spec.num_samples, rng)
+    rows, source, commit = read_rows(spec, options)
+    texts = sample(rows, extractor(spec, rows.columns, source), spec.num_samples, rng)
     if not texts:
         raise DatasetError(f"dataset {source!r} yielded no non-empty input text")
     return TaskInputs(texts=texts, source=source, commit=commit)
 
 
+def read_rows(spec: DataSpec | EvalSpec, options: EngineOptions) -> tuple[Rows, str, str | None]:
+    """The rows of ``spec``'s source (inline ``texts``, a local file or a Hub dataset), where they came
+    from ("inline", the path or the dataset reference) and the dataset's resolved commit."""
+    if spec.texts is not None:
+        labels = getattr(spec, "labels", None) if isinstance(spec, EvalSpec) else None
+        records = [{"text": t} | ({"label": labels[i]} if labels else {}) for i, t in enumerate(spec.texts)]
+        return _ListRows(records, ["text", "label"] if labels else ["text"]), "inline", None
+    if spec.path is not None:
+        path = check_local_path(spec.path, options.local_roots, "dataset path")
+        return _read_local(path, spec.path), spec.path, None
+    assert spec.dataset is not None
+    rows, commit = _read_hub(spec, options)
+    return rows, spec.dataset, commit
+
+
 # --- row sources -----------------------------------------------------------------------------------------
-class _Rows:
+class Rows:
     columns: list[str]
 
     def __len__(self) -> int:
@@ -80,7 +87,7 @@ class _Rows:
         raise NotImplementedError
 
 
-class _ListRows(_Rows):
+class _ListRows(Rows):
     def __init__(self, rows: list[dict[str, Any]], columns: list[str]):
         self.rows, self.columns = rows, columns
 
@@ -91,7 +98,7 @@ class _ListRows(_Rows):
         return [self.rows[i] for i in indices]
 
 
-class _DatasetRows(_Rows):
+class _DatasetRows(Rows):
     """A ``datasets.Dataset``: only the sampled rows are materialised."""
 
     def __init__(self, ds: Any):
@@ -104,7 +111,7 @@ class _DatasetRows(_Rows):
         return self.ds.select(list(indices)).to_list() if indices else []
 
 
-def _read_local(path: Path, shown: str) -> _Rows:
+def _read_local(path: Path, shown: str) -> Rows:
     if not path.is_file():
         raise DatasetError(f"dataset file {shown!r} does not exist")
     suffix = path.suffix.lower()
@@ -138,14 +145,14 @@ def _read_local(path: Path, shown: str) -> _Rows:
         raise DatasetError(f"cannot read dataset file {shown!r}: {type(err).__name__}: {err}") from None
 
 
-def _records(data: Any, shown: str) -> _Rows:
+def _records(data: Any, shown: str) -> Rows:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DatasetError(f"dataset file {shown!r} must hold JSON objects (one per row)")
     columns = list(dict.fromkeys(k for r in data for k in r))
     return _ListRows(data, columns)
 
 
-def _read_hub(spec: DataSpec, options: EngineOptions) -> tuple[_Rows, str | None]:
+def _read_hub(spec: DataSpec | EvalSpec, options: EngineOptions) -> tuple[Rows, str | None]:
     import datasets
 
     assert spec.dataset is not None
@@ -161,7 +168,7 @@ def _read_hub(spec: DataSpec, options: EngineOptions) -> tuple[_Rows, str | None
 
 
 # --- columns and sampling --------------------------------------------------------------------------------
-def _extractor(spec: DataSpec, columns: list[str], source: str) -> Callable[[dict], TaskInput | None]:
+def extractor(spec: DataSpec | EvalSpec, columns: list[str], source: str) -> Callable[[dict], TaskInput | None]:
     if spec.template is not None:
         template = spec.template
 
@@ -188,7 +195,7 @@ def _extractor(spec: DataSpec, columns: list[str], source: str) -> Callable[[dic
     return pick
 
 
-def _choose_columns(spec: DataSpec, columns: list[str], source: str) -> tuple[str, ...]:
+def _choose_columns(spec: DataSpec | EvalSpec, columns: list[str], source: str) -> tuple[str, ...]:
     if spec.text_columns:
         if len(spec.text_columns) > 2:
             raise DatasetError(
@@ -209,13 +216,11 @@ def _choose_columns(spec: DataSpec, columns: list[str], source: str) -> tuple[st
     )
 
 
-def _sample(
-    rows: _Rows, extract: Callable[[dict], TaskInput | None], n: int, rng: random.Random
-) -> list[TaskInput]:
+def sample(rows: Rows, extract: Callable[[dict], T | None], n: int, rng: random.Random) -> list[T]:
     """Seeded sample without replacement of ``n`` rows that yield a text (rows without text are skipped)."""
     order = list(range(len(rows)))
     rng.shuffle(order)
-    out: list[TaskInput] = []
+    out: list[T] = []
     pos = 0
     while len(out) < n and pos < len(order):
         chunk = order[pos : pos + max(n - len(out), 16)]

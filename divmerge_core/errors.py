@@ -114,6 +114,12 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+class EvaluationError(DivMergeError):
+    """The evaluation stage failed after the merge finished (the merge itself is kept)."""
+
+    code = "evaluation_failed"
+
+
 class MergeCancelled(DivMergeError):
     code = "cancelled"
 

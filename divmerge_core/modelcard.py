@@ -24,7 +24,7 @@ def _model_entry(model: ResolvedModel) -> dict[str, Any]:
     return entry
 
 
-def front_matter(plan: MergePlan) -> dict[str, Any]:
+def front_matter(plan: MergePlan, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     config = plan.config
     meta: dict[str, Any] = {}
     # The Hub checks base_model against existing repos, so only Hub ids go there.
@@ -50,6 +50,12 @@ def front_matter(plan: MergePlan) -> dict[str, Any]:
     meta["parameters"] = config.parameters.model_dump(mode="json", by_alias=True, exclude_none=True)
     meta["dtype"] = config.dtype
     meta["out_dtype"] = config.output_dtype
+    if evaluation is not None:
+        from .evaluation import model_index
+
+        index = model_index(evaluation, f"{config.merge_method} merge")
+        if index:
+            meta["model-index"] = index
     return meta
 
 
@@ -66,9 +72,11 @@ def _table(coeffs: LearnedCoefficients) -> str:
     return "\n".join([head, sep, *rows])
 
 
-def render_model_card(plan: MergePlan, coeffs: LearnedCoefficients | None = None) -> str:
+def render_model_card(
+    plan: MergePlan, coeffs: LearnedCoefficients | None = None, evaluation: dict[str, Any] | None = None
+) -> str:
     config = plan.config
-    meta = yaml.safe_dump(front_matter(plan), sort_keys=False, allow_unicode=True)
+    meta = yaml.safe_dump(front_matter(plan, evaluation), sort_keys=False, allow_unicode=True)
     lines = [
         "---",
         meta.rstrip(),
@@ -99,6 +107,20 @@ def render_model_card(plan: MergePlan, coeffs: LearnedCoefficients | None = None
             "(all of them are in `coefficients.json`).",
             "",
             _table(coeffs),
+            "",
+        ]
+    if evaluation is not None:
+        from .evaluation import table
+
+        lines += [
+            "## Evaluation",
+            "",
+            "Each task's held-out examples, scored for its expert and for this merge "
+            "(all figures in `evaluation.json`):",
+            "",
+            "```text",
+            table(evaluation),
+            "```",
             "",
         ]
     lines += [

@@ -314,17 +314,27 @@ def _read_ahead(merger: _Merger, name: str) -> _TensorReads | None:
         return merger.read(name, whole=True)
 
 
-def write_metadata(plan: MergePlan, folder: Path, coeffs: LearnedCoefficients | None) -> list[str]:
-    """config.json, tokenizer files, README.md model card, merge_config.yaml and coefficients.json."""
+def write_metadata(
+    plan: MergePlan,
+    folder: Path,
+    coeffs: LearnedCoefficients | None,
+    evaluation: dict[str, Any] | None = None,
+) -> list[str]:
+    """config.json, tokenizer files, README.md model card, merge_config.yaml, coefficients.json and, with
+    ``evaluation``, evaluation.json."""
     files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
     files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
-    (folder / "README.md").write_text(render_model_card(plan, coeffs), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(plan, coeffs, evaluation), encoding="utf-8")
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
     files += ["README.md", "merge_config.yaml"]
     if coeffs is not None:
         text = json.dumps(coeffs.to_json(), indent=2) + "\n"
         (folder / "coefficients.json").write_text(text, encoding="utf-8")
         files.append("coefficients.json")
+    if evaluation is not None:
+        text = json.dumps(evaluation, indent=2) + "\n"
+        (folder / "evaluation.json").write_text(text, encoding="utf-8")
+        files.append("evaluation.json")
     return files
 
 
@@ -373,28 +383,30 @@ def run_merge(
         plan = prepare(config, options, reporter)
     elif plan.config is not config:
         raise ValueError("run_merge: the plan was prepared for another config")
+    eval_sets = None
+    if any(s.eval is not None for s in plan.specs):
+        from .evaluation import load_eval_sets
+
+        eval_sets = load_eval_sets(plan, reporter)  # a bad label or answer fails here, before merging
     coeffs: LearnedCoefficients | None = None
     if config.method.learned:
-        from .learned import learn_coefficients
-        from .learned.distributed import learn_distributed, torchrun_ranks
+        from .learned.distributed import torchrun_ranks
 
         ranks = torchrun_ranks()
-        if ranks is not None:
-            coeffs = learn_coefficients(plan, device=dev, reporter=reporter, ranks=ranks)
-            if not ranks.is_main:  # rank 0 writes the outputs
-                metrics = {"rank": ranks.rank, "wall_s": round(time.perf_counter() - start, 3)}
-                return MergeResult(out, [], dict(plan.resolved), None, metrics)
-        elif devices > 1:
-            coeffs = learn_distributed(plan, devices=devices, device=dev, reporter=reporter)
-        else:
-            coeffs = learn_coefficients(plan, device=dev, reporter=reporter)
-        bad = [v for row in coeffs.values for v in row if not math.isfinite(v)]
-        if bad:
-            raise NumericalError("the learned merge coefficients contain NaN or inf")
+        coeffs = learn(plan, dev, reporter, devices=devices)
+        if ranks is not None and not ranks.is_main:  # rank 0 writes the outputs
+            metrics = {"rank": ranks.rank, "wall_s": round(time.perf_counter() - start, 3)}
+            return MergeResult(out, [], dict(plan.resolved), None, metrics)
     reporter.check()
+    evaluation: dict[str, Any] | None = None
     with staged_output(out, force) if staged else _into(out) as tmp:
         files = write_weights(plan, tmp, dev, reporter, coeffs)
         files += write_metadata(plan, tmp, coeffs)
+        if eval_sets is not None:
+            from .evaluation.candidates import evaluate_output
+
+            chosen = evaluate_output(plan, coeffs, tmp, files, eval_sets, dev, reporter)
+            plan, coeffs, files, evaluation = chosen.plan, chosen.coeffs, chosen.files, chosen.evaluation
         reporter.check()
     resolved = dict(plan.resolved)
     coefficients: dict[str, Any] | None = None
@@ -406,6 +418,8 @@ def run_merge(
         "final_loss": None,
         "steps": 0,
     }
+    if evaluation is not None and evaluation.get("wall_s") is not None:
+        metrics["evaluate_s"] = evaluation["wall_s"]
     if coeffs is not None:
         resolved.update(coeffs.resolved_datasets)
         coefficients = {k: v for k, v in coeffs.to_json().items() if k not in ("group_of", "losses")}
@@ -414,5 +428,30 @@ def run_merge(
         metrics["placement"] = coeffs.placement
     reporter.report("done", 1, 1)
     return MergeResult(
-        out_dir=out, files=files, resolved=resolved, coefficients=coefficients, metrics=metrics
+        out_dir=out,
+        files=files,
+        resolved=resolved,
+        coefficients=coefficients,
+        metrics=metrics,
+        evaluation=evaluation,
     )
+
+
+def learn(
+    plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1
+) -> LearnedCoefficients:
+    """A learned method's coefficients: under ``torchrun`` as one of its ranks, with ``devices`` > 1 as a
+    data-parallel job of that many processes, else in this process. Refuses NaN or inf."""
+    from .learned import learn_coefficients
+    from .learned.distributed import learn_distributed, torchrun_ranks
+
+    ranks = torchrun_ranks()
+    if ranks is not None:
+        coeffs = learn_coefficients(plan, device=device, reporter=reporter, ranks=ranks)
+    elif devices > 1:
+        coeffs = learn_distributed(plan, devices=devices, device=device, reporter=reporter)
+    else:
+        coeffs = learn_coefficients(plan, device=device, reporter=reporter)
+    if any(not math.isfinite(v) for row in coeffs.values for v in row):
+        raise NumericalError("the learned merge coefficients contain NaN or inf")
+    return coeffs

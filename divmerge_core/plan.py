@@ -87,3 +87,5 @@ class MergeResult:
     coefficients: dict[str, Any] | None
     #: wall_s, peak_rss_mb, final_loss, steps, ...
     metrics: dict[str, Any]
+    #: ``evaluation.json`` (None when no model has an ``eval`` set; ``{"error": ...}`` when it failed)
+    evaluation: dict[str, Any] | None = None

@@ -10,7 +10,8 @@ from .errors import MergeCancelled
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One progress report. ``stage`` is one of: resolve, validate, data, teacher, optimise, write, done."""
+    """One progress report. ``stage`` is one of: resolve, validate, eval_data, data, teacher,
+    optimise, write, compare (a compared method's merge), evaluate, done."""
 
     stage: str
     step: int
@@ -35,6 +36,10 @@ class Reporter:
     ):
         if self._progress is not None:
             self._progress(ProgressEvent(stage, step, total, loss, message))
+
+    def relay(self, progress: ProgressCallback) -> Reporter:
+        """A reporter with the same stop check that reports to ``progress`` instead."""
+        return Reporter(progress, self._should_stop)
 
     def check(self) -> None:
         """Raise :class:`MergeCancelled` if the caller asked to stop. Call between steps."""

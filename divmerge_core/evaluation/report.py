@@ -1,0 +1,209 @@
+"""``evaluation.json``: per task the expert's and the merge's score, the retention, and the ANP.
+
+* ``retained`` = 100 x merged / expert; ``anp`` = the mean of ``retained`` over the evaluated tasks
+  (average normalised performance, the paper's Table 6 measure).
+* ``anp_ci95``: a 95 % percentile bootstrap over each task's examples (expert scores held fixed; 1000
+  resamples, seeded), so two methods' ANPs can be told apart or not.
+* Labelled tasks score accuracy; label-free tasks score ``1 - JS/log 2`` against the expert (1 for the
+  expert itself), their ``retained`` being that score x 100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .scoring import Scores
+from .sets import EvalSet
+
+if TYPE_CHECKING:
+    from .stage import Candidate
+
+N_BOOT = 1000
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def retained(merged: float, expert: float) -> float | None:
+    return None if expert <= 0 else 100.0 * merged / expert
+
+
+def anp_interval(
+    sets: Sequence[EvalSet], experts: Mapping[int, Scores], merged: Mapping[int, Scores], seed: int = 0
+) -> list[float] | None:
+    """95 % percentile bootstrap interval of the ANP (labelled tasks resampled; label-free ones fixed)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(N_BOOT, dtype=torch.float64)
+    used = 0
+    for es in sets:
+        e, m = experts[es.task].score, merged[es.task]
+        if e <= 0:
+            continue
+        used += 1
+        if m.correct is None:
+            total += 100.0 * m.score / e
+            continue
+        v = torch.tensor(m.correct, dtype=torch.float64)
+        idx = torch.randint(0, len(v), (N_BOOT, len(v)), generator=gen)
+        total += 100.0 * v[idx].mean(1) / e
+    if not used:
+        return None
+    total /= used
+    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(lo, 2), round(hi, 2)]
+
+
+def _summary(sets: Sequence[EvalSet], experts, scores: Mapping[int, Scores]) -> dict[str, Any]:
+    tasks, kept = {}, []
+    for es in sets:
+        s, e = scores[es.task], experts[es.task].score
+        r = retained(s.score, e)
+        if r is not None:
+            kept.append(r)
+        tasks[es.name] = {"merged": _r(s.score), "retained": _r(r, 2), "unparsed": _r(s.unparsed_share)}
+        if s.js is not None and s.correct is None:
+            tasks[es.name]["js"] = _r(s.js, 6)
+    return {
+        "tasks": tasks,
+        "anp": _r(sum(kept) / len(kept), 2) if kept else None,
+        "anp_ci95": anp_interval(sets, experts, scores),
+    }
+
+
+def build_report(
+    sets: Sequence[EvalSet],
+    experts: Mapping[int, Scores],
+    base: Mapping[int, Scores] | None,
+    candidates: Sequence[Candidate],
+    merged: Mapping[str, Mapping[int, Scores]],
+    *,
+    select: str | None,
+    kind: str,
+) -> dict[str, Any]:
+    """The whole ``evaluation.json``; ``candidates[0]`` is the job's own merge."""
+    summaries = {c.label: _summary(sets, experts, merged[c.label]) for c in candidates}
+    chosen = candidates[0].label
+    if select == "best":
+        ranked = [c.label for c in candidates if summaries[c.label]["anp"] is not None]
+        if ranked:
+            chosen = max(ranked, key=lambda label: summaries[label]["anp"])
+    out_scores = merged[chosen]
+    metrics = {"accuracy" if es.labelled else "js_retention" for es in sets}
+    tasks: dict[str, Any] = {}
+    for es in sets:
+        e, m = experts[es.task], out_scores[es.task]
+        row: dict[str, Any] = {
+            "metric": "accuracy" if es.labelled else "js_retention",
+            "n": len(es),
+            "source": es.inputs.source,
+            "expert": _r(e.score),
+            "merged": _r(m.score),
+        }
+        if base is not None:
+            row["base"] = _r(base[es.task].score)
+        row["unparsed"] = _r(m.unparsed_share)
+        if e.unparsed is not None:
+            row["expert_unparsed"] = _r(e.unparsed_share)
+        if m.js is not None and m.correct is None:
+            row["js"] = _r(m.js, 6)
+        row["retained"] = _r(retained(m.score, e.score), 2)
+        if m.samples:
+            row["sample_answers"] = m.samples
+        tasks[es.name] = row
+    chosen_c = next(c for c in candidates if c.label == chosen)
+    return {
+        "metric": metrics.pop() if len(metrics) == 1 else "mixed",
+        "kind": kind,
+        "method": chosen_c.method,
+        "tasks": tasks,
+        "anp": summaries[chosen]["anp"],
+        "anp_ci95": summaries[chosen]["anp_ci95"],
+        "selected": chosen,
+        "select": select,
+        "compare": [
+            {"label": c.label, "method": c.method, "parameters": c.parameters, **summaries[c.label]}
+            for c in candidates
+        ],
+        "warnings": [w for es in sets for w in es.warnings],
+    }
+
+
+def table(evaluation: Mapping[str, Any]) -> str:
+    """A plain-text table of an ``evaluation.json`` (the CLI and ``divmerge status`` print it)."""
+    if evaluation.get("error"):
+        return f"evaluation failed: {evaluation['error']}"
+    tasks = evaluation.get("tasks") or {}
+    others = [c for c in evaluation.get("compare") or [] if c["label"] != evaluation.get("selected")]
+    has_base = any("base" in t for t in tasks.values())
+    head = (
+        ["task", "n", "expert"] + (["base"] if has_base else []) + [f"merged ({evaluation.get('selected')})"]
+    )
+    head += [c["label"] for c in others] + ["retained", "unparsed"]
+    rows = [head]
+    for name, t in tasks.items():
+        row = [name, str(t["n"]), _pct(t["expert"])] + ([_pct(t.get("base"))] if has_base else [])
+        row.append(_pct(t["merged"]))
+        row += [_pct(c["tasks"].get(name, {}).get("merged")) for c in others]
+        row += [f"{t['retained']:.1f}" if t.get("retained") is not None else "-", _pct(t.get("unparsed"))]
+        rows.append(row)
+    ci = evaluation.get("anp_ci95")
+    anp_row = ["ANP", "", ""] + ([""] if has_base else []) + [_anp(evaluation.get("anp"), ci)]
+    anp_row += [_anp(c.get("anp"), c.get("anp_ci95")) for c in others] + ["", ""]
+    rows.append(anp_row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    metric = evaluation.get("metric", "accuracy")
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(
+        f"(metric: {metric}; retained = 100 x merged / expert; ANP = mean retained, 95% bootstrap CI)"
+    )
+    for w in evaluation.get("warnings") or []:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _anp(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def model_index(evaluation: Mapping[str, Any], model_name: str) -> list[dict[str, Any]] | None:
+    """The Hub's ``model-index`` front matter: one result per evaluated task (the merged model's score)."""
+    if not evaluation.get("tasks") or evaluation.get("error"):
+        return None
+    task_type = "text-generation" if evaluation.get("kind") == "causal" else "text-classification"
+    results = []
+    for name, t in evaluation["tasks"].items():
+        metric = t["metric"]
+        results.append(
+            {
+                "task": {"type": task_type, "name": name},
+                "dataset": {"name": name, "type": _dataset_type(t.get("source"), name)},
+                "metrics": [
+                    {"type": metric, "value": t["merged"], "name": f"{metric} (merged)"},
+                    {"type": "retained", "value": t["retained"], "name": "retained vs expert (%)"},
+                ],
+            }
+        )
+    return [{"name": model_name, "results": results}]
+
+
+def _dataset_type(source: str | None, name: str) -> str:
+    """A Hub dataset id as is; a local file or inline texts by the task's name (no local paths on a card)."""
+    if not source or source == "inline" or source.startswith(("/", ".", "~", "file:")):
+        return name
+    return source
