@@ -15,8 +15,9 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class Progress(BaseModel):
     stage: str | None = Field(
         None,
-        description="queued, starting, resolve, validate, data, teacher, optimise, write, upload, "
-        "upload_wait (a delivery retry is pending), done",
+        description="queued, starting, resolve, validate, eval_data, data, teacher, optimise, write, "
+        "compare (a compared method's merge), evaluate, upload, upload_wait (a delivery retry is "
+        "pending), done",
     )
     step: int | None = None
     total: int | None = None
@@ -38,6 +39,58 @@ class KeptResult(BaseModel):
     until: datetime = Field(description="the merged result is kept until then; POST /retry re-delivers it")
 
 
+class TaskEvaluation(BaseModel):
+    metric: Literal["accuracy", "js_retention"]
+    n: int = Field(description="examples scored")
+    source: str | None = Field(None, description="the eval set: dataset id, file, or 'inline'")
+    expert: float = Field(description="the task's expert (accuracy, or 1 for js_retention)")
+    merged: float = Field(description="the output merge")
+    base: float | None = Field(None, description="the base model (with evaluation.base)")
+    unparsed: float = Field(0.0, description="causal LMs: share of the merge's answers with no answer word")
+    expert_unparsed: float | None = None
+    js: float | None = Field(None, description="js_retention: mean JS divergence to the expert (nats)")
+    retained: float | None = Field(None, description="100 x merged / expert")
+    sample_answers: list[str] | None = Field(None, description="causal LMs: a few of the merge's answers")
+
+
+class ComparedTask(BaseModel):
+    merged: float | None
+    retained: float | None
+    unparsed: float | None = None
+    js: float | None = None
+
+
+class ComparedMerge(BaseModel):
+    label: str = Field(description="the method's name (numbered when it is compared more than once)")
+    method: str
+    parameters: dict[str, Any] = {}
+    tasks: dict[str, ComparedTask]
+    anp: float | None
+    anp_ci95: list[float] | None = None
+
+
+class Evaluation(BaseModel):
+    """``evaluation.json``: how much of each expert the merge keeps (or ``error`` when the stage failed)."""
+
+    metric: str | None = Field(None, description="accuracy, js_retention or mixed")
+    kind: str | None = Field(None, description="classification or causal")
+    method: str | None = Field(None, description="the method whose merge is the output")
+    tasks: dict[str, TaskEvaluation] = {}
+    anp: float | None = Field(
+        None, description="mean retained over the tasks (average normalised performance)"
+    )
+    anp_ci95: list[float] | None = Field(None, description="95% bootstrap interval of the ANP")
+    selected: str | None = Field(None, description="label of the output merge among 'compare'")
+    select: str | None = None
+    compare: list[ComparedMerge] = Field([], description="every merge scored, the job's own first")
+    warnings: list[str] = []
+    expert_cache: dict[str, int] | None = None
+    wall_s: float | None = None
+    error: str | None = Field(None, description="why the evaluation failed (the merge itself is kept)")
+    code: str | None = None
+    field: str | None = None
+
+
 class JobResult(BaseModel):
     destination: str = Field(description="hf://<repo_id> or the local output directory")
     revision: str | None = Field(None, description="branch uploaded to (Hub)")
@@ -45,6 +98,7 @@ class JobResult(BaseModel):
     files: list[str] = []
     coefficients: dict[str, Any] | None = None
     metrics: dict[str, Any] = {}
+    evaluation: Evaluation | None = None
 
 
 class JobOut(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from divmerge_core.config import LEARNED_METHODS, MergeConfig, is_local_ref, parse_config
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, is_local_ref, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.paths import check_folder, check_local_path, strip_scheme
 from service_core.config import Settings
@@ -132,6 +132,8 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
     for i, m in enumerate(config.models):
         if m.data is not None and m.data.path is not None:
             _allowed(m.data.path, roots, f"models.{i}.data.path")
+        if m.eval is not None and m.eval.path is not None:
+            _allowed(m.eval.path, roots, f"models.{i}.eval.path")
     if config.output is not None and config.output.path is not None:
         _allowed(config.output.path, roots, "output.path")
 
@@ -154,6 +156,10 @@ def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
             raise ApiError(
                 422, "invalid_dataset", f"data file {m.data.path!r} does not exist", f"models.{i}.data.path"
             )
+        if m.eval is not None and m.eval.path is not None and not Path(strip_scheme(m.eval.path)).is_file():
+            raise ApiError(
+                422, "invalid_dataset", f"eval file {m.eval.path!r} does not exist", f"models.{i}.eval.path"
+            )
     out = config.output
     if out is not None and out.repo_id is not None and settings.hub_write_token(team) is None:
         raise ApiError(
@@ -172,6 +178,21 @@ def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
                 f"output path {out.path!r} already exists (set output.overwrite: true to replace it)",
                 "output.path",
             )
+
+
+def methods_run(config: MergeConfig) -> list[str]:
+    """The job's own merge method and those its evaluation compares."""
+    compared = [c.merge_method for c in config.evaluation.compare] if config.evaluation else []
+    return [config.merge_method, *compared]
+
+
+def evaluates(config: MergeConfig) -> bool:
+    return any(m.eval is not None for m in config.task_models())
+
+
+def has_evaluation(stored: dict) -> bool:
+    """A stored spec (JSON) whose models carry an ``eval`` set."""
+    return any(m.get("eval") is not None for m in stored.get("models", []))
 
 
 def is_learned(stored: dict) -> bool:
@@ -202,32 +223,38 @@ def check_limits(config: MergeConfig, settings: Settings) -> None:
 
     if len(config.models) > settings.max_models:
         over("models", "the number of models", len(config.models), settings.max_models)
-    params = config.parameters
-    for name, limit in (
-        ("max_new_tokens", settings.max_new_tokens),
-        ("epochs", settings.max_epochs),
-        ("max_length", settings.max_length),
-        ("batch_size_per_task", settings.max_batch_size_per_task),
-    ):
-        value = getattr(params, name, None)  # the learned methods' parameters
-        if value is not None and value > limit:
-            over(f"parameters.{name}", name, value, limit)
+    compared = config.evaluation.compare if config.evaluation else []
+    runs = [("parameters", config.parameters)] + [
+        (f"evaluation.compare.{j}.parameters", compare_config(config, c).parameters)
+        for j, c in enumerate(compared)
+    ]
+    for where, params in runs:
+        for name, limit in (
+            ("max_new_tokens", settings.max_new_tokens),
+            ("epochs", settings.max_epochs),
+            ("max_length", settings.max_length),
+            ("batch_size_per_task", settings.max_batch_size_per_task),
+        ):
+            value = getattr(params, name, None)  # the learned methods' parameters
+            if value is not None and value > limit:
+                over(f"{where}.{name}", name, value, limit)
     n_texts = n_bytes = 0
     for i, m in enumerate(config.models):
-        if m.data is None:
-            continue
-        if m.data.num_samples > settings.max_num_samples:
-            over(f"models.{i}.data.num_samples", "num_samples", m.data.num_samples, settings.max_num_samples)
-        if m.data.texts is not None:
-            n_texts += len(m.data.texts)
-            n_bytes += sum(len(t.encode()) for t in m.data.texts)
+        for block, source in (("data", m.data), ("eval", m.eval)):
+            if source is None:
+                continue
+            where = f"models.{i}.{block}"
+            if source.num_samples > settings.max_num_samples:
+                over(f"{where}.num_samples", "num_samples", source.num_samples, settings.max_num_samples)
+            if source.texts is None:
+                continue
+            n_texts += len(source.texts)
+            n_bytes += sum(len(t.encode()) for t in source.texts)
             if n_texts > settings.max_inline_texts:
-                over(
-                    f"models.{i}.data.texts", "the number of inline texts", n_texts, settings.max_inline_texts
-                )
+                over(f"{where}.texts", "the number of inline texts", n_texts, settings.max_inline_texts)
             if n_bytes > settings.max_inline_text_bytes:
                 over(
-                    f"models.{i}.data.texts",
+                    f"{where}.texts",
                     "inline text bytes",
                     n_bytes,
                     settings.max_inline_text_bytes,

@@ -154,8 +154,11 @@ class Settings(BaseSettings):
         tok = self.team_hub_tokens.get(team) or self.hub_token
         return tok.get_secret_value() if tok is not None else None
 
-    def queue_for(self, method: str) -> str:
-        return self.cpu_queue if method in self.cpu_methods else self.gpu_queue
+    def queue_for(self, *methods: str, evaluates: bool = False) -> str:
+        """The cpu queue when every method the job runs is a cpu method and it evaluates nothing (the
+        evaluation runs the models, as the learned methods do); else the gpu queue."""
+        cpu = not evaluates and all(m in self.cpu_methods for m in methods)
+        return self.cpu_queue if cpu else self.gpu_queue
 
 
 @lru_cache

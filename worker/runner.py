@@ -301,6 +301,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
                 staged=False,  # ``staged`` is the one staging folder: written in place, renamed once
             )
         _record_warnings(ctx, caught)
+        _record_evaluation(ctx, result.evaluation)
         if lease.lost.is_set():
             raise MergeCancelled("lease lost")
         record: dict[str, Any] = {
@@ -309,6 +310,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
             "coefficients": result.coefficients,
             "metrics": result.metrics,
             "resolved": dict(result.resolved),
+            "evaluation": result.evaluation,
         }
     except MergeCancelled:
         upload.remove(scratch)
@@ -464,6 +466,22 @@ def _record_warnings(ctx: _Job, caught: list[warnings.WarningMessage], limit: in
     seen = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))[:limit]
     for text in seen:
         _event(ctx, "warning", text[:1000])
+
+
+def _record_evaluation(ctx: _Job, evaluation: dict[str, Any] | None) -> None:
+    """An ``evaluated`` event with the ANP, or an ``evaluation_failed`` one (the merge is kept either way)."""
+    if evaluation is None:
+        return
+    if evaluation.get("error"):
+        _event(
+            ctx,
+            "evaluation_failed",
+            f"the evaluation failed (the merge is kept): {evaluation['error']}"[:1000],
+        )
+        return
+    anp, selected = evaluation.get("anp"), evaluation.get("selected")
+    shown = "n/a" if anp is None else f"{anp:.1f}"
+    _event(ctx, "evaluated", f"ANP {shown} ({selected})", anp=anp, selected=selected)
 
 
 def _scratch(ctx: _Job) -> Path:

@@ -23,6 +23,7 @@ from .. import crud, dryrun, spec
 from ..errors import ApiError
 from ..schemas import (
     Coefficients,
+    Evaluation,
     EventList,
     EventOut,
     FileList,
@@ -109,7 +110,7 @@ async def create_merge(
                     team_id=caller.team_id,
                     spec=stored,
                     spec_hash=spec.spec_hash(stored),
-                    queue=settings.queue_for(config.merge_method),
+                    queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
                     idempotency_key=idempotency_key,
                 )
             except crud.IdempotencyConflict:
@@ -295,3 +296,25 @@ def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep
     groups, tasks = coeffs["groups"], coeffs["tasks"]
     values = [[float(coeffs["coefficients"][g][t]) for t in tasks] for g in groups]
     return Coefficients(groups=groups, tasks=tasks, values=values, losses=losses)
+
+
+@router.get(
+    "/{job_id}/evaluation",
+    response_model=Evaluation,
+    responses={
+        **_ERRORS,
+        404: {"description": "no such job for this team, or its models carry no 'eval' set"},
+        409: {"description": "the evaluation has not run yet"},
+    },
+)
+def merge_evaluation(job_id: str, request: Request, caller: Caller = CallerDep) -> Evaluation:
+    """Each task's expert and merged scores, the retention and the ANP, and every compared method's; once
+    the merge is evaluated (also for a job whose delivery failed and whose result is kept). A failed
+    evaluation stage answers with its ``error`` (the merge itself was kept)."""
+    job = _job(_settings(request), caller, job_id)
+    evaluation = (job.result or {}).get("evaluation")
+    if evaluation is not None:
+        return Evaluation(**evaluation)
+    if not spec.has_evaluation(job.spec):
+        raise ApiError(404, "not_found", "the job's models carry no 'eval' set: nothing is evaluated")
+    raise ApiError(409, "no_evaluation", f"the job is {job.status}: it has no evaluation yet")

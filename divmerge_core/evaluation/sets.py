@@ -165,8 +165,10 @@ def _answers(ev: EvalSpec, gold: list[Any], field: str) -> dict[str, list[str]]:
 
 
 def _id2label(plan: MergePlan) -> tuple[dict[int, str], int]:
+    """config.json's labels; transformers' defaults (2 labels, ``LABEL_<i>``) when it names none."""
     id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
-    return id2label, int(plan.model_config.get("num_labels") or len(id2label))
+    n = int(plan.model_config.get("num_labels") or len(id2label) or 2)
+    return id2label or {i: f"LABEL_{i}" for i in range(n)}, n
 
 
 def _class_ids(plan: MergePlan, gold: list[Any], field: str) -> list[int]:

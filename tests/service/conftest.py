@@ -151,6 +151,12 @@ def svc(tmp_path_factory):
     rows = ["a b c", "cat dog up", "red blue", "1 2 3 4", "yes no yes", "left right"]
     (texts / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     olah.add_model("acme/tiny-texts", texts, repo_type="datasets")
+    labelled = roots / "datasets" / "tiny-labelled"
+    labelled.mkdir(parents=True)
+    (labelled / "validation.jsonl").write_text(
+        "".join(json.dumps({"sentence": t, "label": i % 2}) + "\n" for i, t in enumerate(rows * 2))
+    )
+    olah.add_model("acme/tiny-labelled", labelled, repo_type="datasets")
     olah.start()
     redis = RedisServer(tmp / "redis").start()
     db = PostgresDB().create()

@@ -193,3 +193,62 @@ def test_duplicate_message_for_finished_job_is_dropped(svc):
     again = svc.get(done["id"])
     assert again["attempts"] == done["attempts"] and again["finished_at"] == done["finished_at"]
     assert f"job {done['id']}: not claimable" in svc.worker.log.read_text()
+
+
+def test_evaluated_job_compares_selects_and_reports(svc):
+    """A classic job with eval sets (a Hub dataset with a label column, inline texts with labels): the
+    worker merges, runs the compared method, scores everything, and the API, events and card say so."""
+    m = svc.models
+    body = svc.classic(parameters={"lambda": 0.0})  # the job's own merge is the base: a compared one wins
+    body["models"][0]["eval"] = {"dataset": "acme/tiny-labelled", "text_columns": ["sentence"]}
+    body["models"][1].update(
+        name="inline", eval={"texts": ["cat dog", "red blue", "x y"], "labels": [1, 0, 1]}
+    )
+    body["evaluation"] = {"compare": ["linear"], "select": "best", "base": True}
+    job = svc.submit(body)
+    assert job["queue"] == "gpu"  # evaluating runs the models
+    done = svc.wait(job["id"], timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    ev = done["result"]["evaluation"]
+    assert set(ev["tasks"]) == {"ft1", "inline"} and ev["tasks"]["ft1"]["n"] == 12
+    assert ev["tasks"]["ft1"]["source"] == "acme/tiny-labelled" and "base" in ev["tasks"]["inline"]
+    assert [c["label"] for c in ev["compare"]] == ["task_arithmetic", "linear"]
+    best = max(ev["compare"], key=lambda c: c["anp"])
+    assert ev["selected"] == best["label"] and ev["anp"] == best["anp"]
+    r = svc.client.get(f"/v1/merges/{job['id']}/evaluation", headers=svc.h())
+    assert r.status_code == 200 and r.json()["anp"] == ev["anp"]
+    assert svc.client.get(f"/v1/merges/{job['id']}/evaluation", headers=svc.h("team-b")).status_code == 404
+    out = Path(done["result"]["destination"])
+    assert json.loads((out / "evaluation.json").read_text())["anp"] == ev["anp"]
+    assert "evaluation.json" in done["result"]["files"]
+    index = card_front_matter(out)["model-index"][0]["results"]
+    assert {r["task"]["name"] for r in index} == {"ft1", "inline"}
+    events = svc.client.get(f"/v1/merges/{job['id']}/events", headers=svc.h()).json()["events"]
+    assert any(e["kind"] == "evaluated" and e["data"]["selected"] == ev["selected"] for e in events)
+    assert any(e["kind"] == "stage" and e["data"].get("stage") == "evaluate" for e in events)
+    del m
+
+
+def test_evaluation_route_without_eval_and_a_failed_evaluation(svc):
+    plain = svc.wait(svc.submit(svc.classic())["id"])
+    r = svc.client.get(f"/v1/merges/{plain['id']}/evaluation", headers=svc.h())
+    assert r.status_code == 404 and "no 'eval' set" in r.json()["error"]["message"]
+    # the tiny GPT-2 tokenizer has no chat template: the evaluation fails after the merge, which is kept
+    m = svc.models
+    body = {
+        "merge_method": "linear",
+        "models": [
+            {
+                "model": str(m["gpt_ft1"]),
+                "eval": {"texts": ["a b"], "labels": ["yes"], "chat_template": True},
+            },
+            {"model": str(m["gpt_ft2"])},
+        ],
+    }
+    done = svc.wait(svc.submit(body)["id"], timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    ev = svc.client.get(f"/v1/merges/{done['id']}/evaluation", headers=svc.h()).json()
+    assert "chat template" in ev["error"] and ev["field"] == "models.0.eval.chat_template"
+    assert (Path(done["result"]["destination"]) / "model.safetensors").is_file()
+    events = svc.client.get(f"/v1/merges/{done['id']}/events", headers=svc.h()).json()["events"]
+    assert any(e["kind"] == "evaluation_failed" for e in events)
