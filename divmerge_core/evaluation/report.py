@@ -128,7 +128,13 @@ def build_report(
             {"label": c.label, "method": c.method, "parameters": c.parameters, **summaries[c.label]}
             for c in candidates
         ],
-        "warnings": [w for es in sets for w in es.warnings],
+        "warnings": [w for es in sets for w in es.warnings]
+        + [
+            f"{es.field}: the expert scores 0 on its own eval set; the task has no retention and is left "
+            "out of the ANP (check the labels and answers)"
+            for es in sets
+            if experts[es.task].score <= 0
+        ],
     }
 
 

@@ -407,3 +407,53 @@ def test_problem_fields_map_to_editor_lines(web, token):
     )
     assert lines == [1, 6, 5, 7, 9, 8, 12, None]
     web.assert_clean()
+
+
+def test_evaluation_panel_shows_bars_anp_and_unparsed(svc, api, web, token):
+    """A job comparing two methods on eval sets: the panel has one row per task, a bar for the expert and
+    for each merge (the selected one marked), the ANP with its interval, and the unparsed share."""
+    svc.ensure_worker()
+    m = svc.models
+    body = {
+        "merge_method": "linear",
+        "models": [
+            {
+                "model": str(m["gpt_ft1"]),
+                "name": "colours",
+                "eval": {
+                    "texts": ["red blue", "cat dog", "x y"],
+                    "labels": ["red", "cat", "red"],
+                    "max_new_tokens": 4,
+                },
+            },
+            {"model": str(m["gpt_ft2"]), "name": "plain", "eval": {"texts": ["up down", "a b c"]}},
+        ],
+        "evaluation": {
+            "compare": [{"method": "linear", "parameters": {"normalize": False}}],
+            "select": "best",
+        },
+    }
+    done = api.wait(api.submit(body)["id"], timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    ev = api.get(f"/v1/merges/{done['id']}/evaluation")
+    web.sign_in(token, f"/jobs/{done['id']}")
+    page = web.page
+    page.locator('[data-testid="evaluation"] tr[data-task]').first.wait_for()
+    rows = page.locator('[data-testid="evaluation"] tr[data-task]')
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.task)") == ["colours", "plain"]
+    first = rows.nth(0)
+    bars = first.locator(".eval-bar")
+    assert bars.evaluate_all("bs => bs.map(b => b.dataset.series)") == ["expert", "linear", "linear#2"]
+    merged = ev["compare"][1]["tasks"]["colours"]["merged"]
+    assert float(bars.nth(2).get_attribute("data-value")) == pytest.approx(merged)
+    assert first.locator(".eval-bar.selected .eval-name").inner_text() == ev["selected"]
+    width = bars.nth(0).locator(".eval-fill").evaluate("e => e.getBoundingClientRect().width")
+    track = bars.nth(0).locator(".eval-track").evaluate("e => e.getBoundingClientRect().width")
+    assert width == pytest.approx(track * ev["tasks"]["colours"]["expert"], abs=1.5)
+    unparsed = f"{100 * ev['tasks']['colours']['unparsed']:.1f}"
+    assert first.locator("td.num").nth(1).inner_text() == unparsed
+    assert page.locator('[data-testid="anp"]').inner_text() == f"ANP {ev['anp']:.1f}"
+    assert "js_retention" in rows.nth(1).text_content()
+    web.shot("evaluation.png")
+    assert web.fits(380), "the evaluation panel scrolls sideways on a narrow window"
+    web.assert_clean()

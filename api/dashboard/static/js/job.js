@@ -89,6 +89,58 @@ async function renderEvents() {
   );
 }
 
+const pct = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)}`);
+
+/** One horizontal bar (0..1) with its value; the width is set through the CSSOM (the CSP allows no inline styles). */
+function bar(series, label, value, selected) {
+  const fill = h("span", { class: `eval-fill ${series}` });
+  fill.style.width = `${Math.max(0, Math.min(1, value ?? 0)) * 100}%`;
+  return h(
+    "div",
+    { class: `eval-bar${selected ? " selected" : ""}`, "data-series": label, "data-value": value ?? "" },
+    h("span", { class: "eval-name" }, label),
+    h("span", { class: "eval-track" }, fill),
+    h("span", { class: "eval-num" }, pct(value)),
+  );
+}
+
+async function renderEvaluation(job) {
+  const evaluated = (job.spec.models || []).some((m) => m.eval);
+  const data = evaluated && ["succeeded", "failed"].includes(job.status) ? await getOptional(`${base}/evaluation`).catch(() => null) : null;
+  show("evaluation-section", !!data);
+  if (!data) return;
+  const summary = document.getElementById("evaluation-summary");
+  const box = document.getElementById("evaluation");
+  if (data.error) {
+    summary.replaceChildren(h("span", { class: "warn" }, "The evaluation failed (the merge is kept): "), h("code", {}, data.code || "error"), ` ${data.error}`);
+    box.replaceChildren();
+    return;
+  }
+  const ci = data.anp_ci95 ? ` [${data.anp_ci95[0].toFixed(1)}, ${data.anp_ci95[1].toFixed(1)}]` : "";
+  const anps = data.compare.map((c) => `${c.label} ${c.anp === null ? "–" : c.anp.toFixed(1)}`).join(" · ");
+  summary.replaceChildren(
+    h("strong", { "data-testid": "anp" }, `ANP ${data.anp === null ? "–" : data.anp.toFixed(1)}`), ci,
+    ` · output: ${data.selected}${data.select ? ` (select: ${data.select})` : ""}`,
+    data.compare.length > 1 ? h("span", { class: "muted" }, ` · ${anps}`) : "",
+  );
+  const rows = Object.entries(data.tasks).map(([name, t]) => {
+    const bars = [bar("expert", "expert", t.expert)];
+    if (t.base !== null && t.base !== undefined) bars.push(bar("base", "base", t.base));
+    for (const c of data.compare) bars.push(bar("merged", c.label, (c.tasks[name] || {}).merged, c.label === data.selected));
+    return h(
+      "tr",
+      { "data-task": name },
+      h("th", { scope: "row" }, name, h("div", { class: "muted" }, `n ${t.n} · ${t.metric}`)),
+      h("td", {}, bars),
+      h("td", { class: "num" }, t.retained === null ? "–" : t.retained.toFixed(1)),
+      h("td", { class: "num" }, pct(t.unparsed)),
+    );
+  });
+  const head = h("thead", {}, h("tr", {}, ...["Task", "Expert / merges", "Retained", "Unparsed %"].map((c) => h("th", { scope: "col" }, c))));
+  const warnings = (data.warnings || []).map((w) => h("p", { class: "warn" }, w));
+  box.replaceChildren(h("div", { class: "table-wrap" }, h("table", { class: "evaluation" }, head, h("tbody", {}, rows))), ...warnings);
+}
+
 async function renderCharts(job) {
   // only learned methods have coefficients (the endpoint answers 404 for the others)
   const data = LEARNED.includes(method(job)) ? await getOptional(`${base}/coefficients`) : null;
@@ -184,7 +236,7 @@ start(() => {
     const done = FINISHED.includes(job.status);
     if (done && !outputsShown) {
       outputsShown = true;
-      await renderOutputs(job);
+      await Promise.all([renderOutputs(job), renderEvaluation(job)]);
     }
     return !done;
   }
