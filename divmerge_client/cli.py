@@ -68,6 +68,11 @@ def _summary(job: dict) -> str:
         line += f"  {job['error']['code']}: {job['error']['message']}"
     elif job.get("last_error"):
         line += f"  (retrying after {job['last_error']['code']}: {job['last_error']['message']})"
+    evaluation = (job.get("result") or {}).get("evaluation")
+    if evaluation:
+        from divmerge_core.evaluation.table import table
+
+        line += "\n" + table(evaluation)
     return line
 
 

@@ -118,7 +118,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"({len(result.files)} files, {metrics['wall_s']:.1f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB{loss})"
     )
     if evaluation is not None:
-        from .evaluation import table
+        from .evaluation.table import table
 
         print(table(evaluation))
         if evaluation.get("error"):
@@ -130,7 +130,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Score an existing merged folder on the config's ``eval`` sets, beside each expert."""
     from pathlib import Path
 
-    from .evaluation import Candidate, evaluate_merges, load_eval_sets, table
+    from .evaluation.sets import load_eval_sets
+    from .evaluation.stage import Candidate, evaluate_merges
+    from .evaluation.table import table
     from .pipeline import prepare, resolve_device
     from .progress import Reporter
 

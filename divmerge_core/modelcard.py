@@ -51,7 +51,7 @@ def front_matter(plan: MergePlan, evaluation: dict[str, Any] | None = None) -> d
     meta["dtype"] = config.dtype
     meta["out_dtype"] = config.output_dtype
     if evaluation is not None:
-        from .evaluation import model_index
+        from .evaluation.table import model_index
 
         index = model_index(evaluation, f"{config.merge_method} merge")
         if index:
@@ -110,7 +110,7 @@ def render_model_card(
             "",
         ]
     if evaluation is not None:
-        from .evaluation import table
+        from .evaluation.table import table
 
         lines += [
             "## Evaluation",

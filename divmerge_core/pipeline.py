@@ -385,7 +385,7 @@ def run_merge(
         raise ValueError("run_merge: the plan was prepared for another config")
     eval_sets = None
     if any(s.eval is not None for s in plan.specs):
-        from .evaluation import load_eval_sets
+        from .evaluation.sets import load_eval_sets
 
         eval_sets = load_eval_sets(plan, reporter)  # a bad label or answer fails here, before merging
     coeffs: LearnedCoefficients | None = None

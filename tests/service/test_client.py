@@ -59,7 +59,7 @@ def test_submit_wait_jobs_status_logs_download(svc, live):
     res = divmerge(env, "jobs")
     assert res.returncode == 0 and job_id in res.stdout and "task_arithmetic" in res.stdout
     res = divmerge(env, "status", job_id)
-    assert res.returncode == 0 and "succeeded" in res.stdout
+    assert res.returncode == 0 and "succeeded" in res.stdout and "ANP" not in res.stdout
     res = divmerge(env, "logs", job_id)
     assert res.returncode == 0 and "claimed" in res.stdout and "succeeded" in res.stdout
 
@@ -121,3 +121,22 @@ def test_client_imports_no_engine():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_status_prints_the_evaluation_table(svc, live):
+    env, tmp, _, _ = live
+    body = svc.classic()
+    body["models"][0]["eval"] = {"texts": ["cat dog", "red blue", "x y", "up"], "labels": [0, 1, 1, 0]}
+    body["models"][1]["eval"] = {"texts": ["a b", "left right"]}
+    config = tmp / "evaluated.yaml"
+    config.write_text(yaml.safe_dump(body))
+    res = divmerge(env, "submit", str(config), "--wait", "--poll", "0.2")
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.splitlines()[0].strip()
+    res = divmerge(env, "status", job_id)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("task "))
+    assert "expert" in header and "merged (task_arithmetic)" in header and "unparsed" in header
+    assert any(line.startswith("ft1 ") and " 4 " in line for line in lines)
+    assert any(line.startswith("ft2 ") for line in lines) and any(line.startswith("ANP") for line in lines)
