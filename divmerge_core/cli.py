@@ -192,6 +192,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     n_data = sum(1 for m in config.models if m.data is not None)
     if n_data:
         print(f"  {n_data} dataset(s) read, columns found")
+    for name, n in (report.eval_sets or {}).items():
+        print(f"  eval set of {name}: {n} examples, labels checked")
     est = report.estimate or {}
     if est:
         print(

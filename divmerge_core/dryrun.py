@@ -29,6 +29,8 @@ class DryRun:
     plan: MergePlan | None = None
     problems: list[dict[str, Any]] = field(default_factory=list)
     estimate: dict[str, Any] | None = None
+    #: task name -> examples in its eval set
+    eval_sets: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -43,7 +45,8 @@ class DryRun:
 
 def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") -> DryRun:
     """Resolve every model (each problem naming its field), check the models can be merged, read a few
-    rows of each dataset and check its columns, and estimate the work."""
+    rows of each dataset and check its columns, read every eval set and check its labels, and estimate
+    the work."""
     from .data import load_task_inputs
     from .pipeline import prepare
     from .refs import resolve_model
@@ -71,6 +74,13 @@ def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") ->
                 load_task_inputs(m.data.model_copy(update={"num_samples": PROBE_ROWS}), options)
             except DivMergeError as err:
                 out.add(err, f"models.{i}.data")
+    if out.plan is not None and any(m.eval is not None for m in out.plan.specs):
+        from .evaluation.sets import load_eval_sets
+
+        try:  # every label read and checked against the model and the answers
+            out.eval_sets = {es.name: len(es) for es in load_eval_sets(out.plan)}
+        except DivMergeError as err:
+            out.add(err, None)
     if out.plan is not None:
         out.estimate = estimate(out.plan, device)
     return out

@@ -159,7 +159,7 @@ def test_classification_argmax_is_restricted_to_the_tasks_labels(bert, tmp_path,
     assert ev["tasks"]["e2"]["expert"] == pytest.approx(acc(free), abs=1e-4)
     # the task's data is also what the eval set holds: the score is flagged optimistic
     assert any("models.0.eval" in w and "optimistic" in w for w in ev["warnings"])
-    assert not any("models.1.eval" in w for w in ev["warnings"])
+    assert not any("models.1.eval" in w and "optimistic" in w for w in ev["warnings"])
 
 
 def test_causal_generation_and_answer_words(gpt2, tmp_path, options):
@@ -362,3 +362,20 @@ def test_cli_merge_prints_the_table_and_eval_scores_a_folder(bert, tmp_path, opt
         t: v["merged"] for t, v in merged["tasks"].items()
     }
     assert again["expert_cache"]["hits"] == 2
+
+
+def test_validate_reads_the_eval_sets_and_names_the_bad_field(gpt2, tmp_path, capsys):
+    good = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(gpt2["e1"]), "eval": {"texts": ["a b", "c d"], "labels": ["yes", "no"]}},
+            {"model": str(gpt2["e2"])},
+        ],
+    }
+    assert cli_main(["validate", str(write_config(tmp_path / "good.yaml", good))]) == 0
+    assert "eval set of e1: 2 examples, labels checked" in capsys.readouterr().out
+    bad = json.loads(json.dumps(good))
+    bad["models"][0]["eval"]["answers"] = {"yes": "yes"}
+    assert cli_main(["validate", str(write_config(tmp_path / "bad.yaml", bad))]) == 2
+    err = capsys.readouterr().err
+    assert "models.0.eval.answers:" in err and "'no'" in err
