@@ -13,14 +13,14 @@ from benchmarks.quality.llm import (
     INSTRUCTIONS,
     LlmRecipe,
     answer_loss,
-    correctness,
+    eval_set,
     instruction,
-    parse_answer,
     prompt_ids,
 )
 from benchmarks.quality.methods import LLM_ROWS, method_specs
 from divmerge_core.config import parse_config
 from divmerge_core.data import TaskInputs
+from divmerge_core.evaluation.scoring import match_answer
 from divmerge_core.teachers import CAUSAL, ChatFormat, encode
 from tests.tiny import CHAT_TEMPLATE, make_tokenizer
 
@@ -46,20 +46,18 @@ def test_instruction_clips_each_text() -> None:
     assert instruction("sst2", Example("good film", None, 1), 3).startswith("Review: good film\n")
 
 
-def test_parse_answer_takes_the_first_word_only() -> None:
-    assert parse_answer("sst2", "Positive.") == 1
-    assert parse_answer("sst2", " negative, clearly") == 0
-    assert parse_answer("cola", "unacceptable") == 0 and parse_answer("cola", "acceptable") == 1
-    assert parse_answer("mnli", "contradiction") == 2
-    assert parse_answer("qnli", "No") == 1 and parse_answer("mrpc", "No") == 0
-    for bad in ("", "The review is positive", "entail", "maybe yes"):
-        assert parse_answer("mnli" if bad == "entail" else "sst2", bad) is None
-    examples = [Example("x", None, 1), Example("y", None, 0), Example("z", None, 0)]
-    assert correctness(["positive", "The answer is negative", "negative"], "sst2", examples) == [
-        True,
-        False,
-        True,
-    ]
+def test_answers_are_matched_by_the_engine_rule() -> None:
+    """The track scores through the engine: each label's answer word, the earliest whole word wins."""
+    tok = chat_tokenizer()
+    examples = [Example("x", None, 1), Example("y", None, 0)]
+    es = eval_set("sst2", 0, examples, LlmRecipe(), tok)
+    assert es.answers == {"0": ["negative"], "1": ["positive"]} and es.gold == ["1", "0"]
+    assert es.spec.chat_template and es.spec.system_prompt == LlmRecipe().system_prompt
+    assert match_answer("Positive.", es.answers) == "1"
+    assert match_answer("The review is negative, not positive", es.answers) == "0"
+    cola = eval_set("cola", 0, examples, LlmRecipe(), tok).answers
+    assert match_answer("unacceptable", cola) == "0" and match_answer("acceptable", cola) == "1"
+    assert match_answer("maybe", cola) is None
 
 
 def test_prompts_match_the_engine_encoding_of_the_merge_inputs() -> None:
@@ -135,3 +133,21 @@ def test_llm_modes_give_layer_level_rows_their_own_budget() -> None:
     cpu = LLM_MODES["cpu"]
     assert run_key(Track(), cpu) != run_key(Track(), paper)
     assert report_stem("llm", "cpu") == "quality_llm" and report_stem("llm", "paper") == "quality_llm_paper"
+
+
+def test_the_track_scores_a_folder_through_the_engine(tmp_path) -> None:
+    """eval_set + Scorer.for_folder, as LlmTrack.evaluate runs them, on a tiny chat model."""
+    import torch
+
+    from divmerge_core.evaluation.scoring import Scorer
+    from tests.tiny import make_gpt2, save
+
+    folder = save(make_gpt2(seed=3), tmp_path / "m")
+    chat_tokenizer().save_pretrained(folder)
+    scorer = Scorer.for_folder(folder, torch.device("cpu"), max_length=1024)
+    examples = [Example("good film", None, 1), Example("bad film", None, 0), Example("dog", None, 1)]
+    es = eval_set("sst2", 0, examples, LlmRecipe(system_prompt="yes"), scorer.tokenizer)
+    scores = scorer.score(es, lambda: None)
+    assert scores.n == 3 and len(scores.correct) == len(scores.unparsed) == 3
+    # the tiny vocabulary has neither answer word: every answer is unparsed, hence wrong
+    assert scores.unparsed == [True] * 3 and scores.correct == [False] * 3

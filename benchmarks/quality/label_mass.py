@@ -15,8 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .data import GLUE_TASKS, load_task, union_head
-from .evaluate import encode
-from .zoo import RECIPES, build_zoo
+from .zoo import RECIPES, build_zoo, encode
 
 REPO = Path(__file__).resolve().parents[2]
 

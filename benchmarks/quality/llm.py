@@ -7,8 +7,9 @@ label words through its chat template, as in the DivMerge paper's Qwen2.5-Instru
 * Experts: one per task, full fine-tune from the base (AdamW, seeded), on the task's training examples
   framed as an instruction (:data:`INSTRUCTIONS`) in the user turn and the label word (:data:`ANSWERS`) as
   the assistant turn; the loss is on the answer tokens and the closing end-of-turn token only.
-* Evaluation: greedy generation of a few tokens after the chat template's generation prompt, parsed to a
-  label by its first word (:func:`parse_answer`); anything else is wrong.
+* Evaluation: the engine's evaluator (:mod:`divmerge_core.evaluation`): greedy generation of a few tokens
+  after the chat template's generation prompt; the prediction is the label whose answer word occurs first
+  (case-insensitive, whole word); no answer word is wrong (and counted as unparsed).
 * Learned merges see only the instruction prompts (``data.texts``) with ``data.chat_template: true``, so
   the engine formats them exactly as :func:`prompt_ids` does for training and evaluation.
 """
@@ -22,7 +23,6 @@ import importlib.util
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,10 @@ from typing import Any
 
 import torch
 
+from divmerge_core.config import EvalSpec
+from divmerge_core.data import TaskInputs
+from divmerge_core.evaluation.scoring import Scorer
+from divmerge_core.evaluation.sets import EvalSet
 from divmerge_core.teachers import ChatFormat, chat_prompt_ids
 
 from .causal import _save  # a model folder written whole or not at all
@@ -60,7 +64,6 @@ ANSWERS = {
     "mnli": ("entailment", "neutral", "contradiction"),
     "snli": ("entailment", "neutral", "contradiction"),
 }
-_WORD = re.compile(r"[a-z]+")
 
 
 @dataclass(frozen=True)
@@ -103,16 +106,6 @@ def instruction(task: str, ex: Example, max_words: int) -> str:
     """The user turn of one example (before the chat template)."""
     b = clip(ex.text_b, max_words) if ex.text_b is not None else ""
     return INSTRUCTIONS[task].format(a=clip(ex.text_a, max_words), b=b)
-
-
-def parse_answer(task: str, text: str) -> int | None:
-    """The label whose answer word is the first word of ``text`` (case-insensitive); None if none is."""
-    m = _WORD.search(text.lower())
-    if m is None:
-        return None
-    word = m.group(0)
-    answers = ANSWERS[task]
-    return answers.index(word) if word in answers else None
 
 
 def prompt_ids(tok, text: str, recipe: LlmRecipe, limit: int = 1024) -> list[int]:
@@ -246,49 +239,21 @@ def train_llm_expert(
     )
 
 
-@torch.no_grad()
-def generate_answers(
-    model,
-    tok,
-    task: str,
-    examples: list[Example],
-    recipe: LlmRecipe,
-    device: torch.device,
-) -> list[str]:
-    """Greedy continuation (left-padded batches) of each example's chat prompt, decoded."""
-    batch_size = 64 if device.type == "cuda" else 16
+def eval_set(task: str, index: int, examples: list[Example], recipe: LlmRecipe, tok) -> EvalSet:
+    """``examples`` (in order) as the engine's eval set: the instruction through the chat template, each
+    label's answer word, and room for the longest answer (its tokens and the end-of-turn token)."""
     longest = max(len(answer_ids(tok, task, lab)) for lab in range(len(ANSWERS[task])))
-    prompts = [prompt_ids(tok, instruction(task, ex, recipe.max_words), recipe) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
-    out: list[str] = [""] * len(prompts)
-    pad = _pad_id(tok)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[b, width - len(prompts[i]) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=longest,
-            pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        for b, i in enumerate(idx):
-            out[i] = tok.decode(gen[b, width:], skip_special_tokens=True)
-    return out
-
-
-def correctness(answers: list[str], task: str, examples: list[Example]) -> list[bool]:
-    return [parse_answer(task, a) == ex.label for a, ex in zip(answers, examples, strict=True)]
+    return EvalSet(
+        task=index,
+        name=task,
+        field=f"benchmark.{task}",
+        spec=EvalSpec(
+            texts=["x"], chat_template=True, system_prompt=recipe.system_prompt, max_new_tokens=longest
+        ),
+        inputs=TaskInputs([instruction(task, ex, recipe.max_words) for ex in examples], f"benchmark:{task}"),
+        gold=[str(ex.label) for ex in examples],
+        answers={str(i): [w] for i, w in enumerate(ANSWERS[task])},
+    )
 
 
 class LlmTrack:
@@ -331,15 +296,15 @@ class LlmTrack:
         }
 
     def evaluate(self, folder: Path, tasks: list[str]) -> dict[str, list[bool]]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        """Per-example correctness through the engine's evaluator (greedy answers, earliest answer word)."""
+        scorer = Scorer.for_folder(
+            folder, self.device, max_length=1024, batch=64 if self.device.type == "cuda" else 16
+        )
         out, self.last_unparsed = {}, {}
-        for t in tasks:
-            answers = generate_answers(model, tok, t, self.evals[t], self.recipe, self.device)
-            self.last_unparsed[t] = sum(parse_answer(t, a) is None for a in answers) / len(answers)
-            out[t] = correctness(answers, t, self.evals[t])
+        for i, t in enumerate(tasks):
+            scores = scorer.score(eval_set(t, i, self.evals[t], self.recipe, scorer.tokenizer), lambda: None)
+            self.last_unparsed[t] = scores.unparsed_share
+            out[t] = scores.correct
         return out
 
     def eval_details(self) -> dict[str, Any]:

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from .data import Task, UnionHead, subset
-from .evaluate import encode
+from .data import Example, Task, UnionHead, subset
 
 RECIPE_VERSION = 6
 
@@ -45,6 +44,13 @@ class Recipe:
     def key(self, *parts: str) -> str:
         blob = json.dumps([RECIPE_VERSION, dataclasses.asdict(self), *parts], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize single sentences or sentence pairs (as the engine's two-column data does), padded."""
+    a = [ex.text_a for ex in examples]
+    b = [ex.text_b for ex in examples] if examples and examples[0].text_b is not None else None
+    return tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
 
 
 def minilm_dir() -> Path:

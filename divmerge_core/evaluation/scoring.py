@@ -101,17 +101,43 @@ class Scores:
 
 
 class Scorer:
-    """The reference model's module, tokenizer and slots; :meth:`load` puts a checkpoint's weights in."""
+    """The reference model's module, tokenizer and slots; :meth:`load` puts a checkpoint's weights in.
 
-    def __init__(self, plan: MergePlan, kind: str, dtype: torch.dtype, device: torch.device):
+    :meth:`for_folder` builds one for a model folder alone (the quality benchmarks score through it).
+    """
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        kind: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_length: int = MAX_LENGTH,
+        batch: int | None = None,
+    ):
         self.plan, self.kind, self.dtype, self.device = plan, kind, dtype, device
+        self.max_length = max_length
         self.tokenizer = load_tokenizer(plan.reference.path)
         self.module = build_module(plan.reference.path, kind, dtype, device)
         if kind != CAUSAL and getattr(self.module.config, "pad_token_id", None) is None:
             self.module.config.pad_token_id = self.tokenizer.pad_token_id
         self.slots, _, _ = module_slots(self.module, plan)
-        self.batch = batch_size(device)
+        self.batch = batch or batch_size(device)
         self.loaded: Path | None = None
+
+    @classmethod
+    def for_folder(
+        cls, folder: Path, device: torch.device, dtype: torch.dtype = torch.float32, **kw: Any
+    ) -> Scorer:
+        """A scorer whose reference is ``folder`` (its config, tokenizer and tensor names), weights loaded."""
+        from ..config import parse_config
+        from ..pipeline import prepare
+        from ..teachers import model_kind
+
+        plan = prepare(parse_config({"merge_method": "linear", "models": [{"model": str(folder)}]}))
+        scorer = cls(plan, model_kind(plan.model_config), dtype, device, **kw)
+        scorer.load(plan.reference.path)
+        return scorer
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
@@ -136,7 +162,7 @@ class Scorer:
             self.tokenizer,
             es.inputs,
             es.task,
-            MAX_LENGTH,
+            self.max_length,
             es.spec.max_new_tokens,
             self.plan.model_config,
             chat,
