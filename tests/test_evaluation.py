@@ -379,3 +379,43 @@ def test_validate_reads_the_eval_sets_and_names_the_bad_field(gpt2, tmp_path, ca
     assert cli_main(["validate", str(write_config(tmp_path / "bad.yaml", bad))]) == 2
     err = capsys.readouterr().err
     assert "models.0.eval.answers:" in err and "'no'" in err
+
+
+def test_a_learned_merge_is_evaluated_like_a_classic_one(gpt2, tmp_path, options):
+    """divmerge with eval sets: the learned merge is scored, and a classic method compared beside it."""
+    texts = ["cat dog up", "red blue left", "yes no yes", "x y z"]
+    cfg = {
+        "merge_method": "divmerge",
+        "base_model": str(gpt2["base"]),
+        "models": [
+            {"model": str(gpt2[n]), "data": {"texts": texts}, "eval": {"texts": TEXTS[:6]}}
+            for n in ("e1", "e2")
+        ],
+        "parameters": {"granularity": "task", "epochs": 1, "max_new_tokens": 3, "batch_size_per_task": 2},
+        "evaluation": {"compare": ["task_arithmetic"]},
+    }
+    result = run_merge(parse_config(cfg), tmp_path / "out", options=options, device="cpu")
+    ev = result.evaluation
+    assert [c["label"] for c in ev["compare"]] == ["divmerge", "task_arithmetic"]
+    assert ev["selected"] == "divmerge" and result.coefficients is not None
+    assert all(0 < t["merged"] <= 1 for t in ev["tasks"].values())
+    assert (tmp_path / "out" / "coefficients.json").is_file()
+    assert "## Learned coefficients" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_cancel_during_the_evaluation_stage_leaves_nothing(bert, tmp_path, options):
+    from divmerge_core.errors import MergeCancelled
+
+    seen: list[str] = []
+    cfg = parse_config(cls_config(bert, {"e1": [0] * 12, "e2": [1] * 12}))
+    with pytest.raises(MergeCancelled):
+        run_merge(
+            cfg,
+            tmp_path / "out",
+            options=options,
+            device="cpu",
+            progress=lambda ev: seen.append(ev.stage),
+            should_stop=lambda: "evaluate" in seen,
+        )
+    assert "write" in seen and "evaluate" in seen
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
