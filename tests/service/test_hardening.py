@@ -115,8 +115,12 @@ def _leaves(model: type, prefix: str = "") -> set[str]:
     return out
 
 
+#: schema fields whose value is a free-form mapping (a leaf, whatever keys it holds)
+_MAPPINGS = {"evaluation.compare.parameters", "models.eval.answers"}
+
+
 def _set_leaves(value, prefix: str = "") -> set[str]:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and prefix.rstrip(".") not in _MAPPINGS:
         return set().union(*(_set_leaves(v, f"{prefix}{k}.") for k, v in value.items()))
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return set().union(*(_set_leaves(v, prefix) for v in value))
@@ -133,6 +137,8 @@ def test_every_field_round_trips_to_the_worker(svc):
          for i, n in enumerate(("base", "ft1", "ft2"))}  # fmt: skip
     data = roots / "datasets" / "roundtrip.jsonl"
     data.write_text("".join(json.dumps({"text": t, "x": t}) + "\n" for t in ["a b c", "red blue", "cat dog"]))
+    held_out = roots / "datasets" / "roundtrip-eval.jsonl"
+    held_out.write_text("".join(json.dumps({"x": t, "gold": i % 3}) + "\n" for i, t in enumerate(["up", "x y", "9"])))
     out = roots / "outputs" / "roundtrip"
     config = {
         "merge_method": "divmerge",
@@ -150,9 +156,28 @@ def test_every_field_round_trips_to_the_worker(svc):
                     "seed": 3,
                     "labels": ["LABEL_2", 0],
                 },
+                "name": "first",
+                "eval": {
+                    "dataset": "acme/tiny-labelled",
+                    "config": "default",
+                    "split": "validation[:8]",
+                    "text_columns": ["sentence"],
+                    "label_column": "label",
+                    "num_samples": 6,
+                    "seed": 2,
+                },
             },
-            {"model": str(m["ft2"]), "data": {"path": str(data), "template": "{x} .", "num_samples": 3}},
+            {
+                "model": str(m["ft2"]),
+                "data": {"path": str(data), "template": "{x} .", "num_samples": 3},
+                "eval": {"path": str(held_out), "template": "{x} !", "label_column": "gold"},
+            },
         ],
+        "evaluation": {
+            "compare": [{"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}}],
+            "select": "best",
+            "base": True,
+        },
         "parameters": {
             "seed": 7,
             "granularity": "tensor",
@@ -175,6 +200,8 @@ def test_every_field_round_trips_to_the_worker(svc):
     }
     hub_output = {"repo_id": "team-a/roundtrip"}  # the alternative to output.path (exactly one is given)
     chat = {"models.data.chat_template", "models.data.system_prompt"}  # causal LMs only: checked below
+    chat |= {f"models.eval.{f}" for f in ("chat_template", "system_prompt", "answers", "max_new_tokens")}
+    chat |= {"models.eval.texts", "models.eval.labels"}  # the causal job's eval set
     schema = {f for f in _leaves(config_class("divmerge")) if not f.startswith("slices.")}  # slices: classic
     covered = _set_leaves(config) | {"output.repo_id"} | chat
     assert covered == schema, f"set these fields too: {schema - covered}"
@@ -200,7 +227,10 @@ def test_every_field_round_trips_to_the_worker(svc):
         "base_model": str(svc.models["gpt_base"]),
         "models": [
             {"model": str(svc.models[f"gpt_ft{i}"]),
-             "data": {"texts": ["a b"], "chat_template": True, "system_prompt": f"Task {i}."}}
+             "data": {"texts": ["a b"], "chat_template": True, "system_prompt": f"Task {i}."},
+             "eval": {"texts": ["c d", "e f"], "labels": ["yes", "no"], "chat_template": True,
+                      "system_prompt": f"Eval {i}.", "answers": {"yes": ["yes", "y"], "no": "no"},
+                      "max_new_tokens": 3}}
             for i in (1, 2)
         ],
     }  # fmt: skip
@@ -211,6 +241,7 @@ def test_every_field_round_trips_to_the_worker(svc):
         (True, "Task 1."),
         (True, "Task 2."),
     ]
+    assert all(_within(m["eval"], d["eval"]) for m, d in zip(causal["models"], stored, strict=True))
     alt = svc.submit({**config, "output": hub_output}, key="roundtrip-hub")
     svc.client.post(f"/v1/merges/{alt['id']}/cancel", headers=svc.h())
     assert svc.get(alt["id"])["spec"]["output"] == {**hub_output, "private": True, "overwrite": False}
