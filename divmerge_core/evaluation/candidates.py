@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import compare_config
+from ..config import MergeConfig, compare_config
 from ..errors import DivMergeError, MergeCancelled
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import ProgressEvent, Reporter
@@ -118,7 +118,7 @@ def _label(method: str, taken: list[str]) -> str:
 
 
 def _merge_other(
-    plan: MergePlan, config, folder: Path, device: torch.device, reporter: Reporter, label: str
+    plan: MergePlan, config: MergeConfig, folder: Path, device: torch.device, reporter: Reporter, label: str
 ) -> tuple[MergePlan, LearnedCoefficients | None, list[str]]:
     """Merge a compared method's config into ``folder`` (models resolved once, by the job's own plan)."""
     from ..pipeline import learn, prepare, write_metadata, write_weights

@@ -21,7 +21,7 @@ from ..teacher_cache import expert_identity, tokenizer_identity
 from ..teachers import model_kind
 from .cache import ExpertScoreCache
 from .report import build_report
-from .scoring import MAX_LENGTH, TOP_K, Scorer, Scores
+from .scoring import TOP_K, Scorer, Scores
 from .sets import EvalSet
 
 
@@ -51,7 +51,7 @@ def evaluate_merges(
     scorer = Scorer(plan, kind, DTYPES[plan.config.dtype], device)
     cache = ExpertScoreCache(plan.options)
     tok_id = tokenizer_identity(plan.reference.path)
-    keys = {es.task: _key(plan, es, tok_id, kind, device) for es in sets}
+    keys = {es.task: _key(plan, es, tok_id, kind, device, scorer.max_length) for es in sets}
     experts: dict[int, Scores] = {}
     for es in sets:
         hit = cache.get(keys[es.task]) if es.labelled else None
@@ -91,7 +91,7 @@ def evaluate_merges(
     return report
 
 
-def _key(plan: MergePlan, es: EvalSet, tok_id: str, kind: str, device: torch.device) -> str:
+def _key(plan: MergePlan, es: EvalSet, tok_id: str, kind: str, device: torch.device, max_length: int) -> str:
     expert = plan.models[es.task]
     return ExpertScoreCache.key(
         {
@@ -101,7 +101,7 @@ def _key(plan: MergePlan, es: EvalSet, tok_id: str, kind: str, device: torch.dev
             "kind": kind,
             "dtype": plan.config.dtype,
             "device": device.type,
-            "max_length": MAX_LENGTH,
+            "max_length": max_length,
             "top_k": TOP_K,
             "chat": [es.spec.chat_template, es.spec.system_prompt],
             "max_new_tokens": es.spec.max_new_tokens,
