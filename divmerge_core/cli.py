@@ -112,7 +112,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
     print(
-        f"merged {len(result.resolved)} model(s) with {config.merge_method} into {result.out_dir} "
+        f"merged {len(config.task_models())} model(s) with {config.merge_method} into {result.out_dir} "
         f"({len(result.files)} files, {metrics['wall_s']:.1f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB{loss})"
     )
     return 0
