@@ -238,6 +238,15 @@ def test_list_and_learned_job_page(svc, api, web, token):
 
     row.get_by_role("link").click()
     page.wait_for_url(f"**/jobs/{job['id']}")
+    # a finished job's bar is full and spans its card (it was capped at 40rem: "done · 1/1" at ~60% width)
+    bar = page.locator("#progress progress")
+    bar.wait_for()
+    assert bar.evaluate("b => b.position") == 1
+    span = bar.evaluate(
+        "b => { const c = document.getElementById('progress'); return b.getBoundingClientRect().width"
+        " / c.getBoundingClientRect().width; }"
+    )
+    assert span > 0.98, f"the finished job's progress bar spans {span:.0%} of its card"
     coeffs = api.get(f"/v1/merges/{job['id']}/coefficients")
     curve = page.locator('[data-testid="loss-curve"] svg')
     heat = page.locator('[data-testid="coefficients-heatmap"] svg')

@@ -176,7 +176,8 @@ export function progressBar(job) {
   if (p.eta_s !== null && p.eta_s !== undefined) parts.push(`ETA ${duration(p.eta_s)}`);
   const label = parts.join(" · ");
   const bar = h("progress", { max: total || 1, "aria-label": label });
-  if (total) bar.value = Math.min(p.step ?? 0, total);
+  if (job.status === "succeeded") bar.value = total || 1; // full, whatever the last (best-effort) write said
+  else if (total) bar.value = Math.min(p.step ?? 0, total);
   else if (FINISHED.includes(job.status)) bar.value = 1;
   // no value: an indeterminate bar (a stage without steps)
   return h("div", { class: "progress" }, bar, h("span", { class: "progress-label" }, label));
