@@ -80,7 +80,7 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
     the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
     host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
-    from .loading import DTYPES, Checkpoint
+    from .io.loading import DTYPES, Checkpoint
 
     read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
     with Checkpoint(plan.reference.path, plan.options) as ref:

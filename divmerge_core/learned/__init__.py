@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..loading import DTYPES
+from ..io.loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientMemoryError
-from ..loading import DTYPES, Checkpoint
+from ..io.loading import DTYPES, Checkpoint
 from ..plan import MergePlan
 from ..teachers import CAUSAL, model_kind, teacher_batch_size
 from .placement import PLACEMENTS
