@@ -108,20 +108,11 @@ def _weights_bytes(folder: Path) -> int:
 
 
 def main() -> int:
-    """stdin: {"config": {...}, "options": {allow_pickle, local_roots, cache_dir}, "device": "cpu"};
-    HF_TOKEN from the env."""
+    """stdin: {"config": {...}, "options": EngineOptions.to_json(), "device": "cpu"}; HF_TOKEN from the env."""
     import os
 
     request = json.load(sys.stdin)
-    opts = request.get("options", {})
-    options = EngineOptions(
-        allow_pickle=bool(opts.get("allow_pickle", False)),
-        local_roots=tuple(Path(r) for r in opts["local_roots"])
-        if opts.get("local_roots") is not None
-        else None,
-        hf_token=os.environ.get("HF_TOKEN") or None,
-        cache_dir=Path(opts["cache_dir"]) if opts.get("cache_dir") else None,
-    )
+    options = EngineOptions.from_json(request.get("options", {}), hf_token=os.environ.get("HF_TOKEN"))
     try:
         report = dry_run(parse_config(request["config"]), options, request.get("device", "cpu")).to_json()
     except DivMergeError as err:

@@ -247,17 +247,6 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
             return Outcome("lost")
 
 
-def _options(settings: Settings) -> EngineOptions:
-    return EngineOptions(
-        allow_pickle=settings.allow_pickle,
-        local_roots=settings.roots,
-        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-        cache_dir=settings.hf_cache_dir,
-        teacher_cache_dir=settings.teacher_cache,
-        teacher_cache_bytes=settings.teacher_cache_bytes,
-    )
-
-
 def _run_claimed(ctx: _Job) -> Outcome:
     """Merge into this attempt's staging folder, then deliver it (:func:`_finish_delivery`).
 
@@ -270,7 +259,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
     from divmerge_core.pipeline import prepare, run_merge
 
     claim, config, settings, lease = ctx.claim, ctx.config, ctx.settings, ctx.lease
-    options = _options(settings)
+    options = settings.engine_options()
     scratch = _scratch(ctx)
     staged: Path | None = None
     try:
@@ -381,7 +370,7 @@ def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
     """Up to ``delivery_attempts`` tries; between them ``last_error`` shows the reason and the stage is
     ``upload_wait``. Non-transient errors are not retried."""
     config, settings, claim = ctx.config, ctx.settings, ctx.claim
-    dest = _local_dest(config, claim.job_id, settings, _options(settings))
+    dest = _local_dest(config, claim.job_id, settings, settings.engine_options())
     for attempt in range(1, settings.delivery_attempts + 1):
         ctx.progress.write("upload", attempt - 1, settings.delivery_attempts)
         try:
