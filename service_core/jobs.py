@@ -41,15 +41,32 @@ class Claim:
         )
 
 
+def claimable(now: datetime):
+    """The one rule for "a worker may take this job now": queued and due (a retry's ``run_after`` passed),
+    or running with an expired lease (its worker is gone). Used by :func:`claim`, :func:`stale_jobs` and
+    :func:`next_claimable`."""
+    due = or_(Job.run_after.is_(None), Job.run_after <= now)
+    return or_(and_(Job.status == "queued", due), and_(Job.status == "running", Job.lease_expires_at < now))
+
+
+def due_in(session: Session, job_id: str) -> float | None:
+    """Seconds until a queued job's ``run_after`` (a message that came early waits that long); None if the
+    job is not queued or already due."""
+    row = session.execute(select(Job.status, Job.run_after).where(Job.id == job_id)).first()
+    if row is None or row[0] != "queued" or row[1] is None:
+        return None
+    left = (row[1] - utcnow()).total_seconds()
+    return left if left > 0 else None
+
+
 def claim(
     session: Session, job_id: str, worker_id: str, *, lease_s: float, max_attempts: int
 ) -> Claim | None:
-    """Atomically take a queued job, or a running one whose lease expired. None: drop the message."""
+    """Atomically take a job that is :func:`claimable`. None: not claimable now (see :func:`due_in`)."""
     now = utcnow()
-    claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now))
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, Job.attempts < max_attempts, Job.cancel_requested.is_(False))
+        .where(Job.id == job_id, claimable(now), Job.attempts < max_attempts, Job.cancel_requested.is_(False))
         .values(
             status="running",
             attempts=Job.attempts + 1,
@@ -198,16 +215,15 @@ def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) ->
     expire_lost(session, max_attempts)
     now = utcnow()
     old = now - timedelta(seconds=queued_stale_s)
-    due = or_(Job.run_after.is_(None), Job.run_after <= now)
-    queued = and_(Job.status == "queued", due, or_(Job.enqueued_at.is_(None), Job.enqueued_at < old))
-    lost = and_(
-        Job.status == "running",
-        Job.lease_expires_at < now,
-        or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.lease_expires_at, Job.enqueued_at < old),
+    # not sent since it became claimable: never, too long ago, or (worker lost) before its lease ran out
+    unsent = or_(
+        Job.enqueued_at.is_(None),
+        Job.enqueued_at < old,
+        and_(Job.status == "running", Job.enqueued_at < Job.lease_expires_at),
     )
     rows = session.execute(
         update(Job)
-        .where(or_(queued, lost))
+        .where(claimable(now), unsent)
         .values(enqueued_at=now)
         .returning(Job.id, Job.queue)
         .execution_options(synchronize_session=False)
@@ -217,13 +233,9 @@ def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) ->
 
 def next_claimable(session: Session) -> str | None:
     """Embedded worker: the oldest job that can run now."""
-    now = utcnow()
-    due = or_(Job.run_after.is_(None), Job.run_after <= now)
     return session.scalar(
         select(Job.id)
-        .where(
-            or_(and_(Job.status == "queued", due), and_(Job.status == "running", Job.lease_expires_at < now))
-        )
+        .where(claimable(utcnow()))
         .order_by(Job.created_at)
         .limit(1)
     )

@@ -198,7 +198,8 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
         cap = settings.max_running_per_team
         if cap and jobs.team_at_capacity(s, job_id, cap):
             return "busy"
-        return jobs.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        got = jobs.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        return got if got is not None else jobs.due_in(s, job_id)
 
     claim = with_db(settings, f"claim of job {job_id}", _claim, patience)
     if claim == "busy":
@@ -208,6 +209,9 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
             settings.max_running_per_team,
         )
         return Outcome("retry", settings.retry_backoff_s)
+    if isinstance(claim, float):  # the message came before the job's retry delay ran out
+        log.info("job %s: not due for %.1fs; trying again then", job_id, claim)
+        return Outcome("retry", claim)
     if claim is None:
         log.info("job %s: not claimable (running elsewhere, finished or cancelled); message dropped", job_id)
         return Outcome("dropped")

@@ -136,6 +136,25 @@ def test_transient_requeue_waits_for_run_after(url):
     assert claim(url, job_id, "b").attempt == 2
 
 
+def test_a_message_before_run_after_does_not_claim_and_says_how_long_to_wait(url):
+    """claim() honours run_after like next_claimable() and stale_jobs() (one ``claimable`` rule): a message
+    that arrives before a retry's delay ran out claims nothing, and due_in() tells the runner to wait."""
+    job_id = new_job(url)
+    c = claim(url, job_id, "a")
+    with session_scope(url) as s:
+        assert jobs.requeue(s, c, 30, "hub_unavailable", "HTTP 503")
+    assert claim(url, job_id, "b") is None
+    with session_scope(url) as s:
+        wait = jobs.due_in(s, job_id)
+    assert wait is not None and 25 < wait <= 30
+    job = status(url, job_id)
+    assert (job.status, job.attempts) == ("queued", 1)
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(run_after=utcnow() - timedelta(seconds=1)))
+        assert jobs.due_in(s, job_id) is None
+    assert claim(url, job_id, "b").attempt == 2
+
+
 def test_kept_results_expire_only_when_past_their_time_and_not_being_delivered(url):
     """A failed job's kept result is deleted once ``until`` has passed; a job retried (queued or running
     again) is delivering its kept result, which must survive its expiry time until the job ends."""
