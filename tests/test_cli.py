@@ -48,8 +48,8 @@ def test_merge_and_validate(fam, tmp_path, capsys):
 
 
 def test_merge_counts_the_task_models_only(fam, tmp_path, capsys):
-    """"merged N model(s)": the task models, neither the base model nor the datasets (issue 16: a 3-expert
-    task arithmetic said 4, a 3-expert DivMerge 7)."""
+    """The "merged N model(s)" line counts the task models, neither the base model nor the datasets
+    (issue 16: a 3-expert task arithmetic said 4, a 3-expert DivMerge 7)."""
     config = write_config(
         tmp_path / "ta.yaml", config_dict("task_arithmetic", fam["base"], [fam["t1"], fam["t2"]])
     )

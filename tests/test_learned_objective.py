@@ -20,18 +20,18 @@ from .merge_models import bert_family
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: what the test losses saw: (loss name, whether a teacher store came with it)
-CALLS: list[tuple[str, bool]] = []
+seen: list[tuple[str, bool]] = []
 
 
 def confidence(params, kind, store):
     """A test-only objective without teachers: make the merged model confident (minus its top log-prob)."""
-    CALLS.append(("confidence", store is not None))
+    seen.append(("confidence", store is not None))
     return lambda logits, _: -torch.log_softmax(logits, dim=-1).max(dim=-1).values
 
 
 def teacher_mse(params, kind, store):
     """A test-only objective with teachers: the squared distance to each task's teacher probabilities."""
-    CALLS.append(("teacher_mse", store is not None))
+    seen.append(("teacher_mse", store is not None))
 
     def loss(logits, picked):
         target, _ = store.targets(picked, logits.device)
@@ -71,9 +71,9 @@ def config(fam, name: str) -> dict:
 @pytest.mark.parametrize(("loss", "teachers"), [("confidence", False), ("teacher_mse", True)])
 def test_a_learned_method_is_one_module_and_a_registry_line(fam, tmp_path, monkeypatch, loss, teachers):
     monkeypatch.setitem(registry.METHODS, "toy", method("toy", f"{__name__}:{loss}", teachers))
-    CALLS.clear()
+    seen.clear()
     result = run_merge(parse_config(config(fam, "toy")), tmp_path / "out", device="cpu")
-    assert CALLS == [(loss, teachers)]
+    assert seen == [(loss, teachers)]
     coeffs = json.loads((tmp_path / "out" / "coefficients.json").read_text())
     assert coeffs["method"] == "toy" and len(coeffs["groups"]) > 1
     assert result.metrics["final_loss"] is not None and (tmp_path / "out" / "model.safetensors").is_file()
