@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service_core.jobs import add_event
-from service_core.models import FINISHED, Job, utcnow
+from service_core.models import FINISHED, Job, JobStatus, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -39,7 +39,7 @@ def create_job(
     job = Job(
         id=str(uuid.uuid4()),
         team_id=team_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         spec=spec,
         spec_hash=spec_hash,
         idempotency_key=idempotency_key,
@@ -111,15 +111,19 @@ def cancel_job(session: Session, team_id: int, job_id: str) -> Job | None:
     base = (Job.id == job_id, Job.team_id == team_id)
     changed = session.execute(
         update(Job)
-        .where(*base, Job.status == "queued")
+        .where(*base, Job.status == JobStatus.QUEUED)
         .values(
-            status="cancelled", cancel_requested=True, finished_at=now, error_code=None, error_message=None
+            status=JobStatus.CANCELLED,
+            cancel_requested=True,
+            finished_at=now,
+            error_code=None,
+            error_message=None,
         )
         .execution_options(synchronize_session=False)
     ).rowcount
     changed += session.execute(
         update(Job)
-        .where(*base, Job.status == "running")
+        .where(*base, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True)
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -136,9 +140,9 @@ def retry_job(session: Session, team_id: int, job_id: str) -> Job | None:
     now = utcnow()
     changed = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.team_id == team_id, Job.status == "failed")
+        .where(Job.id == job_id, Job.team_id == team_id, Job.status == JobStatus.FAILED)
         .values(
-            status="queued",
+            status=JobStatus.QUEUED,
             attempts=0,
             cancel_requested=False,
             worker_id=None,
@@ -167,7 +171,9 @@ def count_by_status(session: Session) -> dict[str, int]:
 
 
 def queued_by_queue(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue))
+    rows = session.execute(
+        select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.queue)
+    )
     return dict(rows.all())
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, null, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Job, JobEvent, utcnow
+from .models import ACTIVE, FINISHED, Job, JobEvent, JobStatus, utcnow
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str, **data: Any) -> None:
@@ -37,7 +37,7 @@ class Claim:
             Job.id == self.job_id,
             Job.worker_id == self.worker_id,
             Job.attempts == self.attempt,
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
         )
 
 
@@ -46,14 +46,17 @@ def claimable(now: datetime):
     or running with an expired lease (its worker is gone). Used by :func:`claim`, :func:`stale_jobs` and
     :func:`next_claimable`."""
     due = or_(Job.run_after.is_(None), Job.run_after <= now)
-    return or_(and_(Job.status == "queued", due), and_(Job.status == "running", Job.lease_expires_at < now))
+    return or_(
+        and_(Job.status == JobStatus.QUEUED, due),
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+    )
 
 
 def due_in(session: Session, job_id: str) -> float | None:
     """Seconds until a queued job's ``run_after`` (a message that came early waits that long); None if the
     job is not queued or already due."""
     row = session.execute(select(Job.status, Job.run_after).where(Job.id == job_id)).first()
-    if row is None or row[0] != "queued" or row[1] is None:
+    if row is None or row[0] != JobStatus.QUEUED or row[1] is None:
         return None
     left = (row[1] - utcnow()).total_seconds()
     return left if left > 0 else None
@@ -68,7 +71,7 @@ def claim(
         update(Job)
         .where(Job.id == job_id, claimable(now), Job.attempts < max_attempts, Job.cancel_requested.is_(False))
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempts=Job.attempts + 1,
             worker_id=worker_id,
             lease_expires_at=now + timedelta(seconds=lease_s),
@@ -96,9 +99,7 @@ def team_at_capacity(session: Session, job_id: str, cap: int) -> bool:
     """Whether the job's team already has ``cap`` other jobs running with a live lease. On PostgreSQL the
     team's claims are serialised for the rest of the transaction (an advisory lock), so that concurrent
     claims cannot both slip under the cap; call it in the transaction that then claims."""
-    team_id = session.scalar(
-        select(Job.team_id).where(Job.id == job_id, Job.status.in_(("queued", "running")))
-    )
+    team_id = session.scalar(select(Job.team_id).where(Job.id == job_id, Job.status.in_(ACTIVE)))
     if team_id is None:
         return False
     if session.get_bind().dialect.name == "postgresql":
@@ -109,7 +110,7 @@ def team_at_capacity(session: Session, job_id: str, cap: int) -> bool:
         .where(
             Job.team_id == team_id,
             Job.id != job_id,
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             Job.lease_expires_at >= utcnow(),
         )
     )
@@ -120,19 +121,19 @@ def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) 
     """End jobs whose lease expired: cancelled if a cancel was requested, failed (worker_lost) when out of
     attempts. Returns how many rows changed."""
     now = utcnow()
-    expired = and_(Job.status == "running", Job.lease_expires_at < now)
+    expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
     scope = (Job.id == job_id,) if job_id else ()
     n = session.execute(
         update(Job)
         .where(expired, Job.cancel_requested.is_(True), *scope)
-        .values(status="cancelled", finished_at=now, lease_expires_at=None)
+        .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     n += session.execute(
         update(Job)
         .where(expired, Job.attempts >= max_attempts, *scope)
         .values(
-            status="failed",
+            status=JobStatus.FAILED,
             finished_at=now,
             lease_expires_at=None,
             error_code="worker_lost",
@@ -163,7 +164,11 @@ def update_running(session: Session, c: Claim, **values: Any) -> bool:
     return res.rowcount == 1
 
 
-def finish(session: Session, c: Claim, status: str, message: str = "", **values: Any) -> bool:
+def finish(session: Session, c: Claim, status: JobStatus, message: str = "", **values: Any) -> bool:
+    """End a claimed job as ``status`` (one of :data:`~service_core.models.FINISHED`)."""
+    status = JobStatus(status)
+    if not status.finished:
+        raise ValueError(f"a job finishes as one of {', '.join(FINISHED)}, not {status!r}")
     now = utcnow()
     res = session.execute(
         update(Job)
@@ -172,7 +177,7 @@ def finish(session: Session, c: Claim, status: str, message: str = "", **values:
         .execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
-        add_event(session, c.job_id, status, message or status, code=values.get("error_code"))
+        add_event(session, c.job_id, status.value, message or status.value, code=values.get("error_code"))
     return res.rowcount == 1
 
 
@@ -183,7 +188,7 @@ def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str)
         update(Job)
         .where(*c.fence())
         .values(
-            status="queued",
+            status=JobStatus.QUEUED,
             lease_expires_at=None,
             worker_id=None,
             run_after=now + timedelta(seconds=delay_s),
@@ -219,7 +224,7 @@ def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) ->
     unsent = or_(
         Job.enqueued_at.is_(None),
         Job.enqueued_at < old,
-        and_(Job.status == "running", Job.enqueued_at < Job.lease_expires_at),
+        and_(Job.status == JobStatus.RUNNING, Job.enqueued_at < Job.lease_expires_at),
     )
     rows = session.execute(
         update(Job)
@@ -233,12 +238,7 @@ def stale_jobs(session: Session, *, queued_stale_s: float, max_attempts: int) ->
 
 def next_claimable(session: Session) -> str | None:
     """Embedded worker: the oldest job that can run now."""
-    return session.scalar(
-        select(Job.id)
-        .where(claimable(utcnow()))
-        .order_by(Job.created_at)
-        .limit(1)
-    )
+    return session.scalar(select(Job.id).where(claimable(utcnow())).order_by(Job.created_at).limit(1))
 
 
 def expired_kept(session: Session) -> list[str]:
@@ -249,7 +249,7 @@ def expired_kept(session: Session) -> list[str]:
     """
     now = utcnow()
     rows = session.execute(
-        select(Job.id, Job.kept).where(Job.kept.is_not(None), Job.status.not_in(("queued", "running")))
+        select(Job.id, Job.kept).where(Job.kept.is_not(None), Job.status.not_in(ACTIVE))
     ).all()
     paths = []
     for job_id, kept in rows:

@@ -28,7 +28,7 @@ from divmerge_core.progress import ProgressEvent, Reporter
 from service_core import jobs
 from service_core.config import Settings
 from service_core.db import is_unavailable, session_scope
-from service_core.models import Team, utcnow
+from service_core.models import JobStatus, Team, utcnow
 
 from . import upload
 from .bookkeeping import DatabaseUnavailable, drop_delivery, load_delivery, save_delivery, with_db
@@ -230,7 +230,12 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
         def _record(s):
             jobs.update_running(s, claim, **journal)
             jobs.finish(
-                s, claim, "succeeded", "recorded an earlier delivery", error_code=None, error_message=None
+                s,
+                claim,
+                JobStatus.SUCCEEDED,
+                "recorded an earlier delivery",
+                error_code=None,
+                error_message=None,
             )
 
         with_db(settings, f"job {job_id}: recording an earlier delivery", _record, lease_end)
@@ -355,7 +360,7 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
         jobs.finish(
             s,
             claim,
-            "succeeded",
+            JobStatus.SUCCEEDED,
             f"delivered to {delivery.destination}",
             error_code=None,
             error_message=None,
@@ -434,7 +439,7 @@ def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: s
 
 
 def _failed(ctx: _Job, code: str, message: str) -> Outcome:
-    _finish(ctx, "failed", f"failed: {code}", error_code=code, error_message=message[:2000])
+    _finish(ctx, JobStatus.FAILED, f"failed: {code}", error_code=code, error_message=message[:2000])
     log.info("job %s: failed (%s)", ctx.claim.job_id, code)
     return Outcome("failed")
 
@@ -447,7 +452,7 @@ def _cancelled(ctx: _Job, **values: Any) -> Outcome:
     if ctx.lease.lost.is_set() and not ctx.lease.cancel.is_set():
         log.warning("job %s: lease lost; leaving the job to its new owner", ctx.claim.job_id)
         return Outcome("lost")
-    _finish(ctx, "cancelled", "cancelled", error_code=None, error_message=None, **values)
+    _finish(ctx, JobStatus.CANCELLED, "cancelled", error_code=None, error_message=None, **values)
     log.info("job %s: cancelled", ctx.claim.job_id)
     return Outcome("cancelled")
 
@@ -479,7 +484,7 @@ def _write(ctx: _Job, **values: Any) -> None:
     )
 
 
-def _finish(ctx: _Job, status: str, message: str, **values: Any) -> None:
+def _finish(ctx: _Job, status: JobStatus, message: str, **values: Any) -> None:
     """The job's final write (retried like :func:`_write`)."""
     claim = ctx.claim
 

@@ -16,7 +16,7 @@ from divmerge_core.paths import is_under
 from service_core import jobs
 from service_core.config import Settings
 from service_core.db import session_scope
-from service_core.models import Job
+from service_core.models import Job, JobStatus
 from service_core.queue import enqueue
 
 from .. import crud, dryrun, spec
@@ -228,7 +228,7 @@ def merge_events(job_id: str, request: Request, caller: Caller = CallerDep) -> E
 
 
 def _finished_result(job: Job) -> dict:
-    if job.status != "succeeded" or not job.result:
+    if job.status != JobStatus.SUCCEEDED or not job.result:
         raise ApiError(409, "no_result", f"the job is {job.status}: it has no output files yet")
     return job.result
 
@@ -284,7 +284,7 @@ def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep
     """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
     (live while the job runs)."""
     job = _job(_settings(request), caller, job_id)
-    coeffs = (job.result or {}).get("coefficients") if job.status == "succeeded" else None
+    coeffs = (job.result or {}).get("coefficients") if job.status == JobStatus.SUCCEEDED else None
     if coeffs is None and not spec.is_learned(job.spec):
         raise ApiError(
             404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"

@@ -5,6 +5,7 @@ or on a request to any other host. DIVMERGE_DASHBOARD_SHOTS=DIR saves screenshot
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -416,3 +417,28 @@ def test_problem_fields_map_to_editor_lines(web, token):
     )
     assert lines == [1, 6, 5, 7, 9, 8, 12, None]
     web.assert_clean()
+
+
+def test_the_dashboard_takes_the_job_statuses_from_the_service():
+    """One list of statuses (service_core.models.JobStatus): the pages' scripts import it from
+    /dashboard/constants.js and the jobs page's filter is rendered from it; no copy in the static files."""
+    import re
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from api.routers import dashboard
+    from service_core.models import FINISHED, JobStatus
+
+    app = FastAPI()
+    dashboard.install(app)
+    client = TestClient(app)
+    js = client.get("/dashboard/constants.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert f"export const STATUSES = {json.dumps([s.value for s in JobStatus])};" in js.text
+    assert f"export const FINISHED = {json.dumps([s.value for s in FINISHED])};" in js.text
+    page = client.get("/").text
+    assert re.findall(r'<option value="(\w+)">', page) == [s.value for s in JobStatus]
+    static = dashboard.ASSETS / "static" / "js"
+    for path in static.glob("*.js"):
+        assert '"cancelled"' not in path.read_text(), f"{path.name} keeps its own list of statuses"

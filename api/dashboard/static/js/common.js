@@ -1,8 +1,11 @@
 // Shared by every page: the token (sessionStorage), API calls with the bearer header, sign-in/out,
 // DOM building and formatting helpers.
 
+import { FINISHED } from "/dashboard/constants.js"; // served from service_core.models.JobStatus
+
+export { FINISHED };
+
 const KEY = "divmerge.token";
-export const FINISHED = ["succeeded", "failed", "cancelled"];
 
 export class ApiError extends Error {
   constructor(status, code, message, field) {
