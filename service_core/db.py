@@ -45,6 +45,11 @@ def _factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
+def new_session(url: str) -> Session:
+    """A session of the database at ``url`` (the caller commits and closes it; see :func:`session_scope`)."""
+    return _factory(url)()
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
