@@ -100,7 +100,7 @@ async def create_merge(
 
     def _create():
         try:
-            job, created = crud.create_job(
+            job, created = jobs.create_job(
                 s,
                 team_id=caller.team_id,
                 spec=stored,
@@ -108,7 +108,7 @@ async def create_merge(
                 queue=settings.queue_for(config.merge_method),
                 idempotency_key=idempotency_key,
             )
-        except crud.IdempotencyConflict:
+        except jobs.IdempotencyConflict:
             raise ApiError(
                 409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
             ) from None
@@ -140,10 +140,10 @@ def list_merges(
     if limit > settings.list_limit_max:
         raise ApiError(422, "invalid_request", f"limit must be at most {settings.list_limit_max}", "limit")
     try:
-        jobs, nxt = crud.list_jobs(s, caller.team_id, status=status, limit=limit, cursor=cursor)
+        rows, nxt = crud.list_jobs(s, caller.team_id, status=status, limit=limit, cursor=cursor)
     except ValueError:
         raise ApiError(422, "invalid_cursor", "the cursor is not valid", "cursor") from None
-    return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=nxt)
+    return JobList(items=[JobOut.of(j) for j in rows], next_cursor=nxt)
 
 
 @router.post(
@@ -155,8 +155,8 @@ def list_merges(
 def cancel_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: the worker stops at its next step and ends it cancelled."""
     try:
-        job = crud.cancel_job(s, caller.team_id, job_id)
-    except crud.NotCancellable:
+        job = jobs.cancel_job(s, caller.team_id, job_id)
+    except jobs.NotCancellable:
         raise ApiError(409, "job_finished", "the job has already finished") from None
     if job is None:
         raise ApiError(404, "not_found", f"no merge job {job_id!r}")
@@ -201,8 +201,8 @@ def retry_merge(
     """Run a failed job again: its kept result is re-delivered if the merge finished but the delivery
     failed (``kept`` in the job), else the merge runs from scratch."""
     try:
-        job = crud.retry_job(s, caller.team_id, job_id)
-    except crud.NotRetryable:
+        job = jobs.retry_job(s, caller.team_id, job_id)
+    except jobs.NotRetryable:
         raise ApiError(409, "not_retryable", "only a failed job can be retried") from None
     if job is None:
         raise ApiError(404, "not_found", f"no merge job {job_id!r}")

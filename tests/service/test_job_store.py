@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from api import crud
 from service_core import jobs
 from service_core.db import get_engine, migrate, session_scope
 from service_core.models import Job, Team, utcnow
@@ -34,7 +33,7 @@ def url():
 
 def new_job(url: str) -> str:
     with session_scope(url) as s:
-        job, _ = crud.create_job(s, team_id=1, spec={}, spec_hash="h", queue="q", idempotency_key=None)
+        job, _ = jobs.create_job(s, team_id=1, spec={}, spec_hash="h", queue="q", idempotency_key=None)
         return job.id
 
 
@@ -98,7 +97,7 @@ def test_out_of_attempts_is_worker_lost_and_cancel_wins(url):
     other = new_job(url)
     assert claim(url, other, "a") is not None
     with session_scope(url) as s:
-        crud.cancel_job(s, 1, other)
+        jobs.cancel_job(s, 1, other)
     expire(url, other)
     assert claim(url, other, "b") is None and status(url, other).status == "cancelled"
 
