@@ -32,20 +32,24 @@ async def validate(raw: bytes, content_type: str | None, settings: Settings, tea
         return ValidationReport(
             ok=False, problems=[Problem(code=err.code, message=err.message, field=err.field)]
         )
+    request, env = dry_run_request(config, settings)
+    return await _run(json.dumps(request).encode(), env, settings.validate_timeout_s)
+
+
+def dry_run_request(config, settings: Settings) -> tuple[dict, dict[str, str]]:
+    """The dry run's stdin (config, the worker's own engine options, device) and environment (the Hub
+    read token, no DIVMERGE_ settings)."""
+    options = settings.engine_options()
     request = {
         "config": config.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "options": {
-            "allow_pickle": settings.allow_pickle,
-            "local_roots": [str(r) for r in settings.roots],
-            "cache_dir": str(settings.hf_cache_dir) if settings.hf_cache_dir else None,
-        },
+        "options": options.to_json(),
         "device": settings.device,
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIVMERGE_")}
     env.pop("HF_TOKEN", None)
-    if settings.hf_token is not None:
-        env["HF_TOKEN"] = settings.hf_token.get_secret_value()
-    return await _run(json.dumps(request).encode(), env, settings.validate_timeout_s)
+    if options.hf_token is not None:
+        env["HF_TOKEN"] = options.hf_token
+    return request, env
 
 
 async def _run(stdin: bytes, env: dict[str, str], timeout_s: float) -> ValidationReport:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from service_core.config import Settings
 from service_core.db import session_scope
-from service_core.models import STATUSES, utcnow
+from service_core.models import FINISHED, STATUSES, utcnow
 
 from . import crud
 
@@ -31,7 +31,7 @@ class JobCollector:
             durations = crud.recent_durations(s, utcnow() - timedelta(hours=24))
         jobs = GaugeMetricFamily("divmerge_jobs", "jobs by status", labels=["status"])
         for st in STATUSES:
-            jobs.add_metric([st], counts.get(st, 0))
+            jobs.add_metric([st.value], counts.get(st, 0))
         yield jobs
         depth = GaugeMetricFamily("divmerge_queue_depth", "queued jobs per queue", labels=["queue"])
         for q in sorted({self.settings.gpu_queue, self.settings.cpu_queue, *queued}):
@@ -40,11 +40,11 @@ class JobCollector:
         hist = HistogramMetricFamily(
             "divmerge_job_duration_seconds", "run time of jobs finished in the last 24 h", labels=["status"]
         )
-        for st in ("succeeded", "failed", "cancelled"):
+        for st in FINISHED:
             vals = [d for s_, d in durations if s_ == st]
             buckets = [(str(b), sum(1 for v in vals if v <= b)) for b in DURATION_BUCKETS]
             buckets.append(("+Inf", len(vals)))
-            hist.add_metric([st], buckets, sum(vals))
+            hist.add_metric([st.value], buckets, sum(vals))
         yield hist
 
 

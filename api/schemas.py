@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service_core.models import Job, JobEvent, utcnow
+from service_core.models import Job, JobEvent, JobStatus, utcnow
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+#: The job statuses (:class:`service_core.models.JobStatus`).
+Status = JobStatus
 
 
 class Progress(BaseModel):
@@ -125,7 +126,7 @@ class JobOut(BaseModel):
         error = last = None
         if job.error_code:
             last = JobError(code=job.error_code, message=job.error_message or "")
-            if job.status == "failed":
+            if job.status == JobStatus.FAILED:
                 error = last
         return cls(
             id=job.id,
@@ -141,7 +142,7 @@ class JobOut(BaseModel):
             error=error,
             last_error=last,
             kept=KeptResult(until=job.kept["until"]) if job.kept else None,
-            result=JobResult(**job.result) if job.status == "succeeded" and job.result else None,
+            result=JobResult(**job.result) if job.status == JobStatus.SUCCEEDED and job.result else None,
             cancel_requested=job.cancel_requested,
         )
 
@@ -153,12 +154,12 @@ class JobList(BaseModel):
 
 def _progress(job: Job) -> Progress:
     # a queued job (new, or back for another attempt) shows "queued", not the stage its last attempt reached
-    p = {"stage": "queued"} if job.status == "queued" or not job.progress else dict(job.progress)
+    p = {"stage": "queued"} if job.status == JobStatus.QUEUED or not job.progress else dict(job.progress)
     p.setdefault("total", p.get("total_steps"))
     if job.started_at is not None:
         end = job.finished_at or utcnow()
         p["elapsed_s"] = round((end - job.started_at).total_seconds(), 1)
-    if job.status != "running":
+    if job.status != JobStatus.RUNNING:
         p["eta_s"] = None
     return Progress(**{k: v for k, v in p.items() if k in Progress.model_fields})
 

@@ -6,14 +6,11 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service_core.models import ApiToken, Team, utcnow
-
-from .errors import ApiError
 
 TOKEN_PREFIX = "dm_"
 
@@ -66,23 +63,13 @@ def lookup(session: Session, token: str) -> Caller | None:
 
 
 #: Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button); errors are ours.
-_bearer = HTTPBearer(auto_error=False, description="an API token made with `divmerge token create`")
+bearer = HTTPBearer(auto_error=False, description="an API token made with `divmerge token create`")
 
 
-def get_caller(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> Caller:
-    """FastAPI dependency: the caller's team, from ``Authorization: Bearer <token>``."""
-    token = credentials.credentials if credentials is not None else ""
-    if not token.strip():
-        raise ApiError(401, "unauthorized", "missing bearer token")
-    from service_core.db import session_scope
+def __getattr__(name: str):
+    """``get_caller`` and ``CallerDep`` moved to :mod:`api.deps` (one session per request); still found here."""
+    if name in ("get_caller", "CallerDep"):
+        from . import deps
 
-    with session_scope(request.app.state.settings.db_url) as session:
-        caller = lookup(session, token.strip())
-    if caller is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked token")
-    return caller
-
-
-CallerDep = Depends(get_caller)
+        return getattr(deps, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 
-from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, is_local_ref, parse_config
+from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.paths import check_folder, check_local_path, strip_scheme
+from divmerge_core.refs import is_local_model
 from service_core.config import Settings
 
 from .errors import ApiError
@@ -139,10 +140,11 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
 
 
 def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
-    """(field, reference) of each local model the spec names, the base first."""
+    """(field, reference) of each local model the spec names, the base first (local as the engine reads
+    it: :func:`divmerge_core.refs.is_local_model`, so a bare folder name meets the allow-list here)."""
     models = [("base_model", config.base_model)] if config.base_model else []
     models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
-    return [(field, raw) for field, raw in models if is_local_ref(raw)]
+    return [(field, raw) for field, raw in models if is_local_model(raw)]
 
 
 def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:
@@ -200,9 +202,8 @@ def is_learned(stored: dict) -> bool:
 
 
 def task_names(stored: dict) -> list[str]:
-    """A learned merge's tasks, as it names them: its models other than the base."""
-    base = stored.get("base_model")
-    return [m["model"] for m in stored.get("models", []) if m["model"] != base]
+    """A learned merge's tasks, as it names them: its task models (:meth:`MergeConfig.task_models`)."""
+    return [m.model for m in parse_config(stored).task_models()]
 
 
 def _allowed(raw: str, roots: tuple[Path, ...], field: str) -> Path:

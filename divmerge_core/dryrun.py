@@ -90,7 +90,7 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
     the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
     host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
-    from .loading import DTYPES, Checkpoint
+    from .io.loading import DTYPES, Checkpoint
 
     read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
     with Checkpoint(plan.reference.path, plan.options) as ref:
@@ -118,20 +118,11 @@ def _weights_bytes(folder: Path) -> int:
 
 
 def main() -> int:
-    """stdin: {"config": {...}, "options": {allow_pickle, local_roots, cache_dir}, "device": "cpu"};
-    HF_TOKEN from the env."""
+    """stdin: {"config": {...}, "options": EngineOptions.to_json(), "device": "cpu"}; HF_TOKEN from the env."""
     import os
 
     request = json.load(sys.stdin)
-    opts = request.get("options", {})
-    options = EngineOptions(
-        allow_pickle=bool(opts.get("allow_pickle", False)),
-        local_roots=tuple(Path(r) for r in opts["local_roots"])
-        if opts.get("local_roots") is not None
-        else None,
-        hf_token=os.environ.get("HF_TOKEN") or None,
-        cache_dir=Path(opts["cache_dir"]) if opts.get("cache_dir") else None,
-    )
+    options = EngineOptions.from_json(request.get("options", {}), hf_token=os.environ.get("HF_TOKEN"))
     try:
         report = dry_run(parse_config(request["config"]), options, request.get("device", "cpu")).to_json()
     except DivMergeError as err:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,3 +24,36 @@ class EngineOptions:
     teacher_cache_dir: Path | None = None
     #: Teacher-output cache bound in bytes (default: $DIVMERGE_TEACHER_CACHE_BYTES, else 16 GiB).
     teacher_cache_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every option but the Hub token, as JSON (the service's dry-run request: the token, a secret,
+        travels in the subprocess's environment instead)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hf_token":
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [str(v) for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], hf_token: str | None = None) -> EngineOptions:
+        """The inverse of :meth:`to_json` (missing keys keep their defaults)."""
+        paths = ("cache_dir", "teacher_cache_dir")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data or f.name == "hf_token":
+                continue
+            value = data[f.name]
+            if f.name == "local_roots" and value is not None:
+                value = tuple(Path(v) for v in value)
+            elif f.name in paths and value:
+                value = Path(value)
+            elif f.name in paths:
+                value = None
+            kwargs[f.name] = value
+        return cls(**kwargs, hf_token=hf_token or None)

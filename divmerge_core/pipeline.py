@@ -26,7 +26,8 @@ import torch
 
 from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
-from .loading import DTYPES, Checkpoint
+from .io.loading import DTYPES, Checkpoint
+from .io.writer import ShardedSafetensorsWriter, TensorSpec
 from .methods.base import TensorInputs
 from .methods.settings import TensorSettings, layer_index
 from .modelcard import render_model_card
@@ -35,7 +36,6 @@ from .output import check_output_dir, copy_tokenizer_files, staged_output, write
 from .plan import LearnedCoefficients, MergePlan, MergeResult
 from .progress import ProgressCallback, Reporter, StopCheck
 from .refs import ResolvedModel, resolve_model
-from .safetensors_writer import ShardedSafetensorsWriter, TensorSpec
 from .validation import validate_models
 
 

@@ -37,11 +37,18 @@ class ResolvedModel:
     allowed: tuple[Path, ...] | None = None
 
 
-def parse_model_ref(raw: str) -> ModelRef:
-    """A local path (absolute, ``./``, ``~``, ``file://``, or, as in mergekit, a bare name such as
-    ``my-expert`` that is an existing folder of the current directory), else a Hub id."""
+def is_local_model(raw: str) -> bool:
+    """The one answer to "is this model reference local?", for the engine and the API alike: a local path
+    (absolute, ``./``, ``~``, ``file://``), or, as in mergekit, a bare name such as ``my-expert`` that is
+    an existing folder of the current directory; anything else is a Hub id."""
     raw = raw.strip()
-    if is_local_ref(raw) or os.path.isdir(raw):
+    return is_local_ref(raw) or os.path.isdir(raw)
+
+
+def parse_model_ref(raw: str) -> ModelRef:
+    """A local path (see :func:`is_local_model`), else a Hub id with an optional ``@revision``."""
+    raw = raw.strip()
+    if is_local_model(raw):
         return ModelRef(raw=raw, path=Path(os.path.expanduser(strip_scheme(raw))))
     repo_id, _, revision = raw.partition("@")
     return ModelRef(raw=raw, repo_id=repo_id, revision=revision or None)

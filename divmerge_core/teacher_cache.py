@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .loading import pread_into, read_header
+from .io import safetensors_format as sf
 from .options import EngineOptions
 
 #: Bumped whenever the entry layout or the way teacher outputs are computed changes.
@@ -51,8 +51,6 @@ DEFAULT_BYTES = 16 * 1024**3
 #: An unlocked temporary file untouched for this long belongs to a dead writer.
 STALE_TMP_S = 600.0
 _SUFFIX, _TMP = ".teacher.safetensors", ".tmp"
-_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32"}
-_FROM_ST = {v: k for k, v in _ST.items()}
 
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -130,7 +128,7 @@ class Entry:
 
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
-        self._data_start, header = read_header(path)
+        self._data_start, header = sf.read_header(path)
         self.layout: dict[str, Any] = json.loads(header.pop("__metadata__")["divmerge"])
         self._tensors = header
         self.width = int(header["logp"]["shape"][1])
@@ -144,11 +142,11 @@ class Entry:
 
     def _read(self, name: str, lo: int, hi: int) -> torch.Tensor:
         info = self._tensors[name]
-        dtype, width = _FROM_ST[info["dtype"]], int(info["shape"][1])
+        dtype, width = sf.DTYPES[info["dtype"]], int(info["shape"][1])
         out = torch.empty((hi - lo, width), dtype=dtype)
         row = width * out.element_size()
         pos = self._data_start + info["data_offsets"][0] + lo * row
-        got = pread_into(self._fd, out, pos)
+        got = sf.pread_into(self._fd, out, pos)
         if got < out.numel() * out.element_size():
             raise OSError(f"teacher cache entry truncated at byte {pos + got}")
         return out
@@ -173,12 +171,12 @@ class EntryWriter:
     def __init__(self, path: Path, final: Path, fd: int, header: dict[str, Any], data_start: int):
         self.path, self.final, self._fd = path, final, fd
         self.widths = {name: int(header[name]["shape"][1]) for name in ("logp", "index") if name in header}
-        self.dtype = _FROM_ST[header["logp"]["dtype"]]
+        self.dtype = sf.DTYPES[header["logp"]["dtype"]]
         self._offsets = {}  # tensor name -> (first byte, bytes per row)
         for name in ("logp", "index"):
             if name in header:
                 info = header[name]
-                size = torch.empty((), dtype=_FROM_ST[info["dtype"]]).element_size()
+                size = sf.element_size(sf.DTYPES[info["dtype"]])
                 self._offsets[name] = (data_start + info["data_offsets"][0], int(info["shape"][1]) * size)
 
     @classmethod
@@ -195,26 +193,22 @@ class EntryWriter:
     ) -> EntryWriter:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.{secrets.token_hex(4)}{_TMP}"
-        header: dict[str, Any] = {"__metadata__": {"divmerge": json.dumps(layout, separators=(",", ":"))}}
-        n_logp = rows * width * torch.empty((), dtype=dtype).element_size()
-        header["logp"] = {"dtype": _ST[dtype], "shape": [rows, width], "data_offsets": [0, n_logp]}
-        end = n_logp
+        tensors = [("logp", (rows, width), dtype)]
         if top_k is not None:
-            end = n_logp + rows * top_k * 4
-            header["index"] = {"dtype": "I32", "shape": [rows, top_k], "data_offsets": [n_logp, end]}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
+            tensors.append(("index", (rows, top_k), torch.int32))
+        entries, end = sf.layout(tensors)
+        raw = sf.encode_header(entries, {"divmerge": json.dumps(layout, separators=(",", ":"))})
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(fd, fcntl.LOCK_SH)  # a live writer: eviction leaves the file alone
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(fd, 8 + len(raw) + end)
-        return cls(tmp, folder / f"{key}{_SUFFIX}", fd, header, 8 + len(raw))
+        sf.pwrite_all(fd, memoryview(raw), 0)
+        os.ftruncate(fd, len(raw) + end)
+        return cls(tmp, folder / f"{key}{_SUFFIX}", fd, entries, len(raw))
 
     @classmethod
     def attach(cls, path: Path) -> EntryWriter:
         fd = os.open(path, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        data_start, header = read_header(path)
+        data_start, header = sf.read_header(path)
         key = path.name[1:].split(".", 1)[0]
         return cls(path, path.parent / f"{key}{_SUFFIX}", fd, header, data_start)
 
@@ -229,7 +223,7 @@ class EntryWriter:
                     f"{name} rows of width {self.widths[name]} expected, got {tuple(value.shape)}"
                 )
             value = value.detach().to("cpu", dtype).contiguous()
-            _pwrite_all(self._fd, memoryview(value.reshape(-1).view(torch.uint8).numpy()), start + lo * row)
+            sf.pwrite_all(self._fd, sf.tensor_bytes(value), start + lo * row)
 
     def commit(self) -> None:
         """fsync, then rename into place (atomic); the writer keeps its shared lock (see :meth:`close`)."""
@@ -337,9 +331,3 @@ def _delete_unless_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], pos + done)

@@ -3,7 +3,7 @@
 Every mismatch is collected (architecture, model type, vocabulary size, tied embeddings, tensor names,
 shapes, dtype families) and reported at once in one :class:`IncompatibleModelsError`, so a user fixes a
 config in one round trip. Problems that make a model unreadable (no weights, pickle refused, quantized)
-are raised as they are met, by :class:`~divmerge_core.loading.Checkpoint`.
+are raised as they are met, by :class:`~divmerge_core.io.loading.Checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleModelsError
-from .loading import Checkpoint
+from .io.loading import Checkpoint
 from .options import EngineOptions
 
 #: Show at most this many tensor names when listing missing/extra tensors of one model.

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install, start the services the tests talk to, lint, and run the whole test suite.
+# Install, start the services the tests talk to, lint, check that the wheel installs and serves outside the
+# checkout (scripts/wheel-check.sh, ~1.5 min; DIVMERGE_SKIP_WHEEL_CHECK=1 skips it), and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
 .venv/bin/ruff check .
+if [ "${DIVMERGE_SKIP_WHEEL_CHECK:-0}" != 1 ]; then
+  bash scripts/wheel-check.sh
+fi
 .venv/bin/python -m pytest -q "$@"

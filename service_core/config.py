@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from divmerge_core.methods import registry
+from divmerge_core.options import EngineOptions
 from divmerge_core.paths import real_roots
 
 
@@ -149,6 +150,18 @@ class Settings(BaseSettings):
     @property
     def teacher_cache(self) -> Path:
         return self.teacher_cache_dir or self.home / "cache" / "teachers"
+
+    def engine_options(self) -> EngineOptions:
+        """The options the engine runs with on this deployment: the workers' merges and the API's dry runs
+        (built here only, so that the two cannot drift)."""
+        return EngineOptions(
+            allow_pickle=self.allow_pickle,
+            local_roots=self.roots,
+            hf_token=self.hf_token.get_secret_value() if self.hf_token else None,
+            cache_dir=self.hf_cache_dir,
+            teacher_cache_dir=self.teacher_cache,
+            teacher_cache_bytes=self.teacher_cache_bytes,
+        )
 
     def hub_write_token(self, team: str) -> str | None:
         tok = self.team_hub_tokens.get(team) or self.hub_token

@@ -45,6 +45,11 @@ def _factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
+def new_session(url: str) -> Session:
+    """A session of the database at ``url`` (the caller commits and closes it; see :func:`session_scope`)."""
+    return _factory(url)()
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
@@ -59,29 +64,38 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
+def alembic_config(url: str, script_location: str):
+    """Alembic's configuration, built in code (no alembic.ini needed): the migrations ship inside this
+    package (``service_core/migrations``), so an installed wheel can migrate from any directory."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", script_location)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["configure_logging"] = False
+    return cfg
+
+
 def migrate(url: str) -> None:
     """Bring the schema to the newest Alembic revision (used by ``serve`` in embedded mode and by tests)."""
+    from importlib.resources import as_file, files
     from pathlib import Path
 
     from alembic import command
-    from alembic.config import Config
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = Config(str(root / "alembic.ini"))
-    cfg.set_main_option("script_location", str(root / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url)
-    cfg.attributes["configure_logging"] = False
-    database = make_url(url).database if url.startswith("sqlite") else None
-    if (
-        not database or database == ":memory:"
-    ):  # PostgreSQL: Alembic's own transaction (and the migrate job of the topology)
-        command.upgrade(cfg, "head")
-        return
-    # SQLite (embedded): `divmerge serve` and `divmerge token create` may migrate a fresh home at the same
-    # moment; an exclusive file lock makes the second wait and then find the schema at head.
-    import fcntl
+    with as_file(files(__package__) / "migrations") as location:
+        cfg = alembic_config(url, str(location))
+        database = make_url(url).database if url.startswith("sqlite") else None
+        if (
+            not database or database == ":memory:"
+        ):  # PostgreSQL: Alembic's own transaction (and the migrate job of the topology)
+            command.upgrade(cfg, "head")
+            return
+        # SQLite (embedded): `divmerge serve` and `divmerge token create` may migrate a fresh home at the
+        # same moment; an exclusive file lock makes the second wait and then find the schema at head.
+        import fcntl
 
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.migrate.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        command.upgrade(cfg, "head")
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{database}.migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            command.upgrade(cfg, "head")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -20,8 +21,28 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """A job's status: the one list, used by the tables, the job store, the worker, the API's schemas and
+    (served by ``api.routers.dashboard``) the dashboard. Members are plain strings: ``JobStatus.QUEUED ==
+    "queued"``, and they are stored and serialised as such."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+STATUSES: tuple[JobStatus, ...] = tuple(JobStatus)
+#: The statuses a job never leaves on its own (POST /retry takes a failed job back to queued).
+FINISHED: tuple[JobStatus, ...] = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+#: The statuses of a job not finished yet.
+ACTIVE: tuple[JobStatus, ...] = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def utcnow() -> datetime:
@@ -77,7 +98,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     #: The submitted MergeConfig (normalised JSON, no secrets) and its sha256 (idempotency check).
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64))

@@ -47,6 +47,24 @@ def test_merge_and_validate(fam, tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_merge_counts_the_task_models_only(fam, tmp_path, capsys):
+    """The "merged N model(s)" line counts the task models, neither the base model nor the datasets
+    (issue 16: a 3-expert task arithmetic said 4, a 3-expert DivMerge 7)."""
+    config = write_config(
+        tmp_path / "ta.yaml", config_dict("task_arithmetic", fam["base"], [fam["t1"], fam["t2"]])
+    )
+    code, out, _ = _run(capsys, "merge", str(config), "--out", str(tmp_path / "ta"), "--device", "cpu")
+    assert code == 0 and "merged 2 model(s) with task_arithmetic" in out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"a b {i}"}) + "\n" for i in range(4)))
+    cfg = config_dict("divmerge", fam["base"], [fam["t1"], fam["t2"]], epochs=1, granularity="task")
+    for m in cfg["models"]:
+        m["data"] = {"path": str(rows)}
+    config = write_config(tmp_path / "dm.yaml", cfg)
+    code, out, _ = _run(capsys, "merge", str(config), "--out", str(tmp_path / "dm"), "--device", "cpu")
+    assert code == 0 and "merged 2 model(s) with divmerge" in out
+
+
 def _bad_inputs(fam, tmp: Path) -> dict[str, tuple[dict | str, str]]:
     """name -> (config, text the error must contain)."""
     gpt = tmp / "gpt2"

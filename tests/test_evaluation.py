@@ -21,7 +21,7 @@ from divmerge_core.cli import main as cli_main
 from divmerge_core.config import parse_config
 from divmerge_core.errors import ConfigError, DatasetError
 from divmerge_core.evaluation.scoring import match_answer
-from divmerge_core.loading import Checkpoint
+from divmerge_core.io.loading import Checkpoint
 from divmerge_core.options import EngineOptions
 from divmerge_core.pipeline import run_merge
 from tests.merge_models import write_config

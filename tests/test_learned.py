@@ -11,8 +11,8 @@ import torch
 
 from divmerge_core.config import parse_config
 from divmerge_core.errors import ConfigError, MergeCancelled, NumericalError
+from divmerge_core.io.loading import Checkpoint
 from divmerge_core.learned import learn_coefficients
-from divmerge_core.loading import Checkpoint
 from divmerge_core.options import EngineOptions
 from divmerge_core.pipeline import prepare
 from divmerge_core.plan import LearnedCoefficients, MergePlan

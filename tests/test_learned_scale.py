@@ -82,7 +82,7 @@ def test_placements_follow_the_resident_trajectory_bf16(families, placement):
 
 
 def test_bf16_learned_merge_writes_a_bf16_model(families, tmp_path):
-    from divmerge_core.loading import Checkpoint
+    from divmerge_core.io.loading import Checkpoint
     from divmerge_core.pipeline import run_merge
 
     base, experts = families["gpt2"]

@@ -317,7 +317,7 @@ def test_torchrun_ranks_write_one_output(gpt2_setup, tmp_path):
             proc.wait()
     res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("merged 3 model(s)") == 1  # rank 0 only
+    assert res.stdout.count("merged 2 model(s)") == 1  # rank 0 only (the 2 experts)
     single = run_merge(plan.config, tmp_path / "single", device="cpu")
     two = json.loads((tmp_path / "out" / "coefficients.json").read_text())
     one = {

@@ -60,3 +60,22 @@ def test_uncached_hub_model_is_transient_unless_offline(tmp_path, env, expected)
         [sys.executable, "-c", _PROBE], env=full_env, capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip() == expected, out.stderr
+
+
+def test_the_api_and_the_engine_agree_on_what_is_local(tmp_path, monkeypatch):
+    """A bare name that is a folder of the current directory is local for the engine (as in mergekit), so
+    the API's submit checks apply the allow-list to it (it used to pass as a Hub id and fail in the job)."""
+    from api import spec
+    from api.errors import ApiError
+    from divmerge_core.config import parse_config
+    from service_core.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-expert").mkdir()
+    config = parse_config(
+        {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": "my-expert"}]}
+    )
+    assert parse_model_ref("my-expert").is_local and not parse_model_ref("org/base").is_local
+    with pytest.raises(ApiError) as err:
+        spec.check_paths(config, Settings(home=tmp_path / "home", local_roots=[tmp_path]))
+    assert (err.value.status, err.value.code, err.value.field) == (422, "path_not_allowed", "models.0.model")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from divmerge_core import EngineOptions, parse_config, run_merge
 from divmerge_core.errors import IncompatibleModelsError, ModelNotFoundError, UnsafeCheckpointError
-from divmerge_core.loading import Checkpoint
+from divmerge_core.io.loading import Checkpoint
 from divmerge_core.pipeline import prepare
 
 from .merge_models import bert_family, config_dict

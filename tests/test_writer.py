@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from divmerge_core import EngineOptions, parse_config, run_merge
 from divmerge_core.errors import MergeCancelled, OutputExistsError
-from divmerge_core.loading import Checkpoint
-from divmerge_core.safetensors_writer import INDEX_FILE, ShardedSafetensorsWriter, TensorSpec
+from divmerge_core.io.loading import Checkpoint
+from divmerge_core.io.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorSpec
 
 from .merge_models import bert_family, config_dict, gpt2_family
 
@@ -218,3 +218,22 @@ def test_finiteness_check_is_exact():
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not all_finite(torch.tensor([1.0, bad, 2.0]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # sum NaN
+
+
+def test_one_safetensors_format_for_reader_writer_and_cache(tmp_path):
+    """divmerge_core.io.safetensors_format: a header it encodes is what the safetensors library reads, and
+    the dtype names are the library's."""
+    from divmerge_core.io import safetensors_format as sf
+
+    tensors = _tensors()
+    entries, size = sf.layout((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
+    head = sf.encode_header(entries, {"format": "pt"})
+    assert len(head) % 8 == 0
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(head + b"".join(bytes(sf.tensor_bytes(t)) for t in tensors.values()))
+    assert path.stat().st_size == len(head) + size
+    assert sf.read_header(path)[0] == len(head)
+    with safe_open(str(path), framework="pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+            assert f.get_slice(name).get_dtype() == sf.DTYPE_NAMES[t.dtype]

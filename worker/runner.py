@@ -28,7 +28,7 @@ from divmerge_core.progress import ProgressEvent, Reporter
 from service_core import jobs
 from service_core.config import Settings
 from service_core.db import is_unavailable, session_scope
-from service_core.models import Team, utcnow
+from service_core.models import JobStatus, Team, utcnow
 
 from . import upload
 from .bookkeeping import DatabaseUnavailable, drop_delivery, load_delivery, save_delivery, with_db
@@ -198,7 +198,8 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
         cap = settings.max_running_per_team
         if cap and jobs.team_at_capacity(s, job_id, cap):
             return "busy"
-        return jobs.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        got = jobs.claim(s, job_id, worker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        return got if got is not None else jobs.due_in(s, job_id)
 
     claim = with_db(settings, f"claim of job {job_id}", _claim, patience)
     if claim == "busy":
@@ -208,6 +209,9 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
             settings.max_running_per_team,
         )
         return Outcome("retry", settings.retry_backoff_s)
+    if isinstance(claim, float):  # the message came before the job's retry delay ran out
+        log.info("job %s: not due for %.1fs; trying again then", job_id, claim)
+        return Outcome("retry", claim)
     if claim is None:
         log.info("job %s: not claimable (running elsewhere, finished or cancelled); message dropped", job_id)
         return Outcome("dropped")
@@ -226,7 +230,12 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
         def _record(s):
             jobs.update_running(s, claim, **journal)
             jobs.finish(
-                s, claim, "succeeded", "recorded an earlier delivery", error_code=None, error_message=None
+                s,
+                claim,
+                JobStatus.SUCCEEDED,
+                "recorded an earlier delivery",
+                error_code=None,
+                error_message=None,
             )
 
         with_db(settings, f"job {job_id}: recording an earlier delivery", _record, lease_end)
@@ -247,17 +256,6 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
             return Outcome("lost")
 
 
-def _options(settings: Settings) -> EngineOptions:
-    return EngineOptions(
-        allow_pickle=settings.allow_pickle,
-        local_roots=settings.roots,
-        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-        cache_dir=settings.hf_cache_dir,
-        teacher_cache_dir=settings.teacher_cache,
-        teacher_cache_bytes=settings.teacher_cache_bytes,
-    )
-
-
 def _run_claimed(ctx: _Job) -> Outcome:
     """Merge into this attempt's staging folder, then deliver it (:func:`_finish_delivery`).
 
@@ -270,7 +268,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
     from divmerge_core.pipeline import prepare, run_merge
 
     claim, config, settings, lease = ctx.claim, ctx.config, ctx.settings, ctx.lease
-    options = _options(settings)
+    options = settings.engine_options()
     scratch = _scratch(ctx)
     staged: Path | None = None
     try:
@@ -364,7 +362,7 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
         jobs.finish(
             s,
             claim,
-            "succeeded",
+            JobStatus.SUCCEEDED,
             f"delivered to {delivery.destination}",
             error_code=None,
             error_message=None,
@@ -383,7 +381,7 @@ def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
     """Up to ``delivery_attempts`` tries; between them ``last_error`` shows the reason and the stage is
     ``upload_wait``. Non-transient errors are not retried."""
     config, settings, claim = ctx.config, ctx.settings, ctx.claim
-    dest = _local_dest(config, claim.job_id, settings, _options(settings))
+    dest = _local_dest(config, claim.job_id, settings, settings.engine_options())
     for attempt in range(1, settings.delivery_attempts + 1):
         ctx.progress.write("upload", attempt - 1, settings.delivery_attempts)
         try:
@@ -443,7 +441,7 @@ def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: s
 
 
 def _failed(ctx: _Job, code: str, message: str) -> Outcome:
-    _finish(ctx, "failed", f"failed: {code}", error_code=code, error_message=message[:2000])
+    _finish(ctx, JobStatus.FAILED, f"failed: {code}", error_code=code, error_message=message[:2000])
     log.info("job %s: failed (%s)", ctx.claim.job_id, code)
     return Outcome("failed")
 
@@ -456,7 +454,7 @@ def _cancelled(ctx: _Job, **values: Any) -> Outcome:
     if ctx.lease.lost.is_set() and not ctx.lease.cancel.is_set():
         log.warning("job %s: lease lost; leaving the job to its new owner", ctx.claim.job_id)
         return Outcome("lost")
-    _finish(ctx, "cancelled", "cancelled", error_code=None, error_message=None, **values)
+    _finish(ctx, JobStatus.CANCELLED, "cancelled", error_code=None, error_message=None, **values)
     log.info("job %s: cancelled", ctx.claim.job_id)
     return Outcome("cancelled")
 
@@ -504,7 +502,7 @@ def _write(ctx: _Job, **values: Any) -> None:
     )
 
 
-def _finish(ctx: _Job, status: str, message: str, **values: Any) -> None:
+def _finish(ctx: _Job, status: JobStatus, message: str, **values: Any) -> None:
     """The job's final write (retried like :func:`_write`)."""
     claim = ctx.claim
 

@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from divmerge_core.paths import is_under
 from service_core import jobs
 from service_core.config import Settings
-from service_core.db import session_scope
-from service_core.models import Job
+from service_core.models import Job, JobStatus
 from service_core.queue import enqueue
 
 from .. import crud, dryrun, spec
+from ..deps import CallerDep, SessionDep, SettingsDep
 from ..errors import ApiError
 from ..schemas import (
     Coefficients,
@@ -33,7 +33,7 @@ from ..schemas import (
     Status,
     ValidationReport,
 )
-from ..security import Caller, CallerDep
+from ..security import Caller
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
@@ -51,10 +51,6 @@ _CONFIG_BODY = {
         },
     }
 }
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -89,12 +85,13 @@ async def create_merge(
     request: Request,
     caller: Caller = CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
 ) -> JobOut:
     """Submit a merge: the body is the engine's MergeConfig, as JSON or as the CLI's YAML
     (``Content-Type: application/yaml``). Cheap checks run now: a bad config, a missing local model or
     data file, an existing output path (unless ``output.overwrite``) or a Hub output without a write token
     for the team are refused before anything is queued."""
-    settings = _settings(request)
     raw = await _read_body(request, settings.max_body_bytes)
     config = spec.parse(spec.load_body(raw, request.headers.get("content-type")))
     spec.check_limits(config, settings)
@@ -103,21 +100,22 @@ async def create_merge(
     stored = spec.normalise(config)
 
     def _create():
-        with session_scope(settings.db_url) as s:
-            try:
-                job, created = crud.create_job(
-                    s,
-                    team_id=caller.team_id,
-                    spec=stored,
-                    spec_hash=spec.spec_hash(stored),
-                    queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
-                    idempotency_key=idempotency_key,
-                )
-            except crud.IdempotencyConflict:
-                raise ApiError(
-                    409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
-                ) from None
-            return JobOut.of(job), created
+        try:
+            job, created = jobs.create_job(
+                s,
+                team_id=caller.team_id,
+                spec=stored,
+                spec_hash=spec.spec_hash(stored),
+                queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
+                idempotency_key=idempotency_key,
+            )
+        except jobs.IdempotencyConflict:
+            raise ApiError(
+                409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
+            ) from None
+        out = JobOut.of(job)
+        s.commit()  # before the task is sent: a worker must find the job
+        return out, created
 
     out, created = await run_in_threadpool(_create)
     if created:
@@ -126,29 +124,27 @@ async def create_merge(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
-def get_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> JobOut:
-    with session_scope(_settings(request).db_url) as s:
-        return JobOut.of(_owned(s, caller, job_id))
+def get_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> JobOut:
+    return JobOut.of(_owned(s, caller, job_id))
 
 
 @router.get("", response_model=JobList, responses={401: _ERRORS[401]})
 def list_merges(
-    request: Request,
     caller: Caller = CallerDep,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1)] = 20,
     cursor: str | None = None,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
 ) -> JobList:
     """The team's jobs, newest first, cursor-paginated."""
-    settings = _settings(request)
     if limit > settings.list_limit_max:
         raise ApiError(422, "invalid_request", f"limit must be at most {settings.list_limit_max}", "limit")
-    with session_scope(settings.db_url) as s:
-        try:
-            jobs, nxt = crud.list_jobs(s, caller.team_id, status=status, limit=limit, cursor=cursor)
-        except ValueError:
-            raise ApiError(422, "invalid_cursor", "the cursor is not valid", "cursor") from None
-        return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=nxt)
+    try:
+        rows, nxt = crud.list_jobs(s, caller.team_id, status=status, limit=limit, cursor=cursor)
+    except ValueError:
+        raise ApiError(422, "invalid_cursor", "the cursor is not valid", "cursor") from None
+    return JobList(items=[JobOut.of(j) for j in rows], next_cursor=nxt)
 
 
 @router.post(
@@ -157,16 +153,17 @@ def list_merges(
     response_model=JobOut,
     responses={**_ERRORS, 409: {"description": "the job has already finished"}},
 )
-def cancel_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> JobOut:
+def cancel_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: the worker stops at its next step and ends it cancelled."""
-    with session_scope(_settings(request).db_url) as s:
-        try:
-            job = crud.cancel_job(s, caller.team_id, job_id)
-        except crud.NotCancellable:
-            raise ApiError(409, "job_finished", "the job has already finished") from None
-        if job is None:
-            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
-        return JobOut.of(job)
+    try:
+        job = jobs.cancel_job(s, caller.team_id, job_id)
+    except jobs.NotCancellable:
+        raise ApiError(409, "job_finished", "the job has already finished") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    out = JobOut.of(job)
+    s.commit()
+    return out
 
 
 @router.post(
@@ -175,11 +172,12 @@ def cancel_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> J
     responses={401: _ERRORS[401], 413: {"description": "body too large"}},
     openapi_extra=_CONFIG_BODY,
 )
-async def validate_merge(request: Request, caller: Caller = CallerDep) -> ValidationReport:
+async def validate_merge(
+    request: Request, caller: Caller = CallerDep, settings: Settings = SettingsDep
+) -> ValidationReport:
     """Dry run: what ``divmerge validate`` does (resolve every model and dataset, check they can be merged,
     read a few rows of each dataset and check its columns, estimate the work), nothing queued. Always 200:
     ``ok`` false with the ``problems`` found (each naming its field)."""
-    settings = _settings(request)
     raw = await _read_body(request, settings.max_body_bytes)
     return await dryrun.validate(raw, request.headers.get("content-type"), settings, caller.team)
 
@@ -192,44 +190,39 @@ def _owned(s: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def _job(settings: Settings, caller: Caller, job_id: str) -> Job:
-    with session_scope(settings.db_url) as s:
-        return _owned(s, caller, job_id)
-
-
 @router.post(
     "/{job_id}/retry",
     status_code=202,
     response_model=JobOut,
     responses={**_ERRORS, 409: {"description": "only a failed job can be retried"}},
 )
-def retry_merge(job_id: str, request: Request, caller: Caller = CallerDep) -> JobOut:
+def retry_merge(
+    job_id: str, caller: Caller = CallerDep, settings: Settings = SettingsDep, s: Session = SessionDep
+) -> JobOut:
     """Run a failed job again: its kept result is re-delivered if the merge finished but the delivery
     failed (``kept`` in the job), else the merge runs from scratch."""
-    settings = _settings(request)
-    with session_scope(settings.db_url) as s:
-        try:
-            job = crud.retry_job(s, caller.team_id, job_id)
-        except crud.NotRetryable:
-            raise ApiError(409, "not_retryable", "only a failed job can be retried") from None
-        if job is None:
-            raise ApiError(404, "not_found", f"no merge job {job_id!r}")
-        out = JobOut.of(job)
+    try:
+        job = jobs.retry_job(s, caller.team_id, job_id)
+    except jobs.NotRetryable:
+        raise ApiError(409, "not_retryable", "only a failed job can be retried") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    out = JobOut.of(job)
+    s.commit()  # before the task is sent: a worker must find the job queued
     enqueue(settings, out.id, out.queue)
     return out
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=_ERRORS)
-def merge_events(job_id: str, request: Request, caller: Caller = CallerDep) -> EventList:
+def merge_events(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> EventList:
     """What happened to the job, oldest first: submitted, claimed (by which worker), each stage, retries
     and their reason, warnings, the outcome."""
-    with session_scope(_settings(request).db_url) as s:
-        _owned(s, caller, job_id)
-        return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
+    _owned(s, caller, job_id)
+    return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
 
 
 def _finished_result(job: Job) -> dict:
-    if job.status != "succeeded" or not job.result:
+    if job.status != JobStatus.SUCCEEDED or not job.result:
         raise ApiError(409, "no_result", f"the job is {job.status}: it has no output files yet")
     return job.result
 
@@ -239,9 +232,9 @@ def _finished_result(job: Job) -> dict:
     response_model=FileList,
     responses={**_ERRORS, 409: {"description": "the job has not succeeded"}},
 )
-def merge_files(job_id: str, request: Request, caller: Caller = CallerDep) -> FileList:
+def merge_files(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> FileList:
     """The output files (name, size, sha256); for Hub outputs also the repo and the upload commit."""
-    result = _finished_result(_job(_settings(request), caller, job_id))
+    result = _finished_result(_owned(s, caller, job_id))
     dest = result["destination"]
     hub = (
         HubLocation(repo_id=dest[len("hf://") :], commit=result.get("commit"))
@@ -256,10 +249,16 @@ def merge_files(job_id: str, request: Request, caller: Caller = CallerDep) -> Fi
     response_class=FileResponse,
     responses={**_ERRORS, 409: {"description": "the job has not succeeded, or its output is on the Hub"}},
 )
-def merge_file(job_id: str, name: str, request: Request, caller: Caller = CallerDep) -> FileResponse:
+def merge_file(
+    job_id: str,
+    name: str,
+    caller: Caller = CallerDep,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> FileResponse:
     """Stream one output file of a local destination (names as listed by ``/files``)."""
-    settings = _settings(request)
-    result = _finished_result(_job(settings, caller, job_id))
+    result = _finished_result(_owned(s, caller, job_id))
+    s.close()  # the file streams after the handler returns: no connection held meanwhile
     dest = result["destination"]
     if dest.startswith("hf://"):
         raise ApiError(409, "hub_output", f"the output is on the Hub ({dest}): download it from there")
@@ -281,11 +280,11 @@ def merge_file(job_id: str, name: str, request: Request, caller: Caller = Caller
         404: {"description": "no such job for this team, or a classic method (no coefficients)"},
     },
 )
-def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep) -> Coefficients:
+def merge_coefficients(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> Coefficients:
     """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
     (live while the job runs)."""
-    job = _job(_settings(request), caller, job_id)
-    coeffs = (job.result or {}).get("coefficients") if job.status == "succeeded" else None
+    job = _owned(s, caller, job_id)
+    coeffs = (job.result or {}).get("coefficients") if job.status == JobStatus.SUCCEEDED else None
     if coeffs is None and not spec.is_learned(job.spec):
         raise ApiError(
             404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
@@ -307,11 +306,11 @@ def merge_coefficients(job_id: str, request: Request, caller: Caller = CallerDep
         409: {"description": "the evaluation has not run yet"},
     },
 )
-def merge_evaluation(job_id: str, request: Request, caller: Caller = CallerDep) -> Evaluation:
+def merge_evaluation(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> Evaluation:
     """Each task's expert and merged scores, the retention and the ANP, and every compared method's; once
     the merge is evaluated (also for a job whose delivery failed and whose result is kept). A failed
     evaluation stage answers with its ``error`` (the merge itself was kept)."""
-    job = _job(_settings(request), caller, job_id)
+    job = _owned(s, caller, job_id)
     evaluation = (job.result or {}).get("evaluation")
     if evaluation is not None:
         return Evaluation(**evaluation)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..divergence import js
 from ..errors import IncompatibleModelsError
+from ..io.loading import Checkpoint
 from ..learned.model import module_slots
-from ..loading import Checkpoint
 from ..plan import MergePlan
 from ..teachers import (
     CAUSAL,

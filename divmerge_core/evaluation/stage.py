@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..loading import DTYPES
+from ..io.loading import DTYPES
 from ..plan import MergePlan
 from ..progress import Reporter
 from ..teacher_cache import expert_identity, tokenizer_identity

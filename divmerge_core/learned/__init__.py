@@ -3,6 +3,9 @@
 Merged weights are ``theta_0 + sum_t Gamma[g, t] * tau_t`` with task vectors ``tau_t = theta_t - theta_0``
 and one coefficient per (group, task); Gamma is real, may be negative and is not clipped.
 
+Each method declares its objective on its registry entry (:class:`~divmerge_core.methods.learned_parameters.Objective`:
+the loss, and whether it needs teachers); :mod:`.objectives` holds the losses:
+
 * divmerge minimises ``mean_t E_{x ~ X_t} D(p_teacher_t(.|x) || p_merged(.|x))`` (D = JS or forward KL);
   every input is compared with its own task's teacher only, teacher outputs are computed once.
 * adamerging minimises the Shannon entropy of the merged model's predictions on each task's inputs
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..loading import DTYPES
+from ..io.loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind
@@ -28,6 +31,7 @@ from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
 from .memory import choose_placement, estimate_learned_memory
 from .model import build_merge_module, coefficient_groups
+from .objectives import objective_of
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
@@ -42,15 +46,15 @@ def learn_coefficients(
     on_gradient: GradientHook | None = None,
     ranks: Ranks = SINGLE,
 ) -> LearnedCoefficients:
-    """Learn Gamma for ``plan`` (divmerge or adamerging); ``on_gradient`` sees Gamma's gradient every step.
+    """Learn Gamma for ``plan`` (a learned method: the objective its registry entry declares, see
+    :mod:`.objectives`); ``on_gradient`` sees Gamma's gradient every step.
 
     ``ranks``: the processes of a data-parallel run (see :mod:`.distributed`); every rank returns the same
     coefficients.
     """
     cfg, params = plan.config, plan.config.parameters
     method = cfg.merge_method
-    if method not in ("divmerge", "adamerging"):
-        raise ConfigError(f"learn_coefficients does not handle merge_method {method!r}")
+    objective = objective_of(plan)  # what the registry entry declares; no method name is compared
     if plan.base is None:
         raise ConfigError(f"merge_method {method!r} needs a base_model", field="base_model")
     dtype = DTYPES[cfg.dtype]
@@ -66,7 +70,7 @@ def learn_coefficients(
     vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
     teachers = None
     try:
-        if method == "divmerge":
+        if objective.teachers:
             teachers = teacher_stage(
                 plan, kind, inputs, dtype=dtype, device=device, reporter=reporter, ranks=ranks
             )
@@ -84,6 +88,7 @@ def learn_coefficients(
             teachers,
             gamma,
             method=method,
+            objective=objective,
             kind=kind,
             params=params,
             device=device,

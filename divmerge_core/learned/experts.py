@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import IncompatibleModelsError
-from ..loading import Checkpoint
+from ..io.loading import Checkpoint
 from ..plan import MergePlan
 from ..progress import Reporter
 from .inputs import LearnedInputs

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientMemoryError
-from ..loading import DTYPES, Checkpoint
+from ..io.loading import DTYPES, Checkpoint
 from ..plan import MergePlan
 from ..teachers import CAUSAL, model_kind, teacher_batch_size
+from .objectives import objective_of
 from .placement import PLACEMENTS
 
 #: the Python/torch runtime's own host footprint (libraries, allocator), counted once
@@ -136,7 +137,7 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
     k = len(plan.models)
     kind = model_kind(cfg)
     causal = kind == CAUSAL
-    divmerge = plan.config.merge_method == "divmerge"
+    teachers = objective_of(plan).teachers  # teacher generation, outputs and top-k
     hidden = _cfg(cfg, "hidden_size", "n_embd", "d_model", default=768)
     layers = _cfg(cfg, "num_hidden_layers", "n_layer", default=12)
     heads = _cfg(cfg, "num_attention_heads", "n_head", default=12)
@@ -149,22 +150,22 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
         sum(min(params.batch_size_per_task, n) for n in _n_inputs(plan)) or params.batch_size_per_task
     )
     batch = min(micro or step_inputs, step_inputs)
-    length = params.max_length + (params.max_new_tokens if causal and divmerge else 0)
+    length = params.max_length + (params.max_new_tokens if causal and teachers else 0)
     tokens = batch * length
     per_layer = tokens * (8 * hidden + 2 * kv + 4 * inter) * b + batch * heads * length * length * 4
     activations = (layers * tokens * hidden * b + per_layer) if checkpointing else layers * per_layer
     if causal:
-        scored = batch * (params.max_new_tokens if divmerge else length)
-        width = params.top_k if (divmerge and params.top_k) else vocab
+        scored = batch * (params.max_new_tokens if teachers else length)
+        width = params.top_k if (teachers and params.top_k) else vocab
         activations += tokens * vocab * b + scored * vocab * 4 * 3 + scored * width * 4 * 2
     # teacher generation: a batch of prompts scored over the full vocabulary
     teacher = 0
-    if divmerge:
+    if teachers:
         tb = teacher_batch_size(params.batch_size_per_task)
         teacher = tb * length * ((vocab * (b + 4) if causal else 0) + 4 * hidden * b + 2 * layers * kv * b)
     store_b = 4 if plan.config.dtype == "float32" else b
-    online = divmerge and params.teacher == "online"
-    if not divmerge or online:
+    online = teachers and params.teacher == "online"
+    if not teachers or online:
         outputs = 0
     elif causal:
         per_pos = params.top_k * (store_b + 8) if params.top_k else vocab * store_b

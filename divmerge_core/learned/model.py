@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..grouping import group_tensors, layer_group
-from ..loading import Checkpoint
+from ..io.loading import Checkpoint
 from ..plan import MergePlan
 from ..teachers import CAUSAL, build_module
 

@@ -9,13 +9,14 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call
 
-from ..divergence import divergence, entropy
 from ..errors import NumericalError
+from ..methods.learned_parameters import Objective
 from ..progress import Reporter
-from ..teachers import Example, collate, per_example_mean, scored_logits
+from ..teachers import collate, per_example_mean, scored_logits
 from .activations import enable_checkpointing
 from .inputs import LearnedInputs
 from .model import MergeModule
+from .objectives import loss_function
 from .placement import TaskVectors
 from .ranks import SINGLE, Ranks
 from .teacher_store import TeacherStore
@@ -32,6 +33,7 @@ def optimise(
     gamma: torch.nn.Parameter,
     *,
     method: str,
+    objective: Objective,
     kind: str,
     params,
     device: torch.device,
@@ -48,7 +50,7 @@ def optimise(
     the loss are summed over the ranks, so every rank takes the same Adam step as a single process would.
     """
     n_tasks = len(inputs.examples)
-    loss_fn = loss_function(method, params.divergence, kind, store)
+    loss_fn = loss_function(objective, params, kind, store)
     sampler = Sampler([len(e) for e in inputs.examples], params.batch_size_per_task, params.seed)
     total = params.epochs * sampler.steps_per_epoch
     optimiser = torch.optim.Adam([gamma], lr=params.lr)
@@ -103,23 +105,6 @@ def optimise(
         losses.append(value)
         reporter.report("optimise", step, total, value)
     return losses
-
-
-def loss_function(
-    method: str, div: str, kind: str, store: TeacherStore | None
-) -> Callable[[torch.Tensor, list[Example]], torch.Tensor]:
-    """Per-scored-row loss: [B] (classification) or [T] (causal tokens)."""
-    if method == "adamerging":
-        return lambda logits, _: entropy(torch.log_softmax(logits, dim=-1))
-    assert store is not None
-
-    def div_loss(logits: torch.Tensor, picked: list[Example]) -> torch.Tensor:
-        target, index = store.targets(picked, logits.device)
-        if index is not None:
-            logits = logits.gather(-1, index)  # the student renormalised on the teacher's top-k support
-        return divergence(div, target, torch.log_softmax(logits, dim=-1))
-
-    return div_loss
 
 
 class Sampler:

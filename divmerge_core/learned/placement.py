@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..loading import Checkpoint
+from ..io.loading import Checkpoint
 from ..plan import MergePlan
 from .model import MergeModule
 

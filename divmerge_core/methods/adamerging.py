@@ -3,10 +3,10 @@ model's predictions on unlabelled inputs (the engine is ``divmerge_core.learned`
 
 from __future__ import annotations
 
-from .base import MergeMethod, NoModelParameters
-from .learned_parameters import LearnedParameters
+from .base import NoModelParameters
+from .learned_parameters import LearnedMethod, LearnedParameters, Objective
 
-METHOD = MergeMethod(
+METHOD = LearnedMethod(
     name="adamerging",
     kind="learned",
     parameters=LearnedParameters,
@@ -15,4 +15,5 @@ METHOD = MergeMethod(
     "predictions on unlabelled inputs",
     reference="https://arxiv.org/abs/2310.02575",
     queue="gpu",
+    objective=Objective(loss="divmerge_core.learned.objectives:entropy", teachers=False),
 )

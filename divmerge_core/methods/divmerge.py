@@ -3,10 +3,10 @@ divergence from its own fine-tuned teacher on unlabelled inputs (the engine is `
 
 from __future__ import annotations
 
-from .base import MergeMethod, NoModelParameters
-from .learned_parameters import LearnedParameters
+from .base import NoModelParameters
+from .learned_parameters import LearnedMethod, LearnedParameters, Objective
 
-METHOD = MergeMethod(
+METHOD = LearnedMethod(
     name="divmerge",
     kind="learned",
     parameters=LearnedParameters,
@@ -15,4 +15,5 @@ METHOD = MergeMethod(
     "between each fine-tuned model and the merged model on unlabelled inputs",
     reference="https://arxiv.org/abs/2509.02108",
     queue="gpu",
+    objective=Objective(loss="divmerge_core.learned.objectives:divergence", teachers=True),
 )

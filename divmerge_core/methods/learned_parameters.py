@@ -1,13 +1,40 @@
-"""The parameters of the learned methods (divmerge, adamerging): one class, read by ``learned.py`` and
-``teachers.py`` as ``plan.config.parameters.<name>``. Defaults follow the DivMerge paper."""
+"""What the learned methods (divmerge, adamerging) declare: their parameters (one class, read by
+``divmerge_core.learned`` and ``divmerge_core.teachers`` as ``plan.config.parameters.<name>``; defaults
+follow the DivMerge paper) and their :class:`Objective`, on the registry entry (:class:`LearnedMethod`).
+``divmerge_core.learned`` runs whatever objective the entry names and compares no method names."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import Field, FiniteFloat
 
-from .base import MethodParameters
+from .base import MergeMethod, MethodParameters
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a learned method minimises over Gamma (torch-free: the registry is read by the API process).
+
+    ``loss`` is ``"module:function"``; :func:`divmerge_core.learned.objectives.loss_function` imports it and
+    calls ``function(params, kind, store)``, which returns the per-scored-row loss ``fn(logits, examples)``
+    (``[B]`` for classification, ``[T]`` scored tokens for causal LMs). ``teachers``: the loss compares the
+    merged model with each task's own fine-tuned model, so the teacher stage runs first (outputs cached
+    or online, ``parameters.teacher``; causal LMs score the teacher's greedy continuation of each input,
+    ``max_new_tokens``, optionally on its ``top_k`` tokens) and ``store`` is the teacher store; without
+    teachers ``store`` is None and causal LMs are scored at every input position.
+    """
+
+    loss: str
+    teachers: bool
+
+
+@dataclass(frozen=True)
+class LearnedMethod(MergeMethod):
+    """A learned method's registry entry: a :class:`MergeMethod` plus the :class:`Objective` it minimises."""
+
+    objective: Objective = field(kw_only=True)
 
 
 class LearnedParameters(MethodParameters):

@@ -207,3 +207,36 @@ def test_worker_imports_no_api_routes():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_database_session_per_request(tmp_path):
+    """api.deps: the token lookup and the handler share the request's one session (the caller dependency
+    used to open a second one on every request)."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from api.main import create_app
+    from api.security import create_token
+    from service_core.config import Settings
+    from service_core.db import migrate, session_scope
+
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'one.db'}")
+    migrate(settings.db_url)
+    with session_scope(settings.db_url) as s:
+        _, token = create_token(s, "one-session")
+    sessions: set[int] = set()
+
+    def began(session, _transaction, _connection):
+        sessions.add(id(session))
+
+    event.listen(Session, "after_begin", began)
+    try:
+        client = TestClient(create_app(settings))
+        headers = {"Authorization": f"Bearer {token}"}
+        for path, status in (("/v1/merges", 200), ("/v1/merges/nope", 404), ("/v1/merges/nope/events", 404)):
+            sessions.clear()
+            assert client.get(path, headers=headers).status_code == status
+            assert len(sessions) == 1, f"GET {path} opened {len(sessions)} sessions"
+    finally:
+        event.remove(Session, "after_begin", began)

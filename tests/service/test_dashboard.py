@@ -5,6 +5,7 @@ or on a request to any other host. DIVMERGE_DASHBOARD_SHOTS=DIR saves screenshot
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -238,6 +239,15 @@ def test_list_and_learned_job_page(svc, api, web, token):
 
     row.get_by_role("link").click()
     page.wait_for_url(f"**/jobs/{job['id']}")
+    # a finished job's bar is full and spans its card (it was capped at 40rem: "done · 1/1" at ~60% width)
+    bar = page.locator("#progress progress")
+    bar.wait_for()
+    assert bar.evaluate("b => b.position") == 1
+    span = bar.evaluate(
+        "b => { const c = document.getElementById('progress'); return b.getBoundingClientRect().width"
+        " / c.getBoundingClientRect().width; }"
+    )
+    assert span > 0.98, f"the finished job's progress bar spans {span:.0%} of its card"
     coeffs = api.get(f"/v1/merges/{job['id']}/coefficients")
     curve = page.locator('[data-testid="loss-curve"] svg')
     heat = page.locator('[data-testid="coefficients-heatmap"] svg')
@@ -457,3 +467,28 @@ def test_evaluation_panel_shows_bars_anp_and_unparsed(svc, api, web, token):
     web.shot("evaluation.png")
     assert web.fits(380), "the evaluation panel scrolls sideways on a narrow window"
     web.assert_clean()
+
+
+def test_the_dashboard_takes_the_job_statuses_from_the_service():
+    """One list of statuses (service_core.models.JobStatus): the pages' scripts import it from
+    /dashboard/constants.js and the jobs page's filter is rendered from it; no copy in the static files."""
+    import re
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from api.routers import dashboard
+    from service_core.models import FINISHED, JobStatus
+
+    app = FastAPI()
+    dashboard.install(app)
+    client = TestClient(app)
+    js = client.get("/dashboard/constants.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert f"export const STATUSES = {json.dumps([s.value for s in JobStatus])};" in js.text
+    assert f"export const FINISHED = {json.dumps([s.value for s in FINISHED])};" in js.text
+    page = client.get("/").text
+    assert re.findall(r'<option value="(\w+)">', page) == [s.value for s in JobStatus]
+    static = dashboard.ASSETS / "static" / "js"
+    for path in static.glob("*.js"):
+        assert '"cancelled"' not in path.read_text(), f"{path.name} keeps its own list of statuses"

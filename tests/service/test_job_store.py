@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from api import crud
 from service_core import jobs
 from service_core.db import get_engine, migrate, session_scope
 from service_core.models import Job, Team, utcnow
@@ -34,7 +33,7 @@ def url():
 
 def new_job(url: str) -> str:
     with session_scope(url) as s:
-        job, _ = crud.create_job(s, team_id=1, spec={}, spec_hash="h", queue="q", idempotency_key=None)
+        job, _ = jobs.create_job(s, team_id=1, spec={}, spec_hash="h", queue="q", idempotency_key=None)
         return job.id
 
 
@@ -98,7 +97,7 @@ def test_out_of_attempts_is_worker_lost_and_cancel_wins(url):
     other = new_job(url)
     assert claim(url, other, "a") is not None
     with session_scope(url) as s:
-        crud.cancel_job(s, 1, other)
+        jobs.cancel_job(s, 1, other)
     expire(url, other)
     assert claim(url, other, "b") is None and status(url, other).status == "cancelled"
 
@@ -133,6 +132,25 @@ def test_transient_requeue_waits_for_run_after(url):
             .values(status="cancelled")
         )
         assert jobs.next_claimable(s) == job_id
+    assert claim(url, job_id, "b").attempt == 2
+
+
+def test_a_message_before_run_after_does_not_claim_and_says_how_long_to_wait(url):
+    """claim() honours run_after like next_claimable() and stale_jobs() (one ``claimable`` rule): a message
+    that arrives before a retry's delay ran out claims nothing, and due_in() tells the runner to wait."""
+    job_id = new_job(url)
+    c = claim(url, job_id, "a")
+    with session_scope(url) as s:
+        assert jobs.requeue(s, c, 30, "hub_unavailable", "HTTP 503")
+    assert claim(url, job_id, "b") is None
+    with session_scope(url) as s:
+        wait = jobs.due_in(s, job_id)
+    assert wait is not None and 25 < wait <= 30
+    job = status(url, job_id)
+    assert (job.status, job.attempts) == ("queued", 1)
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(run_after=utcnow() - timedelta(seconds=1)))
+        assert jobs.due_in(s, job_id) is None
     assert claim(url, job_id, "b").attempt == 2
 
 

@@ -1,8 +1,11 @@
 // Shared by every page: the token (sessionStorage), API calls with the bearer header, sign-in/out,
 // DOM building and formatting helpers.
 
+import { FINISHED } from "/dashboard/constants.js"; // served from service_core.models.JobStatus
+
+export { FINISHED };
+
 const KEY = "divmerge.token";
-export const FINISHED = ["succeeded", "failed", "cancelled"];
 
 export class ApiError extends Error {
   constructor(status, code, message, field) {
@@ -176,7 +179,8 @@ export function progressBar(job) {
   if (p.eta_s !== null && p.eta_s !== undefined) parts.push(`ETA ${duration(p.eta_s)}`);
   const label = parts.join(" · ");
   const bar = h("progress", { max: total || 1, "aria-label": label });
-  if (total) bar.value = Math.min(p.step ?? 0, total);
+  if (job.status === "succeeded") bar.value = total || 1; // full, whatever the last (best-effort) write said
+  else if (total) bar.value = Math.min(p.step ?? 0, total);
   else if (FINISHED.includes(job.status)) bar.value = 1;
   // no value: an indeterminate bar (a stage without steps)
   return h("div", { class: "progress" }, bar, h("span", { class: "progress-label" }, label));

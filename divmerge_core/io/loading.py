@@ -16,25 +16,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import ModelNotFoundError, UnsafeCheckpointError
-from .options import EngineOptions
-from .paths import index_shards
+from ..errors import ModelNotFoundError, UnsafeCheckpointError
+from ..options import EngineOptions
+from ..paths import index_shards
+from .safetensors_format import DTYPES as _ST_DTYPES
+from .safetensors_format import pread_into, read_header
 
 #: The config's ``dtype``/``out_dtype`` names.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 _QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map", ".SCB")
 
 
@@ -197,29 +187,6 @@ class Checkpoint:
                 raise UnsafeCheckpointError(f"cannot load {fname!r} safely: {err}") from None
             state.update(part)
         return state
-
-
-def pread_into(fd: int, out: torch.Tensor, pos: int) -> int:
-    """Fill the contiguous CPU tensor ``out`` with the bytes of ``fd`` from ``pos`` (``os.preadv``, repeated
-    until full); returns the bytes read, fewer than ``out``'s size only when the file ends first."""
-    size = out.numel() * out.element_size()
-    if size == 0:
-        return 0
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], pos + got)
-        if not n:
-            break
-        got += n
-    return got
-
-
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, parsed JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:

@@ -13,25 +13,14 @@ File names and the index follow Hugging Face's conventions: ``model.safetensors`
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-ST_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from .safetensors_format import element_size, encode_header, layout, nbytes, tensor_bytes
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -44,8 +33,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return math.prod(self.shape) * itemsize
+        return nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -53,13 +41,13 @@ class _Shard:
     file: str
     specs: list[TensorSpec]
     offsets: dict[str, tuple[int, int]]
-    header: bytes
+    header: bytes  # the length prefix and the padded JSON header
     handle: BinaryIO | None = None
     remaining: int = 0
 
     @property
     def data_start(self) -> int:
-        return 8 + len(self.header)
+        return len(self.header)
 
     @property
     def size(self) -> int:
@@ -85,22 +73,10 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Tenso
 def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     # Larger element sizes first, so that every tensor starts at an offset aligned to its element size
     # (the data section starts 8-byte aligned because the header is padded to 8 bytes).
-    ordered = sorted(specs, key=lambda s: -torch.empty((), dtype=s.dtype).element_size())
-    offsets: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for spec in ordered:
-        offsets[spec.name] = (pos, pos + spec.nbytes)
-        pos += spec.nbytes
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    for spec in ordered:
-        header[spec.name] = {
-            "dtype": ST_DTYPE_NAMES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": list(offsets[spec.name]),
-        }
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return raw, offsets
+    ordered = sorted(specs, key=lambda s: -element_size(s.dtype))
+    entries, _ = layout((s.name, s.shape, s.dtype) for s in ordered)
+    offsets = {name: tuple(e["data_offsets"]) for name, e in entries.items()}
+    return encode_header(entries, metadata), offsets
 
 
 class ShardedSafetensorsWriter:
@@ -148,7 +124,6 @@ class ShardedSafetensorsWriter:
 
     def _open(self, shard: _Shard) -> None:
         handle = open(self.folder / shard.file, "wb")  # noqa: SIM115 - closed when its last tensor lands
-        handle.write(len(shard.header).to_bytes(8, "little"))
         handle.write(shard.header)
         handle.truncate(shard.size)
         shard.handle = handle
@@ -172,11 +147,11 @@ class ShardedSafetensorsWriter:
             )
         shard = self._shard_of[name]
         begin, end = shard.offsets[name]
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         assert data.nbytes == end - begin
         assert shard.handle is not None
         shard.handle.seek(shard.data_start + begin)
-        shard.handle.write(memoryview(data))
+        shard.handle.write(data)
         self._written.add(name)
         shard.remaining -= 1
         if shard.remaining == 0:
