@@ -140,8 +140,8 @@ def test_ties_equals_peft(tensors, density):
     ours = ties_deltas(deltas, w, [density] * 3)
     theirs = peft_merge.ties(deltas, torch.tensor(w), density)
     assert torch.equal(ours, theirs)
-    # the registered method: base + peft's mix, bit for bit
-    assert torch.equal(merge_tensor("ties", base, models, w, [density] * 3), theirs + base)
+    # the registered method with variant: peft: base + peft's mix, bit for bit
+    assert torch.equal(merge_tensor("ties", base, models, w, [density] * 3, variant="peft"), theirs + base)
     for d in deltas:
         assert torch.equal(
             sparsify.magnitude_prune(d, density), peft_merge.magnitude_based_pruning(d, density)
@@ -169,6 +169,36 @@ def test_dare_equals_peft(tensors, seed):
     assert torch.equal(ours_linear, theirs_linear)
     assert torch.equal(ours_ties, theirs_ties)
     assert torch.equal(ours_prune, theirs_prune)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_dare_variant_peft_is_peft(tensors, seed):
+    """The registered dare_* with variant: peft (dare_ties with normalize: true) give peft's mixes."""
+    base, models = tensors
+    deltas = [m - base for m in models]
+    w = [0.5, 1.0, 0.8]
+    for method, peft_fn, extra in (
+        ("dare_linear", peft_merge.dare_linear, {}),
+        ("dare_ties", peft_merge.dare_ties, {"normalize": True}),
+    ):
+        torch.manual_seed(seed)
+        theirs = peft_fn(deltas, torch.tensor(w), 0.3)
+        gen = torch.Generator().manual_seed(seed)
+        ours = merge_tensor(method, base, models, w, [0.3] * 3, generator=gen, variant="peft", **extra)
+        assert torch.equal(ours, theirs + base), method
+
+
+def test_mergekit_variant_rescales_to_the_l1_norm(tensors):
+    """mergekit's DARE: kept entries scaled so the task vector keeps its L1 norm (not 1/density)."""
+    base, models = tensors
+    delta = models[0] - base
+    out = merge_tensor("dare_linear", base, models[:1], [1.0], [0.25], generator=torch.Generator().manual_seed(0))
+    pruned = out - base
+    kept = pruned != 0
+    assert 0.1 < kept.float().mean().item() < 0.4
+    torch.testing.assert_close(pruned.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+    ratio = pruned[kept] / delta[kept]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-4, atol=0)
 
 
 def test_dare_keeps_density_and_rescales(tensors):

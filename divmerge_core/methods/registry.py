@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from . import (
     adamerging,
+    breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    della,
+    della_linear,
     divmerge,
     linear,
     multislerp,
@@ -23,6 +27,10 @@ METHODS: dict[str, MergeMethod] = {
         ties.METHOD,
         dare_linear.METHOD,
         dare_ties.METHOD,
+        breadcrumbs.METHOD,
+        breadcrumbs_ties.METHOD,
+        della.METHOD,
+        della_linear.METHOD,
         slerp.METHOD,
         multislerp.METHOD,
         divmerge.METHOD,
