@@ -206,6 +206,50 @@ def test_task_vector_methods_give_mergekits_tensors(family, tmp_path, example):
     assert any(not torch.equal(ours[n], base[n]) for n in ours)
 
 
+def _models(method: str, n: int, base: bool = True, per_model: list | None = None, **parameters) -> dict:
+    cfg: dict = {
+        "models": [
+            {"model": f"T{i}", **({"parameters": per_model[i - 1]} if per_model else {})} for i in range(1, n + 1)
+        ],
+        "merge_method": method,
+        "dtype": "float32",
+    }
+    if base:
+        cfg["base_model"] = "BASE"
+    if parameters:
+        cfg["parameters"] = parameters
+    return cfg
+
+
+#: The other deterministic methods: every tensor equal to mergekit's.
+OTHER_EXAMPLES = {
+    "model_stock": _models("model_stock", 3),
+    "model_stock_filter_wise": _models("model_stock", 2, filter_wise=True),
+    "nearswap": _models("nearswap", 1, t=[0.05, 0.5]),
+    "karcher": _models("karcher", 3, base=False),
+    "karcher_with_base": _models("karcher", 2, max_iter=5),
+    "nuslerp": _models("nuslerp", 2, base=False, per_model=[{"weight": 0.3}, {"weight": 0.9}]),
+    "nuslerp_task_vectors_rows": _models(
+        "nuslerp", 2, per_model=[{"weight": 1.0}, {"weight": 0.4}], nuslerp_flatten=False
+    ),
+    "sce": _models("sce", 3),
+    "sce_select_topk": _models("sce", 3, select_topk=0.4),
+    "arcee_fusion": _models("arcee_fusion", 1),
+    "ram": _models("ram", 3, epsilon=0.2),
+    "ramplus_tl": _models("ramplus_tl", 3, epsilon=0.2, r=0.5, alpha=0.6),
+}
+
+
+@needs_mergekit
+@pytest.mark.parametrize("example", list(OTHER_EXAMPLES))
+def test_other_methods_give_mergekits_tensors(family, tmp_path, example):
+    cfg = _fill(OTHER_EXAMPLES[example], family)
+    ours = _ours(cfg, tmp_path / "ours")
+    _assert_same(ours, _mergekit(cfg, tmp_path))
+    base = load_file(family["base"] / "model.safetensors")
+    assert any(not torch.equal(ours[n], base[n]) for n in ours)
+
+
 def _one_model(method: str, **model_parameters) -> dict:
     return {
         "models": [{"model": "T1", "parameters": {"weight": 1.0, **model_parameters}}],
