@@ -209,7 +209,8 @@ def test_task_vector_methods_give_mergekits_tensors(family, tmp_path, example):
 def _models(method: str, n: int, base: bool = True, per_model: list | None = None, **parameters) -> dict:
     cfg: dict = {
         "models": [
-            {"model": f"T{i}", **({"parameters": per_model[i - 1]} if per_model else {})} for i in range(1, n + 1)
+            {"model": f"T{i}", **({"parameters": per_model[i - 1]} if per_model else {})}
+            for i in range(1, n + 1)
         ],
         "merge_method": method,
         "dtype": "float32",
@@ -237,7 +238,57 @@ OTHER_EXAMPLES = {
     "arcee_fusion": _models("arcee_fusion", 1),
     "ram": _models("ram", 3, epsilon=0.2),
     "ramplus_tl": _models("ramplus_tl", 3, epsilon=0.2, r=0.5, alpha=0.6),
+    "passthrough": _models("passthrough", 1, base=False),
+    "passthrough_scaled": _models(
+        "passthrough",
+        1,
+        base=False,
+        per_model=[{"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}],
+    ),
 }
+
+#: A frankenmerge: layers 0-2 of T1 then 1-3 of T2 (one scaled) and 3 of T1 again: 7 layers from 4.
+FRANKENMERGE = {
+    "slices": [
+        {"sources": [{"model": "T1", "layer_range": [0, 3]}]},
+        {
+            "sources": [
+                {
+                    "model": "T2",
+                    "layer_range": [1, 4],
+                    "parameters": {"scale": [{"filter": "down_proj", "value": [0.2, 1.0]}, {"value": 1.0}]},
+                }
+            ]
+        },
+        {"sources": [{"model": "T1", "layer_range": [3, 4]}]},
+    ],
+    "merge_method": "passthrough",
+    "dtype": "float32",
+}
+
+
+@needs_mergekit
+def test_passthrough_slices_build_mergekits_frankenmerge(family, tmp_path):
+    import json
+
+    cfg = _fill(FRANKENMERGE, family)
+    ours = _ours(cfg, tmp_path / "ours")
+    theirs = _mergekit(cfg, tmp_path)
+    _assert_same(ours, theirs)
+    assert max(int(n.split(".")[2]) for n in ours if n.startswith("model.layers.")) == 6
+    for out in (tmp_path / "ours", tmp_path / "mergekit-out"):
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 7
+    t1, t2 = (load_file(family[k] / "model.safetensors") for k in ("t1", "t2"))
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(ours[name.format(2)], t1[name.format(2)])
+    assert torch.equal(ours[name.format(3)], t2[name.format(1)])
+    assert torch.equal(ours[name.format(6)], t1[name.format(3)])
+    assert torch.equal(ours["model.embed_tokens.weight"], t1["model.embed_tokens.weight"])
+    assert torch.equal(ours["lm_head.weight"], t1["lm_head.weight"])
+    # the merged model loads with its new layer count
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ours").config.num_hidden_layers == 7
 
 
 @needs_mergekit
@@ -395,6 +446,31 @@ def test_slices_that_change_the_layer_layout_are_refused(slices, message):
     }
     with pytest.raises(ConfigError, match=message):
         parse_config(cfg)
+
+
+def test_passthrough_slices_take_one_source_each_and_existing_layers(family):
+    two = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "/a", "layer_range": [0, 2]}, {"model": "/b", "layer_range": [0, 2]}]}
+        ],
+    }
+    with pytest.raises(ConfigError, match="exactly one source") as err:
+        parse_config(two)
+    assert err.value.field == "slices.0.sources"
+    beyond = _fill(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "T1", "layer_range": [0, 4]}]},
+                {"sources": [{"model": "T2", "layer_range": [2, 6]}]},
+            ],
+        },
+        family,
+    )
+    with pytest.raises(ConfigError, match="takes layers 2-6 of .* which has 4 layers") as err:
+        prepare(parse_config(beyond))
+    assert err.value.field == "slices.1.sources.0.layer_range"
 
 
 def test_slices_must_cover_every_layer(family):

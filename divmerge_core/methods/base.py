@@ -158,8 +158,11 @@ class MergeMethod:
     streams: bool = False
     #: Classic methods: the merge draws random numbers (a seeded generator per tensor is passed).
     random: bool = False
-    #: Exact number of task models (the base excluded), if the method needs one.
+    #: Exact number of task models (the base excluded), if the method needs one (with ``models``).
     n_models: int | None = None
+    #: ``slices`` may rebuild the layer stack (mergekit's passthrough): each slice takes one model's
+    #: ``layer_range``, the output's layers are the slices' in order (:mod:`divmerge_core.relayer`).
+    relayers: bool = False
     #: Check of one tensor's evaluated global and per-model values, run over every tensor name before
     #: any tensor is read: returns the problem, or None.
     check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None

@@ -18,6 +18,7 @@ from . import (
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     ram,
     ramplus_tl,
     sce,
@@ -49,6 +50,7 @@ METHODS: dict[str, MergeMethod] = {
         arcee_fusion.METHOD,
         ram.METHOD,
         ramplus_tl.METHOD,
+        passthrough.METHOD,
         divmerge.METHOD,
         adamerging.METHOD,
     )
