@@ -86,7 +86,8 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     with Checkpoint(plan.reference.path, plan.options) as ref:
         sources = plan.layout.sources if plan.layout else {}
         elements = sum(
-            math.prod(ref.shape(sources[name].name if name in sources else name)) for name in plan.tensor_names
+            math.prod(ref.shape(sources[name].name if name in sources else name))
+            for name in plan.tensor_names
         )
     return {
         "tensors": len(plan.tensor_names),

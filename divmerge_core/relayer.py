@@ -102,7 +102,10 @@ def plan_layers(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[
                 layered.append(out)
             layer_sources.append(i)
             j += 1
-    first, last = refs.index(config.slices[0].sources[0].model), refs.index(config.slices[-1].sources[0].model)
+    first, last = (
+        refs.index(config.slices[0].sources[0].model),
+        refs.index(config.slices[-1].sources[0].model),
+    )
     for name in pre:
         sources[name] = Source(first, name)
     for name in post:
@@ -150,7 +153,9 @@ def write_relayered(plan: MergePlan, folder: Path, device: torch.device, reporte
         def spec(name: str) -> TensorSpec:
             src = layout.sources[name]
             dtype = cks[src.model].dtype(src.name)
-            return TensorSpec(name, cks[src.model].shape(src.name), odtype if dtype.is_floating_point else dtype)
+            return TensorSpec(
+                name, cks[src.model].shape(src.name), odtype if dtype.is_floating_point else dtype
+            )
 
         writer = stack.enter_context(
             ShardedSafetensorsWriter(folder, [spec(n) for n in layout.names], plan.options.max_shard_size)

@@ -192,7 +192,9 @@ def test_mergekit_variant_rescales_to_the_l1_norm(tensors):
     """mergekit's DARE: kept entries scaled so the task vector keeps its L1 norm (not 1/density)."""
     base, models = tensors
     delta = models[0] - base
-    out = merge_tensor("dare_linear", base, models[:1], [1.0], [0.25], generator=torch.Generator().manual_seed(0))
+    out = merge_tensor(
+        "dare_linear", base, models[:1], [1.0], [0.25], generator=torch.Generator().manual_seed(0)
+    )
     pruned = out - base
     kept = pruned != 0
     assert 0.1 < kept.float().mean().item() < 0.4

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 class Parameters(MethodParameters):
     max_iter: Annotated[int, Field(ge=1)] = Field(10, description="most fixed-point iterations")
-    tol: Annotated[float, Field(gt=0)] = Field(1e-5, description="convergence tolerance (and zero-norm cut-off)")
+    tol: Annotated[float, Field(gt=0)] = Field(
+        1e-5, description="convergence tolerance (and zero-norm cut-off)"
+    )
 
 
 def merge(x: TensorInputs) -> torch.Tensor:
