@@ -23,7 +23,8 @@ def merge_tensor(method, base, models, weights, densities, *, generator=None, st
     m = registry.get_method(method)
     values = {k: f.get_default() for k, f in m.parameters.model_fields.items() if not f.is_required()}
     values.update(params)
-    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
+    defaults = {k: f.get_default() for k, f in m.model_parameters.model_fields.items() if not f.is_required()}
+    per_model = [{**defaults, "weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
     copies = [t.clone() for t in models]
     stacked = (c for c in copies) if stream else torch.stack(copies)
     return m.merge(
@@ -282,16 +283,19 @@ def test_magnitude_prune_equals_peft_topk_with_ties(make, density, radix, monkey
     assert torch.equal(inplace.nan_to_num(), theirs.nan_to_num())
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "breadcrumbs", "della_linear"])
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_streaming_methods_give_the_same_from_one_buffer(method, k):
-    """linear/task_arithmetic read one model at a time (a generator refilling a buffer): same result."""
+    """Methods without consensus read one model at a time (a generator refilling a buffer): same result."""
     gen = torch.Generator().manual_seed(k)
     base = torch.randn(33, 17, generator=gen)
     models = [base + 0.1 * torch.randn(33, 17, generator=gen) for _ in range(k)]
     w, d = [0.3 + 0.2 * i for i in range(k)], [0.4 + 0.1 * i for i in range(k)]
-    stacked = merge_tensor(method, base, models, w, d, lambda_=0.7)
-    streamed = merge_tensor(method, base, models, w, d, lambda_=0.7, stream=True)
+    kw = {"lambda_": 0.7} if method != "linear" else {}
+    stacked = merge_tensor(method, base, models, w, d, generator=torch.Generator().manual_seed(1), **kw)
+    streamed = merge_tensor(
+        method, base, models, w, d, generator=torch.Generator().manual_seed(1), stream=True, **kw
+    )
     assert registry.get_method(method).streams
     assert torch.equal(stacked, streamed)
 
@@ -429,3 +433,26 @@ def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
     assert reads and not any(whole for _, whole in reads)
     assert ahead.keys() == in_turn.keys()
     assert all(torch.equal(ahead[n].view(torch.uint8), in_turn[n].view(torch.uint8)) for n in ahead)
+
+
+def test_della_needs_density_plus_minus_epsilon_inside_0_1(tmp_path):
+    """mergekit fails mid-merge on such keep-probabilities; here it is a config error before any read."""
+    fam = bert_family(tmp_path, n=1)
+    cfg = config_dict("della", fam["base"], [fam["t1"]], density=0.1, epsilon=0.15)
+    with pytest.raises(ConfigError, match=r"density \+/- epsilon inside \(0, 1\)"):
+        prepare(parse_config(cfg))
+    with pytest.raises(ConfigError, match="density >= 0"):
+        prepare(parse_config(config_dict("ties", fam["base"], [fam["t1"]], density=-0.5)))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_consensus_methods_drop_entries_against_the_weighted_sign(tensors, method):
+    """mergekit's election is on the weighted vectors: a negative weight flips a model's vote."""
+    base, models = tensors
+    gen = torch.Generator().manual_seed(0)
+    one = merge_tensor(method, base, models[:1], [-1.0], [1.0], generator=gen, normalize=False)
+    torch.testing.assert_close(one, base - (models[0] - base), rtol=0, atol=1e-6)
+    # normalize divides by the agreeing weights' sum (-1 here): the model itself
+    gen = torch.Generator().manual_seed(0)
+    one = merge_tensor(method, base, models[:1], [-1.0], [1.0], generator=gen, normalize=True)
+    torch.testing.assert_close(one, models[0], rtol=0, atol=1e-6)
