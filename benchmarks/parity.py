@@ -83,7 +83,8 @@ def tiny_rows(work: Path) -> list[dict]:
             row["kept"] = {"ours": a, "mergekit": b}
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("example", "max_abs_diff", "max_rel_diff")}), flush=True)
-        if cfg["merge_method"] == "ties":  # peft's arithmetic against the same mergekit output
+        if cfg["merge_method"] == "ties" and not cfg.get("parameters", {}).get("rescale"):
+            # peft's arithmetic (which never rescales) against the same mergekit output
             peft = {**cfg, "parameters": {**cfg.get("parameters", {}), "variant": "peft"}}
             run_merge(parse_config(peft), ours, device="cpu", force=True)
             rows.append(
