@@ -178,19 +178,40 @@ def l1_rescale_(masked: Tensor, l1_before: Tensor) -> Tensor:
     return masked.mul_(l1_before / after)
 
 
-def mk_magnitude_(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
-    """mergekit's ``magnitude``: keep the ``max(1, int(density * numel))`` largest magnitudes (in place).
+def _mk_top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
+    """A bool mask of the ``k`` entries mergekit keeps: ``argsort(|x|, descending=True)[:k]``; None when
+    keeping them leaves ``tensor`` as it is.
 
-    mergekit sorts the whole tensor (``argsort``); the same set comes from the top-k mask of
-    :func:`_top_magnitude_mask` (radix threshold or topk; only an exact tie straddling the cut may pick
-    other, equal-magnitude entries).
+    Large float32 CPU tensors take the radix threshold (:func:`_kth_largest_magnitude`) when exactly ``k``
+    entries reach it: the set is then unique. When equal magnitudes straddle the cut (common in
+    tensors of millions of entries), which of them are kept is up to the sort's order of ties (torch's
+    CPU sort is not stable), so mergekit's own call decides, as for every other tensor.
     """
+    found = _kth_largest_magnitude(tensor, k)
+    if found is not None:
+        bits, threshold, reaching = found
+        if threshold == 0:  # every nonzero is kept: x * mask is x
+            return None
+        if reaching == k:
+            return (bits >= threshold).view(tensor.shape)
+        del found, bits
+    w = tensor.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    keep = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+    keep[torch.argsort(w, descending=True)[:k]] = True
+    return keep.view(tensor.shape)
+
+
+def mk_magnitude_(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """mergekit's ``magnitude``: keep the ``max(1, int(density * numel))`` largest magnitudes (in place),
+    the same entries as mergekit (:func:`_mk_top_magnitude_mask`)."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return tensor.zero_()
     before = tensor.abs().sum() if rescale else None
-    mask = _top_magnitude_mask(tensor, max(1, int(density * tensor.numel())))
+    mask = _mk_top_magnitude_mask(tensor, max(1, int(density * tensor.numel())))
     if mask is not None:
         tensor.mul_(mask)
     return l1_rescale_(tensor, before) if before is not None else tensor
