@@ -456,3 +456,29 @@ def test_consensus_methods_drop_entries_against_the_weighted_sign(tensors, metho
     gen = torch.Generator().manual_seed(0)
     one = merge_tensor(method, base, models[:1], [-1.0], [1.0], generator=gen, normalize=True)
     torch.testing.assert_close(one, models[0], rtol=0, atol=1e-6)
+
+
+def _mergekit_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit 0.1.5's ``sparsify.magnitude``, verbatim (argsort over the whole tensor)."""
+    k = max(1, int(density * t.numel()))
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[torch.argsort(t.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    return t * mask.reshape_as(t)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(3000, generator=g),
+        lambda g: torch.randint(-3, 4, (40, 25), generator=g).float(),  # ties at the cut
+        lambda g: torch.randn(300_000, generator=g),  # radix, no tie at the cut
+        lambda g: torch.randint(-2000, 2001, (300_000,), generator=g).float(),  # radix, ties at the cut
+        lambda g: torch.cat([torch.zeros(200_000), torch.randn(100_000, generator=g)]),  # k-th is zero
+        lambda g: torch.zeros(64),
+    ],
+)
+@pytest.mark.parametrize("density", [1e-5, 0.3, 0.5, 0.9])
+def test_mergekit_magnitude_keeps_mergekits_entries_ties_included(make, density):
+    t = make(torch.Generator().manual_seed(4))
+    expected = _mergekit_magnitude(t, density)
+    assert torch.equal(sparsify.mk_magnitude_(t.clone(), density), expected)
