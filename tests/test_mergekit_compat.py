@@ -501,7 +501,11 @@ def test_bare_local_folder_name_is_resolved_locally(family, tmp_path, monkeypatc
     assert plan.models[0].path == (tmp_path / "my-expert").resolve() and plan.models[0].commit is None
 
 
-@pytest.mark.parametrize("cfg", [GRADIENT_SLERP, TIES, GRADIENT_TASK_ARITHMETIC], ids=["slerp", "ties", "ta"])
+@pytest.mark.parametrize(
+    "cfg",
+    [GRADIENT_SLERP, TIES, GRADIENT_TASK_ARITHMETIC, FRANKENMERGE],
+    ids=["slerp", "ties", "ta", "passthrough"],
+)
 def test_a_dumped_config_loads_again(cfg):
     """merge_config.yaml and the service's stored spec (dumps of the config) validate as the same config."""
     config = parse_config(
