@@ -374,7 +374,8 @@ class MergeConfig(_Strict):
         tasks = self.task_models()
         if not tasks:
             _fail(("models",), "'models' lists no model other than the base model")
-        if method.n_models is not None and len(tasks) != method.n_models:
+        relayered = method.relayers and self.slices is not None
+        if method.n_models is not None and len(tasks) != method.n_models and not relayered:
             _fail(
                 ("models",),
                 f"merge_method {name!r} merges the base with exactly {method.n_models} other model(s), "
@@ -388,7 +389,9 @@ class MergeConfig(_Strict):
                     f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'",
                 )
         _check_evaluation(self)
-        if self.slices is not None:
+        if relayered:
+            _check_relayering_slices(self.slices)
+        elif self.slices is not None:
             _check_slices(self.slices, [m.model for m in self.models])
         else:
             required = [k for k, f in method.parameters.model_fields.items() if f.is_required()]
@@ -523,6 +526,17 @@ def _check_slices(slices: list[SliceSpec], models: list[str]) -> None:
                 ("slices", i, "sources"), "the sources must list each model once (the models of every slice)"
             )
         end = stop
+
+
+def _check_relayering_slices(slices: list[SliceSpec]) -> None:
+    """passthrough's slices (mergekit's frankenmerges): one source each, any layer range of it."""
+    for i, s in enumerate(slices):
+        if len(s.sources) != 1:
+            _fail(
+                ("slices", i, "sources"),
+                f"a passthrough slice takes exactly one source (got {len(s.sources)}); its layers are "
+                "copied into the output in order",
+            )
 
 
 @cache

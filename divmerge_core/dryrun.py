@@ -94,7 +94,11 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
 
     read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
     with Checkpoint(plan.reference.path, plan.options) as ref:
-        elements = sum(math.prod(ref.shape(name)) for name in plan.tensor_names)
+        sources = plan.layout.sources if plan.layout else {}
+        elements = sum(
+            math.prod(ref.shape(sources[name].name if name in sources else name))
+            for name in plan.tensor_names
+        )
     return {
         "tensors": len(plan.tensor_names),
         "parameters": elements,

@@ -36,6 +36,7 @@ from .output import check_output_dir, copy_tokenizer_files, staged_output, write
 from .plan import LearnedCoefficients, MergePlan, MergeResult
 from .progress import ProgressCallback, Reporter, StopCheck
 from .refs import ResolvedModel, resolve_model
+from .relayer import plan_layers, relayered_config, write_relayered
 from .validation import validate_models
 
 
@@ -54,8 +55,8 @@ def tensor_settings(config: MergeConfig, specs: list[ModelSpec], tensor_names: l
 def _check_parameters(config: MergeConfig, specs: list[ModelSpec], tensor_names: list[str]) -> None:
     """Every tensor's parameter values exist and pass the method's check, before any tensor is read."""
     method = config.method
-    if method.learned:
-        return
+    if method.learned or (method.relayers and config.slices is not None):
+        return  # a rebuilt layer stack is checked by relayer.plan_layers
     settings = tensor_settings(config, specs, tensor_names)
     slices = config.layer_slices()
     if slices is not None and slices[-1].end != settings.n_layers:
@@ -117,6 +118,10 @@ def prepare(
             labelled.append((f"{role} {model.ref.raw!r}", model.path))
     report = validate_models(labelled, options)
     _check_parameters(config, specs, report.tensor_names)
+    layout = model_config = None
+    if config.method.relayers and config.slices is not None:
+        layout = plan_layers(config, specs, report.tensor_names)
+        model_config = relayered_config(report.model_config, layout)
     plan = MergePlan(
         config=config,
         options=options,
@@ -124,8 +129,9 @@ def prepare(
         models=models,
         specs=specs,
         reference=reference,
-        model_config=report.model_config,
-        tensor_names=report.tensor_names,
+        model_config=model_config or report.model_config,
+        tensor_names=layout.names if layout else report.tensor_names,
+        layout=layout,
     )
     if config.method.learned:
         from .learned import resolve_label_masks
@@ -257,6 +263,8 @@ def write_weights(
     coeffs: LearnedCoefficients | None = None,
 ) -> list[str]:
     """Stream the merged tensors into sharded safetensors in ``folder``; return the files written."""
+    if plan.layout is not None:
+        return write_relayered(plan, folder, device, reporter)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         merger = _Merger(plan, stack, device, coeffs)
         names = plan.tensor_names

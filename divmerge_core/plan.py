@@ -9,6 +9,7 @@ from typing import Any
 from .config import MergeConfig, ModelSpec
 from .options import EngineOptions
 from .refs import ResolvedModel
+from .relayer import Relayering
 
 
 @dataclass
@@ -26,8 +27,10 @@ class MergePlan:
     reference: ResolvedModel
     #: The reference model's config.json.
     model_config: dict[str, Any]
-    #: Tensor names of the merge, in checkpoint order.
+    #: Tensor names of the merge, in checkpoint order (the output's names when ``layout`` is set).
     tensor_names: list[str]
+    #: Layer-rebuilding merges (passthrough with slices): each output tensor's source.
+    layout: Relayering | None = None
 
     @property
     def resolved(self) -> dict[str, str | None]:

@@ -23,7 +23,8 @@ def merge_tensor(method, base, models, weights, densities, *, generator=None, st
     m = registry.get_method(method)
     values = {k: f.get_default() for k, f in m.parameters.model_fields.items() if not f.is_required()}
     values.update(params)
-    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
+    defaults = {k: f.get_default() for k, f in m.model_parameters.model_fields.items() if not f.is_required()}
+    per_model = [{**defaults, "weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
     copies = [t.clone() for t in models]
     stacked = (c for c in copies) if stream else torch.stack(copies)
     return m.merge(
@@ -140,8 +141,8 @@ def test_ties_equals_peft(tensors, density):
     ours = ties_deltas(deltas, w, [density] * 3)
     theirs = peft_merge.ties(deltas, torch.tensor(w), density)
     assert torch.equal(ours, theirs)
-    # the registered method: base + peft's mix, bit for bit
-    assert torch.equal(merge_tensor("ties", base, models, w, [density] * 3), theirs + base)
+    # the registered method with variant: peft: base + peft's mix, bit for bit
+    assert torch.equal(merge_tensor("ties", base, models, w, [density] * 3, variant="peft"), theirs + base)
     for d in deltas:
         assert torch.equal(
             sparsify.magnitude_prune(d, density), peft_merge.magnitude_based_pruning(d, density)
@@ -169,6 +170,38 @@ def test_dare_equals_peft(tensors, seed):
     assert torch.equal(ours_linear, theirs_linear)
     assert torch.equal(ours_ties, theirs_ties)
     assert torch.equal(ours_prune, theirs_prune)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_dare_variant_peft_is_peft(tensors, seed):
+    """The registered dare_* with variant: peft (dare_ties with normalize: true) give peft's mixes."""
+    base, models = tensors
+    deltas = [m - base for m in models]
+    w = [0.5, 1.0, 0.8]
+    for method, peft_fn, extra in (
+        ("dare_linear", peft_merge.dare_linear, {}),
+        ("dare_ties", peft_merge.dare_ties, {"normalize": True}),
+    ):
+        torch.manual_seed(seed)
+        theirs = peft_fn(deltas, torch.tensor(w), 0.3)
+        gen = torch.Generator().manual_seed(seed)
+        ours = merge_tensor(method, base, models, w, [0.3] * 3, generator=gen, variant="peft", **extra)
+        assert torch.equal(ours, theirs + base), method
+
+
+def test_mergekit_variant_rescales_to_the_l1_norm(tensors):
+    """mergekit's DARE: kept entries scaled so the task vector keeps its L1 norm (not 1/density)."""
+    base, models = tensors
+    delta = models[0] - base
+    out = merge_tensor(
+        "dare_linear", base, models[:1], [1.0], [0.25], generator=torch.Generator().manual_seed(0)
+    )
+    pruned = out - base
+    kept = pruned != 0
+    assert 0.1 < kept.float().mean().item() < 0.4
+    torch.testing.assert_close(pruned.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+    ratio = pruned[kept] / delta[kept]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-4, atol=0)
 
 
 def test_dare_keeps_density_and_rescales(tensors):
@@ -250,16 +283,19 @@ def test_magnitude_prune_equals_peft_topk_with_ties(make, density, radix, monkey
     assert torch.equal(inplace.nan_to_num(), theirs.nan_to_num())
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "breadcrumbs", "della_linear"])
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_streaming_methods_give_the_same_from_one_buffer(method, k):
-    """linear/task_arithmetic read one model at a time (a generator refilling a buffer): same result."""
+    """Methods without consensus read one model at a time (a generator refilling a buffer): same result."""
     gen = torch.Generator().manual_seed(k)
     base = torch.randn(33, 17, generator=gen)
     models = [base + 0.1 * torch.randn(33, 17, generator=gen) for _ in range(k)]
     w, d = [0.3 + 0.2 * i for i in range(k)], [0.4 + 0.1 * i for i in range(k)]
-    stacked = merge_tensor(method, base, models, w, d, lambda_=0.7)
-    streamed = merge_tensor(method, base, models, w, d, lambda_=0.7, stream=True)
+    kw = {"lambda_": 0.7} if method != "linear" else {}
+    stacked = merge_tensor(method, base, models, w, d, generator=torch.Generator().manual_seed(1), **kw)
+    streamed = merge_tensor(
+        method, base, models, w, d, generator=torch.Generator().manual_seed(1), stream=True, **kw
+    )
     assert registry.get_method(method).streams
     assert torch.equal(stacked, streamed)
 
@@ -397,3 +433,52 @@ def test_prefetched_reads_give_the_same_merge(tmp_path, monkeypatch, method):
     assert reads and not any(whole for _, whole in reads)
     assert ahead.keys() == in_turn.keys()
     assert all(torch.equal(ahead[n].view(torch.uint8), in_turn[n].view(torch.uint8)) for n in ahead)
+
+
+def test_della_needs_density_plus_minus_epsilon_inside_0_1(tmp_path):
+    """mergekit fails mid-merge on such keep-probabilities; here it is a config error before any read."""
+    fam = bert_family(tmp_path, n=1)
+    cfg = config_dict("della", fam["base"], [fam["t1"]], density=0.1, epsilon=0.15)
+    with pytest.raises(ConfigError, match=r"density \+/- epsilon inside \(0, 1\)"):
+        prepare(parse_config(cfg))
+    with pytest.raises(ConfigError, match="density >= 0"):
+        prepare(parse_config(config_dict("ties", fam["base"], [fam["t1"]], density=-0.5)))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_consensus_methods_drop_entries_against_the_weighted_sign(tensors, method):
+    """mergekit's election is on the weighted vectors: a negative weight flips a model's vote."""
+    base, models = tensors
+    gen = torch.Generator().manual_seed(0)
+    one = merge_tensor(method, base, models[:1], [-1.0], [1.0], generator=gen, normalize=False)
+    torch.testing.assert_close(one, base - (models[0] - base), rtol=0, atol=1e-6)
+    # normalize divides by the agreeing weights' sum (-1 here): the model itself
+    gen = torch.Generator().manual_seed(0)
+    one = merge_tensor(method, base, models[:1], [-1.0], [1.0], generator=gen, normalize=True)
+    torch.testing.assert_close(one, models[0], rtol=0, atol=1e-6)
+
+
+def _mergekit_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit 0.1.5's ``sparsify.magnitude``, verbatim (argsort over the whole tensor)."""
+    k = max(1, int(density * t.numel()))
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[torch.argsort(t.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    return t * mask.reshape_as(t)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(3000, generator=g),
+        lambda g: torch.randint(-3, 4, (40, 25), generator=g).float(),  # ties at the cut
+        lambda g: torch.randn(300_000, generator=g),  # radix, no tie at the cut
+        lambda g: torch.randint(-2000, 2001, (300_000,), generator=g).float(),  # radix, ties at the cut
+        lambda g: torch.cat([torch.zeros(200_000), torch.randn(100_000, generator=g)]),  # k-th is zero
+        lambda g: torch.zeros(64),
+    ],
+)
+@pytest.mark.parametrize("density", [1e-5, 0.3, 0.5, 0.9])
+def test_mergekit_magnitude_keeps_mergekits_entries_ties_included(make, density):
+    t = make(torch.Generator().manual_seed(4))
+    expected = _mergekit_magnitude(t, density)
+    assert torch.equal(sparsify.mk_magnitude_(t.clone(), density), expected)

@@ -32,8 +32,9 @@ def fam(tmp_path_factory):
 def _config(name: str, fam: dict, **parameters) -> dict:
     method = registry.get_method(name)
     cfg = config_dict(name, fam["base"] if method.base != "unused" else None, [fam["t1"], fam["t2"]])
-    if name == "slerp":
-        cfg["models"] = cfg["models"][:1]
+    if method.n_models is not None:
+        cfg["models"] = cfg["models"][: method.n_models]
+    if name in ("slerp", "nearswap"):
         parameters.setdefault("t", 0.5)
     if method.learned:
         for m in cfg["models"]:

@@ -77,7 +77,6 @@ def setting(
 
 
 Weight = setting("the model's weight (a number, a gradient over the layers, or filtered values)")
-Density = setting("fraction of each task vector kept (0 < density <= 1)", gt=0.0, le=1.0)
 Lambda = setting("scale of the merged task vector")
 
 
@@ -94,23 +93,6 @@ def model_default(what: str) -> Any:
 def int8_mask_field() -> Any:
     """mergekit's ``int8_mask``: accepted with a warning (:data:`MERGEKIT_NO_OPS`), changes nothing."""
     return Field(None, description="mergekit knob, accepted with a warning, changes nothing")
-
-
-class SparsifyingParameters(MethodParameters):
-    """Global parameters shared by the methods that sparsify each task vector (ties, dare_linear,
-    dare_ties); each adds its own ``normalize`` (and DARE its ``seed``)."""
-
-    weight: Weight | None = model_default("weight")
-    density: Density | None = model_default("density")
-    lambda_: Lambda = lambda_default()
-    int8_mask: bool | None = int8_mask_field()
-
-
-class SparsifiedModelParameters(MethodParameters):
-    """Per-model parameters of the methods that sparsify each task vector (ties, dare_linear, dare_ties)."""
-
-    weight: Weight = 1.0
-    density: Density = 0.2
 
 
 #: mergekit knobs accepted for compatibility although they change nothing here, with the reason.
@@ -176,8 +158,11 @@ class MergeMethod:
     streams: bool = False
     #: Classic methods: the merge draws random numbers (a seeded generator per tensor is passed).
     random: bool = False
-    #: Exact number of task models (the base excluded), if the method needs one.
+    #: Exact number of task models (the base excluded), if the method needs one (with ``models``).
     n_models: int | None = None
+    #: ``slices`` may rebuild the layer stack (mergekit's passthrough): each slice takes one model's
+    #: ``layer_range``, the output's layers are the slices' in order (:mod:`divmerge_core.relayer`).
+    relayers: bool = False
     #: Check of one tensor's evaluated global and per-model values, run over every tensor name before
     #: any tensor is read: returns the problem, or None.
     check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None

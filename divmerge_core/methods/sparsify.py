@@ -1,7 +1,9 @@
-"""Task-vector primitives shared by TIES and DARE, exactly as peft's ``merge_utils`` computes them.
+"""Task-vector primitives: peft's (``merge_utils``) and mergekit's (``sparsify.py``).
 
-Same pruning, same sign election, same random draw: for equal densities and the same seed the methods
-built on them give bit-identical task-vector mixes to peft's.
+The first part is peft's arithmetic (the ``variant: peft`` of ties and DARE): same pruning, same sign
+election, same random draw, so for equal densities and the same seed it gives bit-identical task-vector
+mixes to peft's. The second part (``mk_*``) is mergekit 0.1.5's sparsification, which the generalized
+task arithmetic (:mod:`.generalized`) uses by default.
 """
 
 from __future__ import annotations
@@ -160,3 +162,127 @@ def elect_and_merge_(stacked: Tensor, weights: Sequence[float], mean: bool) -> T
     # float32 counts, as peft's clamp(int64 count, min=1.0) gives
     divisor = count.to(torch.float32).clamp_(min=1.0)
     return mixed.div_(divisor) if mixed.dtype == torch.float32 else mixed / divisor
+
+
+# --- mergekit's sparsification (mergekit/sparsify.py, 0.1.5), used by the generalized task arithmetic ---
+#: mergekit's tolerance for a (near) zero norm: no rescaling then.
+RESCALE_EPS = 1e-7
+
+
+def l1_rescale_(masked: Tensor, l1_before: Tensor) -> Tensor:
+    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: ``masked * (|x|_1 / |masked|_1)``, in place,
+    unless either norm is below 1e-7 (then ``masked`` as it is)."""
+    after = masked.abs().sum()
+    if l1_before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked.mul_(l1_before / after)
+
+
+def _mk_top_magnitude_mask(tensor: Tensor, k: int) -> Tensor | None:
+    """A bool mask of the ``k`` entries mergekit keeps: ``argsort(|x|, descending=True)[:k]``; None when
+    keeping them leaves ``tensor`` as it is.
+
+    Large float32 CPU tensors take the radix threshold (:func:`_kth_largest_magnitude`) when exactly ``k``
+    entries reach it: the set is then unique. When equal magnitudes straddle the cut (common in
+    tensors of millions of entries), which of them are kept is up to the sort's order of ties (torch's
+    CPU sort is not stable), so mergekit's own call decides, as for every other tensor.
+    """
+    found = _kth_largest_magnitude(tensor, k)
+    if found is not None:
+        bits, threshold, reaching = found
+        if threshold == 0:  # every nonzero is kept: x * mask is x
+            return None
+        if reaching == k:
+            return (bits >= threshold).view(tensor.shape)
+        del found, bits
+    w = tensor.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    keep = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+    keep[torch.argsort(w, descending=True)[:k]] = True
+    return keep.view(tensor.shape)
+
+
+def mk_magnitude_(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """mergekit's ``magnitude``: keep the ``max(1, int(density * numel))`` largest magnitudes (in place),
+    the same entries as mergekit (:func:`_mk_top_magnitude_mask`)."""
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return tensor.zero_()
+    before = tensor.abs().sum() if rescale else None
+    mask = _mk_top_magnitude_mask(tensor, max(1, int(density * tensor.numel())))
+    if mask is not None:
+        tensor.mul_(mask)
+    return l1_rescale_(tensor, before) if before is not None else tensor
+
+
+def mk_magnitude_outliers_(tensor: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
+    """mergekit's ``magnitude_outliers`` (Model Breadcrumbs), in place: drop the ``int(gamma * numel)``
+    largest magnitudes, then the smallest, keeping ``int(density * numel)`` entries."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target = int(density * n)
+    bottom = max(0, n - target - int(gamma * n))
+    before = tensor.abs().sum() if rescale else None
+    order = torch.sort(tensor.abs().reshape(-1), descending=False).indices  # mergekit's own call
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[bottom : bottom + target]] = 1
+    del order
+    tensor.mul_(mask.view(tensor.shape))
+    return l1_rescale_(tensor, before) if before is not None else tensor
+
+
+def mk_bernoulli_(
+    tensor: Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """mergekit's ``bernoulli`` (DARE), in place: keep each entry with probability ``density``; with
+    ``rescale`` the kept entries are scaled so the L1 norm is the original's (mergekit's ``rescale``)."""
+    if density >= 1:
+        return tensor
+    before = tensor.abs().sum() if rescale else None
+    mask = torch.full_like(tensor, density)
+    torch.bernoulli(mask, generator=generator, out=mask)
+    tensor.mul_(mask)
+    del mask
+    return l1_rescale_(tensor, before) if before is not None else tensor
+
+
+def della_problem(density: float, epsilon: float) -> str | None:
+    """mergekit refuses DELLA keep-probabilities outside (0, 1): density +/- epsilon must be inside."""
+    if density >= 1 or density <= 0:
+        return None
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        return f"needs density +/- epsilon inside (0, 1) (density {density}, epsilon {epsilon})"
+    return None
+
+
+def mk_della_magprune_(
+    tensor: Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """mergekit's ``della_magprune`` (DELLA's MagPrune), in place: per row, the keep-probability grows
+    linearly with the magnitude's rank from ``density - epsilon`` to ``density + epsilon``."""
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return tensor.zero_()
+    problem = della_problem(density, epsilon)
+    if problem:
+        raise ValueError(f"della {problem}")
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    before = tensor.abs().sum() if rescale else None
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(rows.dtype).add_(1)
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    probs = ranks.sub_(lo).div_(hi - lo).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
+    del lo, hi
+    mask = torch.bernoulli(probs, generator=generator)
+    del probs
+    rows.mul_(mask)
+    del mask
+    return l1_rescale_(tensor, before) if before is not None else tensor
