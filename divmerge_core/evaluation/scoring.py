@@ -134,7 +134,9 @@ class Scorer:
         from ..pipeline import prepare
         from ..teachers import model_kind
 
-        plan = prepare(parse_config({"merge_method": "linear", "models": [{"model": str(folder)}]}))
+        plan = prepare(
+            parse_config({"merge_method": "linear", "models": [{"model": str(Path(folder).resolve())}]})
+        )
         scorer = cls(plan, model_kind(plan.model_config), dtype, device, **kw)
         scorer.load(plan.reference.path)
         return scorer
