@@ -5,4 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
 .venv/bin/ruff check .
+# Opt-in: the deployment check (both images built, the compose topology up, two jobs end to end; see
+# docs/deploy.md). Minutes with a warm image cache, longer cold: DIVMERGE_COMPOSE_CHECK=1 turns it on.
+if [ "${DIVMERGE_COMPOSE_CHECK:-0}" = 1 ]; then
+  bash scripts/compose-check.sh
+else
+  echo "compose check skipped: set DIVMERGE_COMPOSE_CHECK=1 to run scripts/compose-check.sh (docs/deploy.md)"
+fi
 .venv/bin/python -m pytest -q "$@"
