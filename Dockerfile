@@ -50,8 +50,6 @@ CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port
 # ---------------------------------------------------------------- worker
 # (Ubuntu 24.04 bases, the CUDA one included, ship a user 'ubuntu' with uid 1000: it makes way for divmerge)
 FROM ${BASE_IMAGE} AS worker
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-ARG TORCH_FIND_LINKS=
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DIVMERGE_HOME=/data HF_HOME=/data/hf \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv git \
@@ -60,11 +58,18 @@ WORKDIR /app
 COPY constraints.txt ./
 # torch first, at constraints.txt's version, from the index that matches the base image (CUDA build, or
 # CPU with the cpu index)
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_FIND_LINKS=
 RUN pip install --no-cache-dir -c constraints.txt torch --index-url "${TORCH_INDEX_URL}" \
       ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"}
+# then the engine's and the service's requirements, read from pyproject.toml (a layer that a code change
+# does not rebuild), and last the wheel itself
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['service']))" \
+      > /tmp/requirements.txt && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 COPY --from=wheel /wheels /tmp/wheels
-RUN whl=$(ls /tmp/wheels/divmerge-*.whl) && pip install --no-cache-dir -c constraints.txt "${whl}[service]" \
-    && rm -rf /tmp/wheels \
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/divmerge-*.whl && rm -rf /tmp/wheels \
     && if id -nu 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
     && useradd -r -u 1000 -d /data divmerge && mkdir -p /data/outputs /data/hf && chown -R divmerge /data
 USER divmerge
