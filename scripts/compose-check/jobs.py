@@ -48,7 +48,10 @@ def run_job(c, body: dict, queue: str, timeout_s: float) -> dict:
     say(f"{body['merge_method']}: job {job['id']} queued on {job['queue']}")
     t0, last = time.monotonic(), None
     while job["status"] in ("queued", "running"):
-        check(time.monotonic() - t0 < timeout_s, f"job {job['id']} still {job['status']} after {timeout_s:.0f} s")
+        check(
+            time.monotonic() - t0 < timeout_s,
+            f"job {job['id']} still {job['status']} after {timeout_s:.0f} s",
+        )
         time.sleep(1)
         job = c.get(job["id"])
         p = job.get("progress") or {}
@@ -57,7 +60,9 @@ def run_job(c, body: dict, queue: str, timeout_s: float) -> dict:
             say(f"  {line}")
             last = line
     check(job["status"] == "succeeded", f"job {job['id']} ended {job['status']}: {job.get('error')}")
-    say(f"{body['merge_method']}: succeeded in {time.monotonic() - t0:.1f} s -> {job['result']['destination']}")
+    say(
+        f"{body['merge_method']}: succeeded in {time.monotonic() - t0:.1f} s -> {job['result']['destination']}"
+    )
     return job
 
 
@@ -90,9 +95,13 @@ def run(args: argparse.Namespace) -> None:
             say(f"validate: 503 {err.code} as documented ({err.message})")
         job = run_job(c, classic, "cpu", args.timeout)
         if args.first_job_since:
-            say(f"time to the first succeeded job since 'docker-compose up': {time.time() - args.first_job_since:.0f} s")
+            say(
+                f"time to the first succeeded job since 'docker-compose up': {time.time() - args.first_job_since:.0f} s"
+            )
         res = job["result"]
-        check(res["destination"] == "/data/outputs/compose-check-classic", f"destination {res['destination']}")
+        check(
+            res["destination"] == "/data/outputs/compose-check-classic", f"destination {res['destination']}"
+        )
         check({"config.json", "model.safetensors", "README.md"} <= set(res["files"]), f"files {res['files']}")
         check(res["coefficients"] is None, "a classic merge has no coefficients")
         kinds = [e["kind"] for e in c.events(job["id"])]
@@ -105,12 +114,19 @@ def run(args: argparse.Namespace) -> None:
                 {"model": f"{MODELS}/gpt_ft1", "data": {"texts": TEXTS[0]}},
                 {"model": f"{MODELS}/gpt_ft2", "data": {"texts": TEXTS[1]}},
             ],
-            "parameters": {"granularity": "layer", "epochs": 2, "max_new_tokens": 4, "batch_size_per_task": 2},
+            "parameters": {
+                "granularity": "layer",
+                "epochs": 2,
+                "max_new_tokens": 4,
+                "batch_size_per_task": 2,
+            },
         }
         learned = run_job(c, divmerge, "gpu", args.timeout)
         coeffs = c.coefficients(learned["id"])
         check(coeffs["values"] and len(coeffs["tasks"]) == 2 and coeffs["losses"], f"coefficients {coeffs}")
-        say(f"divmerge: {len(coeffs['groups'])} groups x {len(coeffs['tasks'])} tasks, {len(coeffs['losses'])} losses")
+        say(
+            f"divmerge: {len(coeffs['groups'])} groups x {len(coeffs['tasks'])} tasks, {len(coeffs['losses'])} losses"
+        )
 
         # one output file over HTTP, checked against the listing's sha256
         listing = {f["name"]: f for f in c.files(learned["id"])["files"]}
