@@ -131,6 +131,10 @@ fi
 log "docker $(docker version --format '{{.Server.Version}}'), $(docker-compose version --short 2>/dev/null)"
 
 # ------------------------------------------------------------------ 2. local base images
+# a new recipe's image replaces the older tags of its repository (they would only fill the disk)
+drop_older() {
+  docker images --format '{{.Repository}}:{{.Tag}}' "${1%:*}" | grep -vxF "$1" | xargs -r docker rmi >/dev/null 2>&1 || true
+}
 hash_of() { cat "$@" | sha256sum | cut -c1-12; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 mirror=${DIVMERGE_DEBIAN_MIRROR:-$(
@@ -151,6 +155,7 @@ else
   tar -C "$WORK/rootfs" -c . | docker import --change 'LABEL org.divmerge.compose-check=base' \
     --change 'CMD ["/bin/bash"]' - "$BOOKWORM" >/dev/null
   rm -rf "$WORK/rootfs"
+  drop_older "$BOOKWORM"
 fi
 
 # each local image: a Dockerfile in scripts/compose-check with the files it copies, on $BOOKWORM
@@ -168,6 +173,7 @@ local_image() { # name, files the recipe reads...
     bounded docker build --network host -q --label org.divmerge.compose-check=base \
       --build-arg BASE="$BOOKWORM" -f "$ctx/$name.Dockerfile" -t "$tag" "$ctx" >"$WORK/build-$name.log" 2>&1 ||
       { tail -30 "$WORK/build-$name.log" >&2; die "building $tag"; }
+    drop_older "$tag"
   fi
   echo "$tag"
 }
