@@ -48,7 +48,7 @@ compose() {
 
 cleanup() {
   rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM ERR
   set +e
   if [ -n "$COMPOSE_UP" ]; then
     if [ "$rc" -ne 0 ]; then
@@ -96,8 +96,10 @@ trap 'exit 130' INT
 trap 'log "time limit of $LIMIT s reached" >&2; exit 124' TERM
 # the watchdog ends this script (its cleanup then runs) once the time budget is spent
 (
-  sleep "$LIMIT"
-  kill -TERM $$ 2>/dev/null
+  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM # ended early: its sleep goes too
+  sleep "$LIMIT" &
+  sleeper=$!
+  wait "$sleeper" && kill -TERM $$ 2>/dev/null
 ) &
 WATCHDOG=$!
 
