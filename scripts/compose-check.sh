@@ -57,7 +57,12 @@ cleanup() {
     fi
     if [ "${DIVMERGE_COMPOSE_CHECK_KEEP:-0}" = 1 ]; then
       log "KEEP=1: the stack stays up; tear it down with:"
-      echo "  MODELS_DIR=$WORK/models docker-compose -p $PROJECT -f docker-compose.yml -f scripts/compose-check/override.yml down -v --remove-orphans"
+      echo "  MODELS_DIR=$WORK/models CHECK_API_IMAGE=$CHECK_API_IMAGE CHECK_WORKER_IMAGE=$CHECK_WORKER_IMAGE" \
+        "CHECK_POSTGRES_IMAGE=$CHECK_POSTGRES_IMAGE CHECK_REDIS_IMAGE=$CHECK_REDIS_IMAGE" \
+        "docker-compose -p $PROJECT -f docker-compose.yml -f scripts/compose-check/override.yml down -v --remove-orphans" \
+        "&& rm -rf $WORK"
+      [ -n "$STARTED_DOCKERD" ] && echo "  (dockerd, pid $STARTED_DOCKERD, was started by the check: stop it with kill $STARTED_DOCKERD)"
+      STARTED_DOCKERD=""
     else
       log "tearing down: containers, volumes, networks of project $PROJECT"
       timeout 120 docker-compose -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$HERE/override.yml" \
