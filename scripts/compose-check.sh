@@ -40,7 +40,12 @@ die() {
 }
 left() { echo $((LIMIT - ($(date +%s) - T0))); }
 # every long step runs under `timeout` with what is left of the budget
-bounded() { timeout --kill-after=10 "$(left)" "$@"; }
+bounded() {
+  local l
+  l=$(left)
+  [ "$l" -gt 0 ] || { log "time limit of $LIMIT s reached" >&2; exit 124; }
+  timeout --kill-after=10 "$l" "$@"
+}
 
 compose() {
   docker-compose -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$HERE/override.yml" "$@"
