@@ -9,4 +9,11 @@ bash scripts/services.sh
 if [ "${DIVMERGE_SKIP_WHEEL_CHECK:-0}" != 1 ]; then
   bash scripts/wheel-check.sh
 fi
+# Opt-in: the deployment check (both images built, the compose topology up, two jobs end to end; see
+# docs/deploy.md). Minutes with a warm image cache, longer cold: DIVMERGE_COMPOSE_CHECK=1 turns it on.
+if [ "${DIVMERGE_COMPOSE_CHECK:-0}" = 1 ]; then
+  bash scripts/compose-check.sh
+else
+  echo "compose check skipped: set DIVMERGE_COMPOSE_CHECK=1 to run scripts/compose-check.sh (docs/deploy.md)"
+fi
 .venv/bin/python -m pytest -q "$@"
