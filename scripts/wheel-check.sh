@@ -2,7 +2,8 @@
 # The package installs and serves outside the checkout: build the wheel from the working tree's files,
 # install it (with the service extra) into a fresh venv under a temporary folder, then, from an empty
 # directory, create a token, start `divmerge serve` (embedded: SQLite + in-process worker), check /healthz
-# and run one tiny task-arithmetic job to success with `divmerge submit --wait`. About 1-2 minutes here.
+# and run one tiny task-arithmetic job to success with `divmerge submit --wait`. About 1.5 minutes on an
+# idle 2-core machine (4 with other test runs beside it), most of it installing torch into the fresh venv.
 # Needs: python3 with venv; torch comes from the local wheel at constraints.txt's version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +73,7 @@ for m in (api, service_core, worker, divmerge_core):
     assert m.__file__.startswith('$WORK/venv/'), m.__file__" || fail "the packages do not come from the venv"
 
 # three tiny BERT classifiers (a base and two fine-tunes), written with the venv's transformers
-"$VPY" - "$WORK/models" <<'EOF'
+"$VPY" - "$WORK/models" 2>"$WORK/models.log" <<'EOF' || { cat "$WORK/models.log" >&2; fail "could not write the tiny models"; }
 import sys
 from pathlib import Path
 
