@@ -36,8 +36,11 @@ def _http(method: str, url: str, token: str | None = None, body: dict | None = N
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise SystemExit(f"{method} {url} answered {err.code}: {err.read().decode()}") from None
 
 
 def spec(base: Path, experts: dict[str, Path], tasks, recipe, n_data: int, n_eval: int, epochs: int) -> dict:
@@ -96,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     body = spec(base, experts, tasks, recipe, args.n_data, args.n_eval, args.epochs)
     with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "DIVMERGE_HOME": home, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        env = {
+            **os.environ,
+            "DIVMERGE_HOME": home,
+            "DIVMERGE_LOCAL_ROOTS": str(args.cache.resolve()),  # the base and the experts live there
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        }
         token = subprocess.run([*DIVMERGE, "token", "create", "--team", "example"], env=env, check=True,
                                capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
         server = subprocess.Popen(
