@@ -24,6 +24,7 @@ from ..loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind
+from .convergence import Tracker
 from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
 from .memory import choose_placement, estimate_learned_memory
@@ -31,6 +32,7 @@ from .model import build_merge_module, coefficient_groups
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
+from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
 
 
@@ -75,7 +77,8 @@ def learn_coefficients(
         )
         if isinstance(teachers, OnlineTeachers):
             teachers.bind(model.module, vectors)
-        init = params.init if params.init is not None else 1.0 / n_tasks
+        init = initial_value(params.init, n_tasks)
+        tracker = Tracker()
         gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
         losses = optimise(
             model,
@@ -90,6 +93,7 @@ def learn_coefficients(
             reporter=reporter,
             on_gradient=on_gradient,
             ranks=ranks,
+            tracker=tracker,
         )
     finally:
         if teachers is not None:
@@ -106,6 +110,7 @@ def learn_coefficients(
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
         labels=label_names(plan, inputs.label_masks),
         placement=placement,
+        convergence=tracker.to_plan(),
     )
 
 
