@@ -328,3 +328,21 @@ def test_two_gloo_ranks_take_the_single_process_decisions(setup):
     for ra, rb in zip(a.heldout, b.heldout, strict=True):
         assert rb[2:] == pytest.approx(ra[2:], rel=1e-4, abs=1e-7)
     assert two.values[0] == pytest.approx(single.values[0], rel=1e-4, abs=1e-6)
+
+
+def test_cli_summary_names_the_kept_epoch():
+    from divmerge_core.cli import _convergence_note
+
+    assert _convergence_note(None) == "" and _convergence_note({"heldout": []}) == ""
+    rows = [[0, 0, 1.0], [1, 5, 0.5], [2, 10, 0.6]]
+    note = _convergence_note(
+        {
+            "heldout": rows,
+            "best_epoch": 1,
+            "converged": True,
+            "stopped_early": True,
+            "steps": 10,
+            "planned_steps": 20,
+        }
+    )
+    assert note == ", held-out best after epoch 1 of 2 (converged, stopped early at step 10 of 20)"
