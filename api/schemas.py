@@ -29,6 +29,11 @@ class Progress(BaseModel):
         None, description="seconds left in this stage at its step rate; null if unknown"
     )
     updated_at: datetime | None = None
+    heldout: list[list[float | None]] | None = Field(
+        None,
+        description="learned methods: the held-out rows so far, [epoch, step, mean, per-task ...] (as in "
+        "/coefficients); null when nothing is held out",
+    )
 
 
 class JobError(BaseModel):
@@ -199,7 +204,23 @@ class Coefficients(BaseModel):
     groups: list[str] = Field(description="parameter groups (empty until the merge is done)")
     tasks: list[str]
     values: list[list[float]] | None = Field(None, description="[group][task]; null until the merge is done")
-    losses: list[float] = Field(description="the loss at each optimisation step so far")
+    losses: list[float] = Field(description="the (training) loss at each optimisation step so far")
+    heldout: list[list[float | None]] = Field(
+        default_factory=list,
+        description="the objective on each task's held-out inputs, before the first step and after each "
+        "epoch so far: rows [epoch, step, mean, value of task 0, task 1, ...] (a task's value is null when "
+        "it holds no input out); empty when nothing is held out",
+    )
+    heldout_inputs: list[int] | None = Field(None, description="per task, its inputs held out (once done)")
+    best_epoch: int | None = Field(
+        None, description="the epoch whose coefficients were kept (lowest held-out value; once done)"
+    )
+    converged: bool | None = Field(
+        None, description="whether the held-out value stopped improving before the end (once done)"
+    )
+    stopped_early: bool | None = Field(None, description="whether patience ended the run early (once done)")
+    steps: int | None = Field(None, description="optimisation steps run (once done)")
+    planned_steps: int | None = Field(None, description="epochs x steps per epoch (once done)")
 
 
 class Problem(BaseModel):

@@ -290,11 +290,29 @@ def merge_coefficients(job_id: str, caller: Caller = CallerDep, s: Session = Ses
             404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
         )
     losses = list(job.losses or [])
+    live = list((job.progress or {}).get("heldout") or [])
     if coeffs is None:
-        return Coefficients(groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses)
+        return Coefficients(
+            groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses, heldout=live
+        )
     groups, tasks = coeffs["groups"], coeffs["tasks"]
     values = [[float(coeffs["coefficients"][g][t]) for t in tasks] for g in groups]
-    return Coefficients(groups=groups, tasks=tasks, values=values, losses=losses)
+    done = {k: coeffs[k] for k in _CONVERGENCE if k in coeffs}
+    return Coefficients(
+        groups=groups, tasks=tasks, values=values, losses=losses, **({"heldout": live} | done)
+    )
+
+
+#: What a done job's coefficients add about its convergence (``LearnedCoefficients.convergence``).
+_CONVERGENCE = (
+    "heldout",
+    "heldout_inputs",
+    "best_epoch",
+    "converged",
+    "stopped_early",
+    "steps",
+    "planned_steps",
+)
 
 
 @router.get(
