@@ -233,3 +233,75 @@ class ValidationReport(BaseModel):
     ok: bool
     problems: list[Problem]
     estimate: dict[str, Any] | None = None
+
+
+# --- tokens, teams and the audit log (api.routers.tokens)
+
+#: A scope: ``read`` (GET routes), ``submit`` (also submit, cancel, retry, validate; list and revoke the
+#: team's tokens), ``admin`` (also the /v1/admin routes). Each implies the weaker ones.
+Scope = Literal["read", "submit", "admin"]
+#: Longest lifetime a token can be given over HTTP: 366 days.
+MAX_EXPIRES_IN_S = 366 * 24 * 3600
+_TEAM_NAME = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="1-64 of A-Z a-z 0-9 . _ -")
+
+
+class TeamCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str = _TEAM_NAME
+
+
+class TeamOut(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+
+
+class TeamList(BaseModel):
+    items: list[TeamOut]
+
+
+class TokenCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    team: str = _TEAM_NAME
+    scopes: list[Scope] = Field(default_factory=lambda: ["read", "submit"], min_length=1, max_length=3)
+    expires_in_s: int | None = Field(
+        None, ge=60, le=MAX_EXPIRES_IN_S, description="lifetime in seconds (60 s to 366 days); null: never"
+    )
+
+
+class TokenOut(BaseModel):
+    """A token as listed: never its plaintext nor its hash."""
+
+    id: str
+    team: str
+    scopes: list[Scope]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(None, description="updated on use, at most once a minute")
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the plaintext token: shown once, only its sha256 is stored")
+
+
+class TokenList(BaseModel):
+    items: list[TokenOut]
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    action: Literal["team_created", "token_created", "token_revoked"]
+    actor: str = Field(
+        description="the acting token's id and team, or `cli` (`divmerge token` on the server)"
+    )
+    actor_token_id: str | None
+    team: str | None
+    token_id: str | None
+    data: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+    next_before: int | None = Field(None, description="pass as `before` for the next (older) page")
