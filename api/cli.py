@@ -1,4 +1,5 @@
-"""``divmerge serve`` and ``divmerge token create|revoke`` (registered as ``divmerge.commands`` plugins)."""
+"""``divmerge serve`` and ``divmerge token create|revoke`` (registered as ``divmerge.commands`` plugins;
+every token change is audited, by ``cli``)."""
 
 from __future__ import annotations
 
@@ -67,17 +68,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_scopes(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--scopes read,submit`` (the default), plus ``admin`` with ``--admin``."""
+    from .security import DEFAULT_SCOPES, normalise_scopes
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()] if args.scopes else list(DEFAULT_SCOPES)
+    if args.admin:
+        scopes.append("admin")
+    return normalise_scopes(scopes)
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     from service_core.db import session_scope
 
-    from .security import create_token
+    from .schemas import MAX_EXPIRES_IN_S
+    from .security import create_token, valid_team_name
 
+    if not valid_team_name(args.team):
+        print("divmerge: --team: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        scopes = _token_scopes(args)
+    except ValueError as err:
+        print(f"divmerge: --scopes: {err} (known: read, submit, admin)", file=sys.stderr)
+        return 2
+    if args.expires_in_s is not None and not 60 <= args.expires_in_s <= MAX_EXPIRES_IN_S:
+        print(f"divmerge: --expires-in-s: between 60 and {MAX_EXPIRES_IN_S}", file=sys.stderr)
+        return 2
     settings = get_settings()
     _prepare_db(settings)
     with session_scope(settings.db_url) as s:
-        row, plaintext = create_token(s, args.team)
-        token_id = row.id
+        row, plaintext = create_token(s, args.team, scopes, args.expires_in_s)
+        token_id, expires_at = row.id, row.expires_at
     print(f"team: {args.team}")
+    print(f"scopes: {','.join(scopes)}")
+    print(f"expires: {expires_at.isoformat() if expires_at else 'never'}")
     print(f"token id: {token_id} (use it to revoke; the token below is shown only once)")
     print(plaintext)
     return 0
@@ -114,6 +140,13 @@ def register_token(subparsers) -> None:
     sub = p.add_subparsers(dest="token_command", required=True)
     c = sub.add_parser("create", help="create a token for a team (the team is created if new)")
     c.add_argument("--team", required=True)
+    c.add_argument(
+        "--scopes", default=None, help="comma-separated: read, submit, admin (default: read,submit)"
+    )
+    c.add_argument("--admin", action="store_true", help="add the admin scope (the /v1/admin routes)")
+    c.add_argument(
+        "--expires-in-s", type=int, default=None, help="lifetime in seconds (default: never expires)"
+    )
     c.set_defaults(func=cmd_token_create)
     r = sub.add_parser("revoke", help="revoke a token, given the token itself or its id")
     r.add_argument("token", metavar="TOKEN_OR_ID")

@@ -17,7 +17,7 @@ from service_core.config import Settings
 from service_core.db import new_session
 
 from .errors import ApiError
-from .security import Caller, bearer, lookup
+from .security import AuthError, Caller, authenticate, bearer
 
 
 def request_settings(request: Request) -> Settings:
@@ -38,18 +38,38 @@ def get_caller(
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     session: Session = Depends(get_session),
 ) -> Caller:
-    """The caller's team, from ``Authorization: Bearer <token>``. The read transaction ends at once, so the
-    request holds no database connection while it does other work (a dry run can take minutes)."""
+    """The caller's team and scopes, from ``Authorization: Bearer <token>``; looked up on every request, so
+    a revocation takes effect on the next one. The read transaction (and the at-most-once-a-minute
+    ``last_used_at`` write) ends at once, so the request holds no database connection while it does other
+    work (a dry run can take minutes)."""
     token = credentials.credentials if credentials is not None else ""
     if not token.strip():
         raise ApiError(401, "unauthorized", "missing bearer token")
-    caller = lookup(session, token.strip())
+    try:
+        caller = authenticate(session, token.strip())
+    except AuthError as err:
+        session.rollback()
+        raise ApiError(401, err.code, err.message) from None
     session.commit()
-    if caller is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked token")
     return caller
+
+
+def require(scope: str):
+    """A dependency: the caller, if its token has ``scope`` (or a stronger one); else 403 ``forbidden``."""
+
+    def _check(caller: Caller = Depends(get_caller)) -> Caller:
+        if not caller.has(scope):
+            raise ApiError(403, "forbidden", f"this token lacks the {scope!r} scope")
+        return caller
+
+    _check.__name__ = f"require_{scope}"
+    return _check
 
 
 SettingsDep = Depends(request_settings)
 SessionDep = Depends(get_session)
 CallerDep = Depends(get_caller)
+#: The caller, with the scope each kind of route needs.
+ReaderDep = Depends(require("read"))
+SubmitterDep = Depends(require("submit"))
+AdminDep = Depends(require("admin"))

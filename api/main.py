@@ -14,7 +14,7 @@ from service_core.config import Settings, get_settings
 
 from .errors import install_handlers
 from .metrics import Metrics
-from .routers import dashboard, health, merges
+from .routers import dashboard, health, merges, tokens
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,6 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(app.state.metrics.middleware)
     install_handlers(app)
     app.include_router(merges.router)
+    app.include_router(tokens.admin)
+    app.include_router(tokens.team)
     app.include_router(health.router)
     dashboard.install(app)
     _add_config_schema(app)

@@ -29,6 +29,11 @@ class Progress(BaseModel):
         None, description="seconds left in this stage at its step rate; null if unknown"
     )
     updated_at: datetime | None = None
+    heldout: list[list[float | None]] | None = Field(
+        None,
+        description="learned methods: the held-out rows so far, [epoch, step, mean, per-task ...] (as in "
+        "/coefficients); null when nothing is held out",
+    )
 
 
 class JobError(BaseModel):
@@ -199,7 +204,23 @@ class Coefficients(BaseModel):
     groups: list[str] = Field(description="parameter groups (empty until the merge is done)")
     tasks: list[str]
     values: list[list[float]] | None = Field(None, description="[group][task]; null until the merge is done")
-    losses: list[float] = Field(description="the loss at each optimisation step so far")
+    losses: list[float] = Field(description="the (training) loss at each optimisation step so far")
+    heldout: list[list[float | None]] = Field(
+        default_factory=list,
+        description="the objective on each task's held-out inputs, before the first step and after each "
+        "epoch so far: rows [epoch, step, mean, value of task 0, task 1, ...] (a task's value is null when "
+        "it holds no input out); empty when nothing is held out",
+    )
+    heldout_inputs: list[int] | None = Field(None, description="per task, its inputs held out (once done)")
+    best_epoch: int | None = Field(
+        None, description="the epoch whose coefficients were kept (lowest held-out value; once done)"
+    )
+    converged: bool | None = Field(
+        None, description="whether the held-out value stopped improving before the end (once done)"
+    )
+    stopped_early: bool | None = Field(None, description="whether patience ended the run early (once done)")
+    steps: int | None = Field(None, description="optimisation steps run (once done)")
+    planned_steps: int | None = Field(None, description="epochs x steps per epoch (once done)")
 
 
 class Problem(BaseModel):
@@ -212,3 +233,75 @@ class ValidationReport(BaseModel):
     ok: bool
     problems: list[Problem]
     estimate: dict[str, Any] | None = None
+
+
+# --- tokens, teams and the audit log (api.routers.tokens)
+
+#: A scope: ``read`` (GET routes), ``submit`` (also submit, cancel, retry, validate; list and revoke the
+#: team's tokens), ``admin`` (also the /v1/admin routes). Each implies the weaker ones.
+Scope = Literal["read", "submit", "admin"]
+#: Longest lifetime a token can be given over HTTP: 366 days.
+MAX_EXPIRES_IN_S = 366 * 24 * 3600
+_TEAM_NAME = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="1-64 of A-Z a-z 0-9 . _ -")
+
+
+class TeamCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str = _TEAM_NAME
+
+
+class TeamOut(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+
+
+class TeamList(BaseModel):
+    items: list[TeamOut]
+
+
+class TokenCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    team: str = _TEAM_NAME
+    scopes: list[Scope] = Field(default_factory=lambda: ["read", "submit"], min_length=1, max_length=3)
+    expires_in_s: int | None = Field(
+        None, ge=60, le=MAX_EXPIRES_IN_S, description="lifetime in seconds (60 s to 366 days); null: never"
+    )
+
+
+class TokenOut(BaseModel):
+    """A token as listed: never its plaintext nor its hash."""
+
+    id: str
+    team: str
+    scopes: list[Scope]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(None, description="updated on use, at most once a minute")
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the plaintext token: shown once, only its sha256 is stored")
+
+
+class TokenList(BaseModel):
+    items: list[TokenOut]
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    action: Literal["team_created", "token_created", "token_revoked"]
+    actor: str = Field(
+        description="the acting token's id and team, or `cli` (`divmerge token` on the server)"
+    )
+    actor_token_id: str | None
+    team: str | None
+    token_id: str | None
+    data: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+    next_before: int | None = Field(None, description="pass as `before` for the next (older) page")

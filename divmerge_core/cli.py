@@ -77,6 +77,17 @@ class _Progress:
             self.bar = None
 
 
+def _convergence_note(coefficients: dict | None) -> str:
+    """``, held-out best after epoch 2 of 4 (converged)`` for a learned merge that held inputs out."""
+    if not coefficients or not coefficients.get("heldout"):
+        return ""
+    last = coefficients["heldout"][-1][0]
+    state = "converged" if coefficients.get("converged") else "not converged"
+    if coefficients.get("stopped_early"):
+        state += f", stopped early at step {coefficients['steps']} of {coefficients['planned_steps']}"
+    return f", held-out best after epoch {coefficients['best_epoch']} of {last} ({state})"
+
+
 def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(allow_pickle=getattr(args, "allow_pickle", False))
 
@@ -111,6 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if metrics.get("rank"):  # torchrun: a rank other than 0 took part in learning; rank 0 wrote the outputs
         return 0
     loss = f", final loss {metrics['final_loss']:.6g}" if metrics.get("final_loss") is not None else ""
+    loss += _convergence_note(result.coefficients)
     evaluation = result.evaluation
     method = evaluation.get("method", config.merge_method) if evaluation else config.merge_method
     print(

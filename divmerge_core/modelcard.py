@@ -72,6 +72,38 @@ def _table(coeffs: LearnedCoefficients) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def _convergence(coeffs: LearnedCoefficients) -> list[str]:
+    """The held-out record: a sentence on convergence and the per-epoch held-out table."""
+    c = coeffs.convergence
+    if c is None:
+        return []
+    if not c.heldout:
+        return [
+            "No input was held out (`parameters.heldout`, or every task has fewer than 20 inputs): the last "
+            "step's coefficients are kept and convergence is not measured.",
+            "",
+        ]
+    held = ", ".join(str(n) for n in c.heldout_inputs)
+    if c.stopped_early:
+        how = f"stopped early after {c.steps} of {c.planned_steps} planned steps"
+    else:
+        how = f"ran all {c.steps} planned steps"
+    state = "converged" if c.converged else "was still improving at the end (not converged)"
+    lines = [
+        f"Held-out divergence (the objective on {held} held-out inputs per task, never trained on): the run "
+        f"{state} and {how}; the coefficients above are those of epoch {c.best_epoch} (step {c.best_step}), "
+        "the lowest held-out value.",
+        "",
+        "| epoch | step | held-out | " + " | ".join(coeffs.tasks) + " |",
+        "|---:|---:|---:|" + "---:|" * len(coeffs.tasks),
+    ]
+    for row in c.heldout[:_MAX_ROWS]:
+        cells = ["n/a" if v is None else f"{v:.6g}" for v in row[2:]]
+        best = " (best)" if row[0] == c.best_epoch else ""
+        lines.append(f"| {int(row[0])}{best} | {int(row[1])} | " + " | ".join(cells) + " |")  # type: ignore[arg-type]
+    return [*lines, ""]
+
+
 def render_model_card(
     plan: MergePlan, coeffs: LearnedCoefficients | None = None, evaluation: dict[str, Any] | None = None
 ) -> str:
@@ -108,6 +140,7 @@ def render_model_card(
             "",
             _table(coeffs),
             "",
+            *_convergence(coeffs),
         ]
     if evaluation is not None:
         from .evaluation.table import table

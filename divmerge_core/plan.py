@@ -41,6 +41,31 @@ class MergePlan:
 
 
 @dataclass
+class Convergence:
+    """How a learned merge's optimisation went, on each task's held-out inputs (``parameters.heldout``)."""
+
+    #: per task, how many of its inputs were held out of training (0: none).
+    heldout_inputs: list[int]
+    #: ``[epoch, step, mean, value of task 0, task 1, ...]`` at epoch 0 (the initial Gamma) and after each
+    #: epoch run; a task's value is None when it holds nothing out; empty when no task holds anything out.
+    heldout: list[list[float | None]]
+    #: the epoch whose Gamma is kept (lowest held-out value); None when nothing is held out (the last is kept).
+    best_epoch: int | None
+    best_step: int | None
+    #: whether the held-out value stopped improving before the end (None when nothing is held out).
+    converged: bool | None
+    #: whether ``patience`` ended the run before its planned steps.
+    stopped_early: bool
+    #: optimisation steps run, and planned (epochs x steps_per_epoch).
+    steps: int
+    planned_steps: int
+    steps_per_epoch: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
 class LearnedCoefficients:
     """Coefficients learned by divmerge/adamerging: one per (group, task)."""
 
@@ -60,12 +85,14 @@ class LearnedCoefficients:
     placement: str = "resident"
     #: task -> the labels it was scored on, for tasks that set ``data.labels`` (explicit or ``auto``).
     labels: dict[str, list[str | int]] | None = None
+    #: the held-out record, best epoch and stopping of the run (None for coefficients made elsewhere).
+    convergence: Convergence | None = None
 
     def for_tensor(self, name: str) -> list[float]:
         return self.values[self.groups.index(self.group_of[name])]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.method,
             "granularity": self.granularity,
             "tasks": self.tasks,
@@ -77,6 +104,7 @@ class LearnedCoefficients:
             "group_of": self.group_of,
             "losses": self.losses,
         } | ({"labels": self.labels} if self.labels is not None else {})
+        return out | (self.convergence.to_json() if self.convergence is not None else {})
 
 
 @dataclass

@@ -11,13 +11,18 @@ from .errors import MergeCancelled
 @dataclass(frozen=True)
 class ProgressEvent:
     """One progress report. ``stage`` is one of: resolve, validate, eval_data, data, teacher,
-    optimise, write, compare (a compared method's merge), evaluate, done."""
+    optimise, write, compare (a compared method's merge), evaluate, done.
+
+    ``heldout`` (optimise, learned methods): a held-out measurement before the first step and after each
+    epoch, ``(epoch, step, mean, value of task 0, task 1, ...)``, a task's value None when it holds no
+    input out; such an event carries no ``loss``."""
 
     stage: str
     step: int
     total: int
     loss: float | None = None
     message: str | None = None
+    heldout: tuple[float | None, ...] | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -32,10 +37,16 @@ class Reporter:
         self._should_stop = should_stop
 
     def report(
-        self, stage: str, step: int, total: int, loss: float | None = None, message: str | None = None
+        self,
+        stage: str,
+        step: int,
+        total: int,
+        loss: float | None = None,
+        message: str | None = None,
+        heldout: tuple[float | None, ...] | None = None,
     ):
         if self._progress is not None:
-            self._progress(ProgressEvent(stage, step, total, loss, message))
+            self._progress(ProgressEvent(stage, step, total, loss, message, heldout))
 
     def relay(self, progress: ProgressCallback) -> Reporter:
         """A reporter with the same stop check that reports to ``progress`` instead."""

@@ -1,4 +1,4 @@
-"""Tables: teams, API tokens (hashes only), merge jobs and their events. The job row is the source of truth."""
+"""Tables: teams, API tokens (hashes only), the admin audit log, merge jobs and their events. The job row is the source of truth."""
 
 from __future__ import annotations
 
@@ -86,6 +86,31 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Comma-separated scopes (``read``, ``submit``, ``admin``); tokens made before scopes existed got
+    #: ``read,submit`` from the migration.
+    scopes: Mapped[str] = mapped_column(String(64), default="read,submit", server_default="read,submit")
+    #: None: never expires.
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Updated on use, at most once a minute per token (``api.security.LAST_USED_EVERY_S``).
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditEvent(Base):
+    """Every admin action (team created, token created or revoked), by whom: append-only."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: team_created, token_created, token_revoked
+    action: Mapped[str] = mapped_column(String(32))
+    #: Who: the acting token's id and team, or ``cli`` (the server-side ``divmerge token`` command).
+    actor_token_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    actor: Mapped[str] = mapped_column(String(100))
+    #: What: the team and (for token actions) the token id concerned.
+    team: Mapped[str | None] = mapped_column(String(100), default=None)
+    token_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Job(Base):

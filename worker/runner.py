@@ -98,11 +98,15 @@ class Lease:
 
 class ProgressWriter:
     """Writes progress to the job row: at every stage change (with a ``stage`` event) and otherwise at most
-    every ``progress_interval_s``, with the step rate's ``eta_s`` and, for learned methods, the losses so far."""
+    every ``progress_interval_s``, with the step rate's ``eta_s`` and, for learned methods, the losses so far
+    (the ``losses`` column: train losses) and the held-out measurements so far (``progress.heldout``: rows
+    ``[epoch, step, mean, per-task ...]``, written at once when one arrives)."""
 
     def __init__(self, settings: Settings, claim: jobs.Claim, lease: Lease):
         self.settings, self.claim, self.lease = settings, claim, lease
         self.losses: list[float] = []
+        self.heldout: list[list[float | None]] = []
+        self._heldout_dirty = False
         self._last = 0.0
         self._stage: str | None = None
         self._stage_t0 = time.monotonic()
@@ -121,6 +125,9 @@ class ProgressWriter:
         ):
             self.losses.append(ev.loss)
             self._losses_dirty = True
+        if ev.stage == "optimise" and ev.heldout is not None:
+            self.heldout.append(list(ev.heldout))
+            self._heldout_dirty = True
         self.write(ev.stage, ev.step, ev.total, ev.loss)
 
     def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> dict[str, Any]:
@@ -140,16 +147,21 @@ class ProgressWriter:
             "loss": loss,
             "eta_s": eta,
             "updated_at": utcnow().isoformat(),
-        }
+        } | ({"heldout": [list(r) for r in self.heldout]} if self.heldout else {})
 
     def write(
         self, stage: str, step: int = 0, total: int = 0, loss: float | None = None, **values: Any
     ) -> None:
         changed = stage != self._stage
         now = time.monotonic()
-        if not changed and not values and now - self._last < self.settings.progress_interval_s:
+        if (
+            not changed
+            and not values
+            and not self._heldout_dirty
+            and now - self._last < self.settings.progress_interval_s
+        ):
             return
-        self._last = now
+        self._last, self._heldout_dirty = now, False
         values["progress"] = self.progress(stage, step, total, loss)
         if self._losses_dirty:
             values["losses"] = list(self.losses)

@@ -19,7 +19,7 @@ from service_core.models import Job, JobStatus
 from service_core.queue import enqueue
 
 from .. import crud, dryrun, spec
-from ..deps import CallerDep, SessionDep, SettingsDep
+from ..deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
 from ..errors import ApiError
 from ..schemas import (
     Coefficients,
@@ -38,7 +38,8 @@ from ..security import Caller
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
 _ERRORS = {
-    401: {"description": "missing, invalid or revoked token"},
+    401: {"description": "missing, invalid, revoked or expired token"},
+    403: {"description": "the token lacks the scope the route needs (`read`, or `submit` for writes)"},
     404: {"description": "no such job for this team"},
     503: {"description": "the database is unavailable (`Retry-After` says when to try again)"},
 }
@@ -83,7 +84,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 )
 async def create_merge(
     request: Request,
-    caller: Caller = CallerDep,
+    caller: Caller = SubmitterDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     settings: Settings = SettingsDep,
     s: Session = SessionDep,
@@ -124,13 +125,13 @@ async def create_merge(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
-def get_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> JobOut:
+def get_merge(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> JobOut:
     return JobOut.of(_owned(s, caller, job_id))
 
 
-@router.get("", response_model=JobList, responses={401: _ERRORS[401]})
+@router.get("", response_model=JobList, responses={401: _ERRORS[401], 403: _ERRORS[403]})
 def list_merges(
-    caller: Caller = CallerDep,
+    caller: Caller = ReaderDep,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1)] = 20,
     cursor: str | None = None,
@@ -153,7 +154,7 @@ def list_merges(
     response_model=JobOut,
     responses={**_ERRORS, 409: {"description": "the job has already finished"}},
 )
-def cancel_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> JobOut:
+def cancel_merge(job_id: str, caller: Caller = SubmitterDep, s: Session = SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: the worker stops at its next step and ends it cancelled."""
     try:
         job = jobs.cancel_job(s, caller.team_id, job_id)
@@ -169,11 +170,11 @@ def cancel_merge(job_id: str, caller: Caller = CallerDep, s: Session = SessionDe
 @router.post(
     "/validate",
     response_model=ValidationReport,
-    responses={401: _ERRORS[401], 413: {"description": "body too large"}},
+    responses={401: _ERRORS[401], 403: _ERRORS[403], 413: {"description": "body too large"}},
     openapi_extra=_CONFIG_BODY,
 )
 async def validate_merge(
-    request: Request, caller: Caller = CallerDep, settings: Settings = SettingsDep
+    request: Request, caller: Caller = SubmitterDep, settings: Settings = SettingsDep
 ) -> ValidationReport:
     """Dry run: what ``divmerge validate`` does (resolve every model and dataset, check they can be merged,
     read a few rows of each dataset and check its columns, estimate the work), nothing queued. Always 200:
@@ -197,7 +198,7 @@ def _owned(s: Session, caller: Caller, job_id: str) -> Job:
     responses={**_ERRORS, 409: {"description": "only a failed job can be retried"}},
 )
 def retry_merge(
-    job_id: str, caller: Caller = CallerDep, settings: Settings = SettingsDep, s: Session = SessionDep
+    job_id: str, caller: Caller = SubmitterDep, settings: Settings = SettingsDep, s: Session = SessionDep
 ) -> JobOut:
     """Run a failed job again: its kept result is re-delivered if the merge finished but the delivery
     failed (``kept`` in the job), else the merge runs from scratch."""
@@ -214,7 +215,7 @@ def retry_merge(
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=_ERRORS)
-def merge_events(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> EventList:
+def merge_events(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> EventList:
     """What happened to the job, oldest first: submitted, claimed (by which worker), each stage, retries
     and their reason, warnings, the outcome."""
     _owned(s, caller, job_id)
@@ -232,7 +233,7 @@ def _finished_result(job: Job) -> dict:
     response_model=FileList,
     responses={**_ERRORS, 409: {"description": "the job has not succeeded"}},
 )
-def merge_files(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> FileList:
+def merge_files(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> FileList:
     """The output files (name, size, sha256); for Hub outputs also the repo and the upload commit."""
     result = _finished_result(_owned(s, caller, job_id))
     dest = result["destination"]
@@ -252,7 +253,7 @@ def merge_files(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep
 def merge_file(
     job_id: str,
     name: str,
-    caller: Caller = CallerDep,
+    caller: Caller = ReaderDep,
     settings: Settings = SettingsDep,
     s: Session = SessionDep,
 ) -> FileResponse:
@@ -280,7 +281,7 @@ def merge_file(
         404: {"description": "no such job for this team, or a classic method (no coefficients)"},
     },
 )
-def merge_coefficients(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> Coefficients:
+def merge_coefficients(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> Coefficients:
     """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
     (live while the job runs)."""
     job = _owned(s, caller, job_id)
@@ -290,11 +291,29 @@ def merge_coefficients(job_id: str, caller: Caller = CallerDep, s: Session = Ses
             404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
         )
     losses = list(job.losses or [])
+    live = list((job.progress or {}).get("heldout") or [])
     if coeffs is None:
-        return Coefficients(groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses)
+        return Coefficients(
+            groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses, heldout=live
+        )
     groups, tasks = coeffs["groups"], coeffs["tasks"]
     values = [[float(coeffs["coefficients"][g][t]) for t in tasks] for g in groups]
-    return Coefficients(groups=groups, tasks=tasks, values=values, losses=losses)
+    done = {k: coeffs[k] for k in _CONVERGENCE if k in coeffs}
+    return Coefficients(
+        groups=groups, tasks=tasks, values=values, losses=losses, **({"heldout": live} | done)
+    )
+
+
+#: What a done job's coefficients add about its convergence (``LearnedCoefficients.convergence``).
+_CONVERGENCE = (
+    "heldout",
+    "heldout_inputs",
+    "best_epoch",
+    "converged",
+    "stopped_early",
+    "steps",
+    "planned_steps",
+)
 
 
 @router.get(
@@ -306,7 +325,7 @@ def merge_coefficients(job_id: str, caller: Caller = CallerDep, s: Session = Ses
         409: {"description": "the evaluation has not run yet"},
     },
 )
-def merge_evaluation(job_id: str, caller: Caller = CallerDep, s: Session = SessionDep) -> Evaluation:
+def merge_evaluation(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> Evaluation:
     """Each task's expert and merged scores, the retention and the ANP, and every compared method's; once
     the merge is evaluated (also for a job whose delivery failed and whose result is kept). A failed
     evaluation stage answers with its ``error`` (the merge itself was kept)."""

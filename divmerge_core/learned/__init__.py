@@ -27,6 +27,7 @@ from ..io.loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
 from ..teachers import model_kind
+from .convergence import Tracker
 from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
 from .memory import choose_placement, estimate_learned_memory
@@ -35,6 +36,7 @@ from .objectives import objective_of
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
+from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
 
 
@@ -79,7 +81,8 @@ def learn_coefficients(
         )
         if isinstance(teachers, OnlineTeachers):
             teachers.bind(model.module, vectors)
-        init = params.init if params.init is not None else 1.0 / n_tasks
+        init = initial_value(params.init, n_tasks)
+        tracker = Tracker()
         gamma = torch.nn.Parameter(torch.full((len(groups), n_tasks), float(init), device=device))
         losses = optimise(
             model,
@@ -95,6 +98,7 @@ def learn_coefficients(
             reporter=reporter,
             on_gradient=on_gradient,
             ranks=ranks,
+            tracker=tracker,
         )
     finally:
         if teachers is not None:
@@ -111,6 +115,7 @@ def learn_coefficients(
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
         labels=label_names(plan, inputs.label_masks),
         placement=placement,
+        convergence=tracker.to_plan(),
     )
 
 

@@ -150,7 +150,7 @@ def torchrun_ranks() -> Distributed | None:
 
 
 def _event_args(ev: ProgressEvent) -> tuple:
-    return (ev.stage, ev.step, ev.total, ev.loss, ev.message)
+    return (ev.stage, ev.step, ev.total, ev.loss, ev.message, ev.heldout)
 
 
 def _describe(err: BaseException) -> tuple[str, str, str | None, str]:

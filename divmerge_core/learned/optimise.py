@@ -12,13 +12,15 @@ from torch.func import functional_call
 from ..errors import NumericalError
 from ..methods.learned_parameters import Objective
 from ..progress import Reporter
-from ..teachers import collate, per_example_mean, scored_logits
+from ..teachers import Example, collate, per_example_mean, scored_logits
 from .activations import enable_checkpointing
+from .convergence import Tracker, heldout_split, heldout_values
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .objectives import loss_function
 from .placement import TaskVectors
 from .ranks import SINGLE, Ranks
+from .schedule import make_scheduler
 from .teacher_store import TeacherStore
 
 #: Called with Gamma's gradient after backward, before the optimiser step (e.g. an all-reduce across ranks).
@@ -40,8 +42,14 @@ def optimise(
     reporter: Reporter,
     on_gradient: GradientHook | None = None,
     ranks: Ranks = SINGLE,
+    tracker: Tracker | None = None,
 ) -> list[float]:
     """Run every step in place on ``gamma``; return the loss of each step.
+
+    Each task's held-out inputs (:mod:`.convergence`) are left out of the steps and scored before the first
+    step and after every epoch; ``gamma`` ends as the Gamma with the lowest held-out value (the last one
+    when nothing is held out) and the run stops early after ``patience`` epochs without improvement.
+    ``tracker`` (when given) receives that record.
 
     The loss is ``mean_t mean_{x in step's task-t inputs} loss(x)``, a weighted sum over inputs (each input
     weighted by 1 / (n_tasks * the step's count of its task)). So the inputs may go through forward/backward
@@ -51,39 +59,74 @@ def optimise(
     """
     n_tasks = len(inputs.examples)
     loss_fn = loss_function(objective, params, kind, store)
-    sampler = Sampler([len(e) for e in inputs.examples], params.batch_size_per_task, params.seed)
+    split = heldout_split([len(e) for e in inputs.examples], params.heldout, params.seed)
+    train = [[ex[i] for i in s.train] for ex, s in zip(inputs.examples, split, strict=True)]
+    heldout = [[ex[i] for i in s.heldout] for ex, s in zip(inputs.examples, split, strict=True)]
+    sampler = Sampler([len(e) for e in train], params.batch_size_per_task, params.seed)
     total = params.epochs * sampler.steps_per_epoch
     optimiser = torch.optim.Adam([gamma], lr=params.lr)
+    scheduler = make_scheduler(optimiser, params, total)
     label_masks = inputs.label_masks
+    record = tracker if tracker is not None else Tracker()
+    record.start(
+        params,
+        steps_per_epoch=sampler.steps_per_epoch,
+        planned_steps=total,
+        heldout_inputs=[len(h) for h in heldout],
+    )
+
+    def chunk_loss(chunk: list[Example], weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-input loss [len(chunk)] of ``chunk`` on ``weights`` (default: the current Gamma's)."""
+        batch = collate(kind, chunk, inputs.tokenizer, device)
+        weights = vectors.weights(gamma) if weights is None else weights
+        out = functional_call(
+            model.module, weights, args=(), kwargs=batch.inputs, tie_weights=True, strict=False
+        )
+        logits = scored_logits(kind, out.logits, batch).float()
+        if label_masks is not None:  # each input is scored on its own task's labels only
+            owner_task = torch.tensor([e.task for e in chunk], device=device)
+            logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
+        return per_example_mean(loss_fn(logits, chunk), batch, len(chunk))
+
+    def evaluate(epoch: int, step: int) -> bool:
+        """Score the held-out inputs, report them; whether to stop."""
+        if not any(heldout):
+            return False
+        chunk = params.micro_batch_size or max(1, params.batch_size_per_task * n_tasks)
+        per_task = heldout_values(heldout, chunk_loss, chunk_size=chunk, device=device, ranks=ranks)
+        stop = record.record(epoch, step, per_task, gamma)
+        reporter.report(
+            "optimise",
+            step,
+            total,
+            message=f"held-out {record.rows[-1][2]:.6g} after epoch {epoch}",
+            heldout=tuple(record.rows[-1]),
+        )
+        return stop
+
     vectors.start(gamma)
     current: dict[str, torch.Tensor] = {}
     if params.gradient_checkpointing:
         enable_checkpointing(model.module, lambda: current)
     losses: list[float] = []
+    evaluate(0, 0)
     for step in range(1, total + 1):
         reporter.check()
         chosen = sampler.next()
-        picked = ranks.share([inputs.examples[t][i] for t, idx in enumerate(chosen) for i in idx])
+        picked = ranks.share([train[t][i] for t, idx in enumerate(chosen) for i in idx])
         counts = torch.tensor([len(idx) for idx in chosen], device=device, dtype=torch.float32)
         micro = params.micro_batch_size or max(1, len(picked))
         optimiser.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=device)  # this rank's part; stays 0 with more ranks than inputs
         for lo in range(0, len(picked), micro):
             chunk = picked[lo : lo + micro]
-            batch = collate(kind, chunk, inputs.tokenizer, device)
             current = vectors.weights(gamma)
-            out = functional_call(
-                model.module, current, args=(), kwargs=batch.inputs, tie_weights=True, strict=False
-            )
-            logits = scored_logits(kind, out.logits, batch).float()
+            per_example = chunk_loss(chunk, current)
             owner_task = torch.tensor([e.task for e in chunk], device=device)
-            if label_masks is not None:  # each input is scored on its own task's labels only
-                logits = logits.masked_fill(~label_masks[owner_task], -math.inf)
-            per_example = per_example_mean(loss_fn(logits, chunk), batch, len(chunk))
             part = (per_example / (n_tasks * counts[owner_task])).sum()
             part.backward()
             loss = loss + part.detach()
-            del out, logits, part
+            del per_example, part
         current = {}
         vectors.gradient(gamma)
         if gamma.grad is None:
@@ -99,11 +142,16 @@ def optimise(
         if on_gradient is not None:
             on_gradient(gamma.grad)
         optimiser.step()
+        scheduler.step()
         if not torch.isfinite(gamma).all():
             raise NumericalError(f"{method}: the coefficients became non-finite at step {step}")
         vectors.update(gamma)
         losses.append(value)
         reporter.report("optimise", step, total, value)
+        if step % sampler.steps_per_epoch == 0 and evaluate(step // sampler.steps_per_epoch, step):
+            break
+    record.steps = len(losses)
+    record.restore_best(gamma)
     return losses
 
 

@@ -49,7 +49,36 @@ class LearnedParameters(MethodParameters):
     lr: Annotated[float, Field(gt=0)] = Field(1e-2, description="Adam learning rate")
     epochs: Annotated[int, Field(ge=1)] = Field(4, description="passes over the largest task's inputs")
     batch_size_per_task: Annotated[int, Field(ge=1)] = Field(4, description="inputs of every task per step")
-    init: FiniteFloat | None = Field(None, description="initial coefficient (default 1/n_tasks)")
+    init: Literal["1/n", "task_arithmetic"] | FiniteFloat | None = Field(
+        None,
+        description="initial coefficient of every (group, task): '1/n' (1/n_tasks, the default), "
+        "'task_arithmetic' (1.0) or a number",
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="learning rate over the steps: constant, or cosine decay to 0 at the last step",
+    )
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="steps of linear warmup from 0 to lr (before the schedule)"
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="warmup as a share of the planned steps (the larger of the two warmups applies)"
+    )
+    # --- held-out divergence, best Gamma and early stopping (docs/engine.md#convergence) ---
+    heldout: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        0.1,
+        description="share of each task's inputs held out of training to measure the objective once per "
+        "epoch (at least 4 inputs; none for a task with fewer than 20 inputs; 0: none). The Gamma with the "
+        "lowest held-out value is kept",
+    )
+    patience: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="stop once the held-out value has not improved for this many epochs (default: run "
+        "every epoch)",
+    )
+    min_delta: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="relative improvement of the held-out value that counts as one (0: any decrease)"
+    )
     max_length: Annotated[int, Field(ge=1)] = Field(128, description="input tokens kept per example")
     max_new_tokens: Annotated[int, Field(ge=1)] = Field(
         32, description="causal LMs: tokens the teacher generates per input"

@@ -203,9 +203,10 @@ def test_sign_in_keeps_the_token_out_of_urls_and_sign_out_forgets_it(web, token,
 
 def test_list_and_learned_job_page(svc, api, web, token):
     svc.ensure_worker()
-    job = api.submit(divmerge_body(svc))
+    job = api.submit(divmerge_body(svc, repeat=5))  # 20 inputs per task: 4 are held out
     classic = api.submit(svc.classic())
-    broken = api.submit({**svc.classic(), "models": [{"model": str(svc.models["other"])}] * 2})
+    other = str(svc.models["other"])  # a differently shaped model: the merge fails in the worker
+    broken = api.submit({**svc.classic(), "models": [{"model": other, "name": f"o{i}"} for i in (1, 2)]})
     done = api.wait(job["id"])
     assert done["status"] == "succeeded", done["error"]
     api.wait(classic["id"])
@@ -255,8 +256,14 @@ def test_list_and_learned_job_page(svc, api, web, token):
     for chart in (curve, heat):
         box = chart.bounding_box()
         assert box["width"] > 200 and box["height"] > 100, box
-    points = curve.locator("polyline").get_attribute("points").split()
+    points = curve.locator("polyline.train").get_attribute("points").split()
     assert len(points) == len(coeffs["losses"]) > 1
+    # the held-out curve: one point per epoch and one before the first step, the kept epoch ringed
+    assert [r[0] for r in coeffs["heldout"]] == [0, 1, 2] and coeffs["heldout_inputs"] == [4, 4]
+    held = curve.locator("polyline.heldout").get_attribute("points").split()
+    assert len(held) == len(coeffs["heldout"])
+    assert curve.locator("circle.heldout-dot.best").get_attribute("data-epoch") == str(coeffs["best_epoch"])
+    assert f"after epoch {coeffs['best_epoch']} (kept)" in page.locator("#loss-readout").inner_text()
     cells = heat.locator("rect[data-value]")
     assert cells.count() == len(coeffs["groups"]) * len(coeffs["tasks"]) > 2
     cells.nth(1).hover()

@@ -324,9 +324,33 @@ def test_coefficients_and_losses(svc):
     assert len(c["values"]) == len(c["groups"]) > 1 and all(len(row) == 2 for row in c["values"])
     assert len(c["losses"]) == done["result"]["metrics"]["steps"]
     assert c["losses"][-1] == pytest.approx(done["result"]["metrics"]["final_loss"])
+    assert c["heldout"] == [] and c["heldout_inputs"] == [0, 0] and c["converged"] is None  # 3 inputs each
     classic = svc.wait(svc.submit(svc.classic())["id"])
     r = svc.client.get(f"/v1/merges/{classic['id']}/coefficients", headers=svc.h())
     assert r.status_code == 404
+
+
+def test_coefficients_report_heldout_and_convergence(svc):
+    """A learned job with 21 inputs per task holds 4 out: the held-out row of each epoch is in the job's
+    progress while it runs and in its coefficients, with the epoch kept, once done."""
+    m = svc.models
+    texts = [["a b c", "d e", "f g h"] * 7, ["x y", "z w v", "q r"] * 7]
+    body = {
+        "merge_method": "adamerging",
+        "base_model": str(m["gpt_base"]),
+        "models": [{"model": str(m[f"gpt_ft{i + 1}"]), "data": {"texts": t}} for i, t in enumerate(texts)],
+        "parameters": {"granularity": "task", "epochs": 3, "batch_size_per_task": 6, "patience": 1},
+    }
+    done = svc.wait(svc.submit(body)["id"], timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    c = svc.client.get(f"/v1/merges/{done['id']}/coefficients", headers=svc.h()).json()
+    assert c["heldout_inputs"] == [4, 4] and c["planned_steps"] == 9  # 17 training inputs, 6 per step
+    assert c["steps"] == len(c["losses"]) and c["steps"] % 3 == 0
+    assert [r[0] for r in c["heldout"]] == list(range(c["steps"] // 3 + 1))
+    assert all(len(r) == 5 and r[2] == pytest.approx((r[3] + r[4]) / 2) for r in c["heldout"])
+    assert c["best_epoch"] in [r[0] for r in c["heldout"]] and isinstance(c["converged"], bool)
+    assert c["stopped_early"] == (c["steps"] < 9)
+    assert done["progress"]["heldout"] == c["heldout"]
 
 
 # ------------------------------------------------------------------ 6. YAML bodies, 7. offline /docs

@@ -1,4 +1,4 @@
-// Inline SVG charts: the loss curve (loss per step) and the coefficient heatmap (groups x tasks, a
+// Inline SVG charts: the loss curve (training loss per step, held-out per epoch) and the coefficient heatmap (groups x tasks, a
 // diverging colour scale centred on 0). Values show on hover and, for the heatmap, with the arrow keys.
 
 const NS = "http://www.w3.org/2000/svg";
@@ -19,21 +19,36 @@ function short(name, max) {
 
 const fmt = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : v.toPrecision(4));
 
-/** Draw losses[] (one per step) into container; readout shows the step under the pointer. */
-export function lossCurve(container, losses, readout) {
+/**
+ * Draw losses[] (the training loss, one per step) into container and, when given, heldout[] (rows
+ * [epoch, step, mean, per-task ...]: the objective on the held-out inputs, step 0 before the first step)
+ * as a second curve with a dot per epoch and the lowest one marked; readout shows the step under the pointer.
+ */
+export function lossCurve(container, losses, readout, heldout = []) {
   const W = 640;
   const H = 260;
-  const m = { l: 56, r: 12, t: 12, b: 36 };
+  const m = { l: 56, r: 12, t: 24, b: 36 };
   const n = losses.length;
-  let lo = Math.min(...losses);
-  let hi = Math.max(...losses);
+  const held = (heldout || []).filter((r) => r && typeof r[2] === "number" && Number.isFinite(r[2]));
+  const all = [...losses, ...held.map((r) => r[2])];
+  let lo = Math.min(...all);
+  let hi = Math.max(...all);
   if (hi === lo) {
     hi += Math.abs(hi) * 0.05 || 1;
     lo -= Math.abs(lo) * 0.05 || 1;
   }
-  const x = (i) => m.l + (n === 1 ? 0.5 : i / (n - 1)) * (W - m.l - m.r);
+  // x is the step: the training loss of step i + 1 at losses[i]; held-out rows at their own step (0 first)
+  const first = held.length ? 0 : 1;
+  const last = Math.max(n, ...held.map((r) => r[1]));
+  const xs = (step) => m.l + (last === first ? 0.5 : (step - first) / (last - first)) * (W - m.l - m.r);
+  const x = (i) => xs(i + 1);
   const y = (v) => m.t + (1 - (v - lo) / (hi - lo)) * (H - m.t - m.b);
-  const label = `Loss per step: ${n} step${n === 1 ? "" : "s"}, first ${fmt(losses[0])}, last ${fmt(losses[n - 1])}`;
+  let best = -1;
+  held.forEach((r, k) => {
+    if (best < 0 || r[2] < held[best][2]) best = k;
+  });
+  let label = `Loss per step: ${n} step${n === 1 ? "" : "s"}, first ${fmt(losses[0])}, last ${fmt(losses[n - 1])}`;
+  if (held.length) label += `; held-out ${fmt(held[0][2])} at step ${held[0][1]}, lowest ${fmt(held[best][2])} after epoch ${held[best][0]}`;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label, class: "loss" });
   svg.append(s("title", {}, label));
   const axes = s("g", { class: "axis" });
@@ -42,25 +57,49 @@ export function lossCurve(container, losses, readout) {
     axes.append(s("line", { x1: m.l, x2: W - m.r, y1: y(v), y2: y(v), class: "grid" }));
     axes.append(s("text", { x: m.l - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
   }
-  const ticks = n === 1 ? [0] : [...new Set([0, Math.round((n - 1) / 2), n - 1])];
-  for (const i of ticks) axes.append(s("text", { x: x(i), y: H - m.b + 18, "text-anchor": "middle" }, i + 1));
+  const ticks = [...new Set([first, Math.round((first + last) / 2), last])];
+  for (const t of ticks) axes.append(s("text", { x: xs(t), y: H - m.b + 18, "text-anchor": "middle" }, t));
   axes.append(s("text", { x: (m.l + W - m.r) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
   svg.append(axes);
-  svg.append(s("polyline", { points: losses.map((v, i) => `${x(i)},${y(v)}`).join(" "), class: "line" }));
+  svg.append(s("polyline", { points: losses.map((v, i) => `${x(i)},${y(v)}`).join(" "), class: "line train" }));
+  if (held.length) {
+    svg.append(s("polyline", { points: held.map((r) => `${xs(r[1])},${y(r[2])}`).join(" "), class: "line heldout" }));
+    held.forEach((r, k) => {
+      const attrs = { r: k === best ? 5 : 3, cx: xs(r[1]), cy: y(r[2]), class: k === best ? "heldout-dot best" : "heldout-dot", "data-epoch": r[0] };
+      svg.append(s("circle", attrs));
+    });
+    const legend = s("g", { class: "legend-lines" });
+    legend.append(s("line", { x1: m.l + 4, x2: m.l + 24, y1: 10, y2: 10, class: "line train" }));
+    legend.append(s("text", { x: m.l + 28, y: 14 }, "train"));
+    legend.append(s("line", { x1: m.l + 78, x2: m.l + 98, y1: 10, y2: 10, class: "line heldout" }));
+    legend.append(s("text", { x: m.l + 102, y: 14 }, "held-out (per epoch; ringed: kept)"));
+    svg.append(legend);
+  }
   const dot = s("circle", { r: 4, class: "dot", cx: x(n - 1), cy: y(losses[n - 1]) });
   svg.append(dot);
+  const heldAt = (step) => {
+    let row = null;
+    for (const r of held) if (r[1] <= step) row = r;
+    return row;
+  };
   const point = (i) => {
     dot.setAttribute("cx", x(i));
     dot.setAttribute("cy", y(losses[i]));
-    if (readout) readout.textContent = `step ${i + 1}: loss ${fmt(losses[i])}`;
+    const r = heldAt(i + 1);
+    const extra = r ? ` · held-out ${fmt(r[2])} (epoch ${r[0]})` : "";
+    if (readout) readout.textContent = `step ${i + 1}: loss ${fmt(losses[i])}${extra}`;
   };
   svg.addEventListener("pointermove", (ev) => {
     const box = svg.getBoundingClientRect();
     const px = ((ev.clientX - box.left) / box.width) * W;
-    point(Math.max(0, Math.min(n - 1, Math.round(((px - m.l) / (W - m.l - m.r)) * (n - 1)))));
+    const step = first + ((px - m.l) / (W - m.l - m.r)) * (last - first);
+    point(Math.max(0, Math.min(n - 1, Math.round(step) - 1)));
   });
   container.replaceChildren(svg);
-  if (readout) readout.textContent = `${n} steps, last loss ${fmt(losses[n - 1])}`;
+  if (readout) {
+    const tail = held.length ? `; lowest held-out ${fmt(held[best][2])} after epoch ${held[best][0]} (kept)` : "";
+    readout.textContent = `${n} steps, last loss ${fmt(losses[n - 1])}${tail}`;
+  }
 }
 
 /** Diverging scale: blue (negative) - near white (0) - red (positive), t in [-1, 1]. */

@@ -146,7 +146,8 @@ async function renderCharts(job) {
   const data = LEARNED.includes(method(job)) ? await getOptional(`${base}/coefficients`) : null;
   const losses = data && data.losses ? data.losses : [];
   show("loss-section", losses.length > 0);
-  if (losses.length) lossCurve(document.getElementById("loss-curve"), losses, document.getElementById("loss-readout"));
+  const heldout = data && data.heldout ? data.heldout : [];
+  if (losses.length) lossCurve(document.getElementById("loss-curve"), losses, document.getElementById("loss-readout"), heldout);
   show("heatmap-section", !!data);
   const box = document.getElementById("coefficients-heatmap");
   const readout = document.getElementById("heatmap-readout");
