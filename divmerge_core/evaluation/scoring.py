@@ -211,14 +211,7 @@ class Scorer:
         for idx in batches:
             chunk = [examples[i] for i in idx]
             prompt_len = [len(e.fields["input_ids"]) for e in chunk]
-            continue_prompts(
-                self.module,
-                self.tokenizer,
-                chunk,
-                batch_size=len(chunk),
-                max_new_tokens=es.spec.max_new_tokens,
-                device=self.device,
-            )
+            self._continue(chunk, es)
             for i, e, k in zip(idx, chunk, prompt_len, strict=True):
                 text = self.tokenizer.decode(e.fields["input_ids"][k:], skip_special_tokens=True)
                 label = match_answer(text, es.answers)
@@ -237,14 +230,7 @@ class Scorer:
             if reference is None:
                 chunk = [examples[i] for i in idx]
                 if self.kind == CAUSAL:
-                    continue_prompts(
-                        self.module,
-                        self.tokenizer,
-                        chunk,
-                        batch_size=len(chunk),
-                        max_new_tokens=es.spec.max_new_tokens,
-                        device=self.device,
-                    )
+                    self._continue(chunk, es)
                 logp, index = self._logp(chunk, es, None)
                 own.append((chunk, logp, index))
             else:
@@ -261,6 +247,17 @@ class Scorer:
         if reference is None:
             return Scores(len(examples), js=0.0, reference=own)
         return Scores(len(examples), js=total / max(count, 1))
+
+    def _continue(self, chunk: list[Example], es: EvalSet) -> None:
+        """Greedy continuation of each prompt of ``chunk`` (one left-padded batch), in place."""
+        continue_prompts(
+            self.module,
+            self.tokenizer,
+            chunk,
+            batch_size=len(chunk),
+            max_new_tokens=es.spec.max_new_tokens,
+            device=self.device,
+        )
 
     def _logits(self, chunk: list[Example]) -> torch.Tensor:
         batch = collate(self.kind, chunk, self.tokenizer, self.device)
