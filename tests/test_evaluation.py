@@ -258,6 +258,7 @@ def test_compare_and_select_best_keeps_the_best_merge(bert, tmp_path, options):
         for name in a.names:
             assert torch.equal(a.get(name), b.get(name)), name
     assert not list(tmp_path.glob(".*compare*")), "compared merges' folders are removed"
+    assert not (tmp_path / "out" / ".divmerge-compare").exists()
     assert "merge_method: " + best["method"] in (tmp_path / "out" / "merge_config.yaml").read_text()
 
 

@@ -1,8 +1,8 @@
 """The evaluation stage inside a merge: the compared methods' merges, scoring, and ``select: best``.
 
 The job's own merge is already written in its staging folder. Each method of ``evaluation.compare`` is
-merged into a hidden sibling folder (same experts, already resolved), everything is scored, and with
-``select: best`` the best-ANP merge's files replace the job's own; the sibling folders are always removed.
+merged into a hidden folder inside it (same experts, already resolved), everything is scored, and with
+``select: best`` the best-ANP merge's files replace the job's own; the hidden folder is always removed.
 
 A finished merge is never thrown away: when the evaluation fails (anything but a cancel), the job's own
 merge stays the output and ``evaluation.json`` says ``{"error": ...}``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from .sets import EvalSet
 from .stage import Candidate, evaluate_merges
 
 log = logging.getLogger("divmerge.evaluation")
+#: The compared merges are written inside the output's own staging folder, so that whatever removes a
+#: half-written output (a failure, a cancel, the next attempt after a killed worker) removes them too.
+COMPARE_DIR = ".divmerge-compare"
 
 
 @dataclass
@@ -55,14 +57,13 @@ def evaluate_output(
     own = Candidate(_label(plan.config.merge_method, []), plan.config.merge_method, _params(plan), folder)
     chosen = Chosen(plan, coeffs, files, {})
     others: dict[str, tuple[MergePlan, LearnedCoefficients | None, list[str]]] = {}
-    scratch: list[Path] = []
     try:
         candidates = [own]
         for i, c in enumerate(spec.compare if spec else []):
             reporter.check()
             label = _label(c.merge_method, [x.label for x in candidates])
-            where = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.compare-{i}-"))
-            scratch.append(where)
+            where = folder / COMPARE_DIR / str(i)
+            where.mkdir(parents=True)
             cplan, ccoeffs, cfiles = _merge_other(
                 plan, compare_config(plan.config, c), where, device, reporter, label
             )
@@ -94,8 +95,7 @@ def evaluate_output(
             plan, coeffs, files, {"error": message, "code": code, "field": getattr(err, "field", None)}
         )
     finally:
-        for p in scratch:
-            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(folder / COMPARE_DIR, ignore_errors=True)
     weights = [f for f in chosen.files if _is_weights(f)]
     if chosen.coeffs is None:
         (folder / "coefficients.json").unlink(missing_ok=True)  # the job's own learned merge lost
