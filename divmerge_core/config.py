@@ -457,12 +457,12 @@ def _fail(loc: tuple[str | int, ...], message: str) -> None:
 
 
 def _check_evaluation(config: MergeConfig) -> None:
-    """Task names are unique; ``evaluation`` needs ``eval`` sets; compared methods fit the config."""
+    """Evaluated tasks' names are unique; ``evaluation`` needs ``eval`` sets; compared methods fit."""
     tasks = config.task_models()
     evaluated = [m for m in tasks if m.eval is not None]
-    names: dict[str, int] = {}
+    names: dict[str, int] = {}  # the evaluation reports by task name: those must differ
     for i, m in enumerate(config.models):
-        if m in tasks:
+        if m in tasks and m.eval is not None:
             if m.task_name in names:
                 _fail(
                     ("models", i, "name"),

@@ -316,7 +316,22 @@ def test_bad_eval_input_fails_before_merging(gpt2, bert, tmp_path, options):
     with pytest.raises(ConfigError, match=r"models\.0\.eval\.num_samples"):
         parse_config(dict(no_rows, models=[{"model": "./x", "eval": {"texts": ["a"], "num_samples": 10**6}}]))
     with pytest.raises(ConfigError, match=r"models\.1\.name: .*two models are named 'e1'"):
-        parse_config({"merge_method": "linear", "models": [{"model": "./a/e1"}, {"model": "./b/e1"}]})
+        parse_config(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "./a/e1", "eval": {"texts": ["a"]}},
+                    {"model": "./b/e1", "eval": {"texts": ["b"]}},
+                ],
+            }
+        )
+    # the same expert twice (two tasks' data) is fine while only one of them is evaluated
+    parse_config(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "./a/e1"}, {"model": "./b/e1", "eval": {"texts": ["b"]}}],
+        }
+    )
     with pytest.raises(ConfigError, match=r"evaluation: .*needs an 'eval'"):
         parse_config(
             {"merge_method": "linear", "models": [{"model": "./a"}, {"model": "./b"}], "evaluation": {}}
