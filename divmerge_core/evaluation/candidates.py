@@ -57,6 +57,7 @@ def evaluate_output(
     own = Candidate(_label(plan.config.merge_method, []), plan.config.merge_method, _params(plan), folder)
     chosen = Chosen(plan, coeffs, files, {})
     others: dict[str, tuple[MergePlan, LearnedCoefficients | None, list[str]]] = {}
+    swap: tuple[Path, list[str]] | None = None
     try:
         candidates = [own]
         for i, c in enumerate(spec.compare if spec else []):
@@ -78,13 +79,14 @@ def evaluate_output(
             base=bool(spec and spec.base),
             select=spec.select if spec else None,
         )
-        if report["selected"] != own.label:
+        if report["selected"] != own.label:  # a failed swap is no evaluation error: it fails the merge
             cplan, ccoeffs, cfiles = others[report["selected"]]
             winner = next(c for c in candidates if c.label == report["selected"])
-            _replace_weights(folder, files, winner.folder, cfiles)
+            swap = (winner.folder, cfiles)
             chosen = Chosen(cplan, ccoeffs, cfiles, report)
         chosen.evaluation = report
     except MergeCancelled:
+        shutil.rmtree(folder / COMPARE_DIR, ignore_errors=True)
         raise
     except Exception as err:  # noqa: BLE001 - the finished merge is kept whatever the evaluation error
         if not isinstance(err, DivMergeError):
@@ -94,6 +96,9 @@ def evaluate_output(
         chosen = Chosen(
             plan, coeffs, files, {"error": message, "code": code, "field": getattr(err, "field", None)}
         )
+    try:
+        if swap is not None:
+            _replace_weights(folder, files, *swap)
     finally:
         shutil.rmtree(folder / COMPARE_DIR, ignore_errors=True)
     weights = [f for f in chosen.files if _is_weights(f)]
