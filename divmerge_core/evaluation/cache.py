@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 class ExpertScoreCache:
     def __init__(self, options: EngineOptions):
         self.folder: Path | None = cache_dir(options) / "evaluations" if cache_bytes(options) > 0 else None
-        self.hits = self.misses = 0
+        self.hits = 0
 
     @staticmethod
     def key(parts: dict[str, Any]) -> str:
@@ -39,7 +39,6 @@ class ExpertScoreCache:
             data = json.loads(path.read_text(encoding="utf-8"))
             scores = Scores.from_json(data["scores"])
         except (OSError, ValueError, KeyError, TypeError):
-            self.misses += 1
             return None
         with contextlib.suppress(OSError):
             os.utime(path)

@@ -91,29 +91,24 @@ def build_report(
         ranked = [c.label for c in candidates if summaries[c.label]["anp"] is not None]
         if ranked:
             chosen = max(ranked, key=lambda label: summaries[label]["anp"])
-    out_scores = merged[chosen]
-    metrics = {"accuracy" if es.labelled else "js_retention" for es in sets}
     tasks: dict[str, Any] = {}
     for es in sets:
-        e, m = experts[es.task], out_scores[es.task]
+        e, m = experts[es.task], merged[chosen][es.task]
         row: dict[str, Any] = {
-            "metric": "accuracy" if es.labelled else "js_retention",
+            "metric": es.metric,
             "n": len(es),
             "source": es.inputs.source,
             "expert": _r(e.score),
-            "merged": _r(m.score),
         }
         if base is not None:
             row["base"] = _r(base[es.task].score)
-        row["unparsed"] = _r(m.unparsed_share)
+        row |= summaries[chosen]["tasks"][es.name]  # merged, retained, unparsed (and js)
         if e.unparsed is not None:
             row["expert_unparsed"] = _r(e.unparsed_share)
-        if m.js is not None and m.correct is None:
-            row["js"] = _r(m.js, 6)
-        row["retained"] = _r(retained(m.score, e.score), 2)
         if m.samples:
             row["sample_answers"] = m.samples
         tasks[es.name] = row
+    metrics = {es.metric for es in sets}
     chosen_c = next(c for c in candidates if c.label == chosen)
     return {
         "metric": metrics.pop() if len(metrics) == 1 else "mixed",

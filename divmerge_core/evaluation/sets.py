@@ -13,9 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..config import EvalSpec, ModelSpec
 from ..data import TaskInput, TaskInputs, extractor, read_rows, sample
 from ..errors import ConfigError, DatasetError
+from ..learned.inputs import model_field, resolve_label_masks
 from ..plan import MergePlan
 from ..progress import Reporter
 from ..teachers import CAUSAL, model_kind
@@ -50,6 +53,11 @@ class EvalSet:
     def labelled(self) -> bool:
         return self.gold is not None
 
+    @property
+    def metric(self) -> str:
+        """``accuracy`` (gold labels) or ``js_retention`` (label-free)."""
+        return "accuracy" if self.labelled else "js_retention"
+
     def __len__(self) -> int:
         return len(self.inputs)
 
@@ -83,7 +91,7 @@ def _load(plan: MergePlan, t: int, kind: str) -> EvalSet:
     spec: ModelSpec = plan.specs[t]
     ev = spec.eval
     assert ev is not None
-    where = f"{_model_field(plan, t)}.eval"
+    where = f"{model_field(plan, t)}.eval"
     if ev.chat_template and kind != CAUSAL:
         raise ConfigError("'chat_template' applies to causal LMs only", field=f"{where}.chat_template")
     if ev.answers is not None and kind != CAUSAL:
@@ -138,11 +146,6 @@ def _load(plan: MergePlan, t: int, kind: str) -> EvalSet:
     return es
 
 
-def _model_field(plan: MergePlan, t: int) -> str:
-    i = next((i for i, m in enumerate(plan.config.models) if m is plan.specs[t]), t)
-    return f"models.{i}"
-
-
 def _answers(ev: EvalSpec, gold: list[Any], field: str) -> dict[str, list[str]]:
     """label -> answer words: ``answers``, else the label values themselves when they are words."""
     values = sorted({str(g) for g in gold})
@@ -190,17 +193,17 @@ def _class_ids(plan: MergePlan, gold: list[Any], field: str) -> list[int]:
 
 
 def _allowed(plan: MergePlan, t: int, gold_ids: list[int] | None) -> list[int] | None:
-    """The classes a task's argmax is restricted to: its ``data.labels`` (names or ids), or with
-    ``labels: auto`` the classes of its gold labels; None (every class) otherwise."""
+    """The classes a task's argmax is restricted to: its ``data.labels`` (resolved as the learned methods
+    resolve them), or with ``labels: auto`` the classes of its gold labels; None (every class) otherwise."""
     data = plan.specs[t].data
     wanted = data.labels if data is not None else None
     if wanted is None:
         return None
     if wanted == "auto":
         return sorted(set(gold_ids)) if gold_ids else None
-    id2label, _ = _id2label(plan)
-    by_name = {v: k for k, v in id2label.items()}
-    return sorted({w if isinstance(w, int) else by_name[w] for w in wanted})  # checked in prepare
+    masks = resolve_label_masks(plan, torch.device("cpu"))
+    assert masks is not None
+    return masks[t].nonzero().flatten().tolist()
 
 
 def _overlap(spec: ModelSpec, es: EvalSet) -> str | None:
