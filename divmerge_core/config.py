@@ -69,8 +69,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class DataSpec(_Strict):
-    """Unlabelled inputs of one task: a Hub dataset, a local file, or inline texts (exactly one)."""
+class _TaskSource(_Strict):
+    """Where a task's texts come from: a Hub dataset, a local file, or inline texts (exactly one), and how
+    each row becomes an input (shared by ``data`` and ``eval``)."""
 
     dataset: str | None = Field(None, description="Hub dataset id, optionally 'org/name@revision'")
     config: str | None = Field(None, description="dataset configuration (subset) name")
@@ -84,33 +85,18 @@ class DataSpec(_Strict):
         None,
         description="format string over the columns, e.g. 'Premise: {premise}\\nHypothesis: {hypothesis}'",
     )
-    num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
     seed: int = 0
-    labels: list[str | int] | Literal["auto"] | None = Field(
-        None,
-        description="sequence classification with one head shared by several tasks: this task's labels "
-        "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
-        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
-    )
-
     chat_template: bool = Field(
         False,
         description="causal LMs: present each input as the user turn of the tokenizer's chat template, "
-        "followed by the assistant generation prompt (for the teachers and the merged model alike)",
+        "followed by the assistant generation prompt",
     )
     system_prompt: str | None = Field(
         None, description="with chat_template: the system turn placed before each input"
     )
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
-        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
-            raise ValueError("'labels' needs at least two distinct labels")
-        return v
-
     @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
+    def _one_source(self) -> _TaskSource:
         sources = [name for name in ("dataset", "path", "texts") if getattr(self, name) is not None]
         if len(sources) != 1:
             raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
@@ -123,6 +109,25 @@ class DataSpec(_Strict):
         return self
 
 
+class DataSpec(_TaskSource):
+    """Unlabelled inputs of one task (the learned methods' merge inputs)."""
+
+    num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
+    labels: list[str | int] | Literal["auto"] | None = Field(
+        None,
+        description="sequence classification with one head shared by several tasks: this task's labels "
+        "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
+        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str | int] | str | None) -> list[str | int] | str | None:
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError("'labels' needs at least two distinct labels")
+        return v
+
+
 #: Most labelled examples one task's ``eval`` set may take (``num_samples``).
 MAX_EVAL_SAMPLES = 5000
 #: Most tokens a causal LM may generate per evaluation answer (``max_new_tokens``).
@@ -131,33 +136,21 @@ MAX_EVAL_NEW_TOKENS = 64
 MAX_COMPARE = 8
 
 
-class EvalSpec(_Strict):
+class EvalSpec(_TaskSource):
     """Labelled (or unlabelled) held-out inputs of one task, to score the merge against its expert.
 
-    Same sources as :class:`DataSpec`; ``label_column`` (default ``label``, when the data has that column)
+    The sources of :class:`DataSpec`; ``label_column`` (default ``label``, when the data has that column)
     or, with inline ``texts``, ``labels`` give the gold labels. Without labels the task is scored label-free:
     the Jensen-Shannon divergence between expert and merged model on the inputs.
     """
 
-    dataset: str | None = Field(None, description="Hub dataset id, optionally 'org/name@revision'")
-    config: str | None = Field(None, description="dataset configuration (subset) name")
     split: str = "validation"
-    path: str | None = Field(None, description="local .jsonl/.json/.csv/.tsv/.txt/.parquet file")
-    texts: list[str] | None = Field(None, description="inline input texts")
     labels: list[str | int] | None = Field(
         None, description="with 'texts': each text's gold label (same length as 'texts')"
     )
-    text_columns: list[str] | None = Field(
-        None, description="column(s) holding the input; two columns are encoded as a sentence pair"
-    )
-    template: str | None = Field(None, description="format string over the columns (as in 'data')")
     label_column: str | None = Field(
         None, description="column holding the gold label (default: 'label' when the data has one)"
     )
-    chat_template: bool = Field(
-        False, description="causal LMs: present each input as the user turn of the tokenizer's chat template"
-    )
-    system_prompt: str | None = Field(None, description="with chat_template: the system turn")
     max_new_tokens: int = Field(
         8, ge=1, le=MAX_EVAL_NEW_TOKENS, description="causal LMs: most tokens generated per answer"
     )
@@ -170,7 +163,6 @@ class EvalSpec(_Strict):
     num_samples: int = Field(
         200, ge=1, le=MAX_EVAL_SAMPLES, description="how many examples to score (seeded sample)"
     )
-    seed: int = 0
 
     @field_validator("answers")
     @classmethod
@@ -186,23 +178,14 @@ class EvalSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> EvalSpec:
-        sources = [name for name in ("dataset", "path", "texts") if getattr(self, name) is not None]
-        if len(sources) != 1:
-            raise ValueError(f"give exactly one of 'dataset', 'path' or 'texts' (got {sources or 'none'})")
+    def _gold_labels(self) -> EvalSpec:
         if self.texts is not None:
-            if not any(t.strip() for t in self.texts):
-                raise ValueError("'texts' holds no non-empty text")
             if self.labels is not None and len(self.labels) != len(self.texts):
                 raise ValueError(f"'labels' gives {len(self.labels)} label(s) for {len(self.texts)} text(s)")
             if self.label_column is not None:
                 raise ValueError("'label_column' applies to 'dataset' and 'path'; give 'labels' with 'texts'")
         elif self.labels is not None:
             raise ValueError("'labels' goes with 'texts'; use 'label_column' with 'dataset' and 'path'")
-        if self.dataset is not None and not is_hub_ref(self.dataset):
-            raise ValueError(f"'dataset' is not a Hub dataset id: {self.dataset!r}")
-        if self.system_prompt is not None and not self.chat_template:
-            raise ValueError("'system_prompt' needs 'chat_template: true'")
         return self
 
 
