@@ -65,7 +65,7 @@ def read_rows(spec: DataSpec | EvalSpec, options: EngineOptions) -> tuple[Rows, 
     """The rows of ``spec``'s source (inline ``texts``, a local file or a Hub dataset), where they came
     from ("inline", the path or the dataset reference) and the dataset's resolved commit."""
     if spec.texts is not None:
-        labels = getattr(spec, "labels", None) if isinstance(spec, EvalSpec) else None
+        labels = spec.labels if isinstance(spec, EvalSpec) else None
         records = [{"text": t} | ({"label": labels[i]} if labels else {}) for i, t in enumerate(spec.texts)]
         return _ListRows(records, ["text", "label"] if labels else ["text"]), "inline", None
     if spec.path is not None:
