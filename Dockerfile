@@ -19,10 +19,10 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY divmerge_core ./divmerge_core
-COPY service_core ./service_core
+COPY divmerge_service ./divmerge_service
 COPY divmerge_client ./divmerge_client
-COPY api ./api
-COPY worker ./worker
+COPY divmerge_api ./divmerge_api
+COPY divmerge_worker ./divmerge_worker
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . && ls /wheels/divmerge-*.whl
 
 # ---------------------------------------------------------------- api
@@ -35,7 +35,7 @@ COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['service']))" \
       > /tmp/service.txt && pip install --no-cache-dir -c constraints.txt -r /tmp/service.txt && rm /tmp/service.txt
 # The migrate job runs `alembic upgrade head` in /app: alembic.ini points at the migrations inside the
-# installed package (script_location = service_core:migrations)
+# installed package (script_location = divmerge_service:migrations)
 COPY alembic.ini ./
 COPY --from=wheel /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/divmerge-*.whl && rm -rf /tmp/wheels \
@@ -44,7 +44,7 @@ USER divmerge
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-server-header"]
+CMD ["uvicorn", "--factory", "divmerge_api.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-server-header"]
 
 # ---------------------------------------------------------------- worker
 # (Ubuntu 24.04 bases, the CUDA one included, ship a user 'ubuntu' with uid 1000: it makes way for divmerge)
@@ -74,7 +74,7 @@ RUN pip install --no-cache-dir --no-deps /tmp/wheels/divmerge-*.whl && rm -rf /t
 USER divmerge
 # liveness: the Celery node answers a ping through the broker (its name is celery@<container hostname>)
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
-  CMD celery -A worker.celery_app inspect ping --timeout 10 -d "celery@$(hostname)" >/dev/null || exit 1
+  CMD celery -A divmerge_worker.celery_app inspect ping --timeout 10 -d "celery@$(hostname)" >/dev/null || exit 1
 # one job per GPU: concurrency 1; -Q gpu,cpu (a CPU-only worker uses -Q cpu)
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu", "--concurrency", "1", "-P", "solo", \
+CMD ["celery", "-A", "divmerge_worker.celery_app", "worker", "-Q", "gpu,cpu", "--concurrency", "1", "-P", "solo", \
      "--loglevel", "INFO", "--without-gossip", "--without-mingle"]

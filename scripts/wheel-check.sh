@@ -37,18 +37,18 @@ echo "wheel-check: built $(basename "$WHEEL") ($((SECONDS - start)) s)"
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = [
-    "service_core/migrations/env.py",
-    "service_core/migrations/script.py.mako",
-    "api/dashboard/layout.html",
-    "api/dashboard/pages/job.html",
-    "api/dashboard/static/dashboard.css",
-    "api/dashboard/static/favicon.svg",
-    "api/dashboard/static/js/common.js",
-    "api/dashboard/static/examples/divmerge.yaml",
+    "divmerge_service/migrations/env.py",
+    "divmerge_service/migrations/script.py.mako",
+    "divmerge_api/dashboard/layout.html",
+    "divmerge_api/dashboard/pages/job.html",
+    "divmerge_api/dashboard/static/dashboard.css",
+    "divmerge_api/dashboard/static/favicon.svg",
+    "divmerge_api/dashboard/static/js/common.js",
+    "divmerge_api/dashboard/static/examples/divmerge.yaml",
 ]
 missing = [n for n in need if n not in names]
-if not any(n.startswith("service_core/migrations/versions/") and n.endswith(".py") for n in names):
-    missing.append("service_core/migrations/versions/*.py")
+if not any(n.startswith("divmerge_service/migrations/versions/") and n.endswith(".py") for n in names):
+    missing.append("divmerge_service/migrations/versions/*.py")
 if any(n.startswith(("tests/", "benchmarks/", "migrations/")) for n in names):
     missing.append("(no tests/, benchmarks/ or top-level migrations/ expected)")
 if missing:
@@ -68,8 +68,8 @@ unset PYTHONPATH
 for v in $(env | sed -n 's/^\(DIVMERGE_[A-Z_]*\)=.*/\1/p'); do unset "$v"; done
 export DIVMERGE_HOME="$WORK/home" DIVMERGE_LOCAL_ROOTS="$WORK/models" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 DM="$WORK/venv/bin/divmerge"
-"$VPY" -c "import api, service_core, worker, divmerge_core; import sys
-for m in (api, service_core, worker, divmerge_core):
+"$VPY" -c "import divmerge_api, divmerge_service, divmerge_worker, divmerge_core; import sys
+for m in (divmerge_api, divmerge_service, divmerge_worker, divmerge_core):
     assert m.__file__.startswith('$WORK/venv/'), m.__file__" || fail "the packages do not come from the venv"
 
 # three tiny BERT classifiers (a base and two fine-tunes), written with the venv's transformers

@@ -1,4 +1,4 @@
-"""The worker's local delivery (``worker.upload.deliver_local``): one rename of a hidden sibling into place,
+"""The worker's local delivery (``divmerge_worker.upload.deliver_local``): one rename of a hidden sibling into place,
 and a kept result re-delivered from elsewhere never leaves half a model at the destination."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from divmerge_core.errors import OutputExistsError
-from worker.upload import MARKER_FILE, UploadError, deliver_local
+from divmerge_worker.upload import MARKER_FILE, UploadError, deliver_local
 
 
 def _result(folder: Path) -> Path:

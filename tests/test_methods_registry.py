@@ -87,7 +87,7 @@ def test_the_parameters_are_the_methods_own_model(fam):
 
 
 def test_service_routes_by_the_registry():
-    from service_core.config import Settings
+    from divmerge_service.config import Settings
 
     settings = Settings()
     for name, method in registry.METHODS.items():

@@ -65,10 +65,10 @@ def test_uncached_hub_model_is_transient_unless_offline(tmp_path, env, expected)
 def test_the_api_and_the_engine_agree_on_what_is_local(tmp_path, monkeypatch):
     """A bare name that is a folder of the current directory is local for the engine (as in mergekit), so
     the API's submit checks apply the allow-list to it (it used to pass as a Hub id and fail in the job)."""
-    from api import spec
-    from api.errors import ApiError
+    from divmerge_api import spec
+    from divmerge_api.errors import ApiError
     from divmerge_core.config import parse_config
-    from service_core.config import Settings
+    from divmerge_service.config import Settings
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-expert").mkdir()

@@ -184,9 +184,9 @@ def svc(tmp_path_factory):
     try:
         from fastapi.testclient import TestClient
 
-        from api.main import create_app
-        from service_core.config import Settings
-        from service_core.db import migrate
+        from divmerge_api.main import create_app
+        from divmerge_service.config import Settings
+        from divmerge_service.db import migrate
 
         migrate(db.url)
         service.settings = Settings()
@@ -201,7 +201,7 @@ def svc(tmp_path_factory):
             w.stop()
         olah.stop()
         redis.kill()
-        from service_core.db import get_engine
+        from divmerge_service.db import get_engine
 
         get_engine.cache_clear()
         time.sleep(0.2)

@@ -29,7 +29,7 @@ class FakeHubServerError(Exception):
 
 
 class FakeHubUploadDouble:
-    """Stands in for :class:`worker.upload.HubUploader` (olah is download-only). Records every upload in
+    """Stands in for :class:`divmerge_worker.upload.HubUploader` (olah is download-only). Records every upload in
     ``$DIVMERGE_TEST_FAKE_HUB_DIR/uploads.jsonl`` and keeps a copy of the files; the token is recorded only
     as a hash, to check which one the worker used. Failures, to exercise the delivery retries:
 
@@ -55,8 +55,8 @@ class FakeHubUploadDouble:
         return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
     def commits(self, repo_id: str) -> list[tuple[str, str]]:
-        """The Hub's side of :meth:`worker.upload.HubUploader.commits`: the commits recorded for the repo,
-        newest first. Whether one of them is this job's upload is decided by ``worker.upload``."""
+        """The Hub's side of :meth:`divmerge_worker.upload.HubUploader.commits`: the commits recorded for the repo,
+        newest first. Whether one of them is this job's upload is decided by ``divmerge_worker.upload``."""
         return [
             (r["commit"], r["message"]) for r in reversed(self.uploads(self.root)) if r["repo_id"] == repo_id
         ]

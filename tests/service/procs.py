@@ -103,7 +103,7 @@ class RedisServer:
 
 
 class CeleryWorker:
-    """``celery -A worker.celery_app worker -P solo --concurrency 1``: the task runs in the worker's main
+    """``celery -A divmerge_worker.celery_app worker -P solo --concurrency 1``: the task runs in the worker's main
     process, so ``kill -9`` of that pid is the loss of the whole worker (machine) mid-job."""
 
     count = 0
@@ -116,7 +116,7 @@ class CeleryWorker:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> CeleryWorker:
-        cmd = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
+        cmd = [str(BIN / "celery"), "-A", "divmerge_worker.celery_app", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
                "-P", "solo", "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
                "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         self._fh = open(self.log, "w")  # noqa: SIM115

@@ -9,10 +9,10 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from api.security import create_token
-from service_core.config import Settings
-from service_core.db import session_scope
+from divmerge_api.main import create_app
+from divmerge_api.security import create_token
+from divmerge_service.config import Settings
+from divmerge_service.db import session_scope
 
 from .procs import REPO
 
@@ -53,7 +53,7 @@ def test_revoked_token_is_refused(svc):
 def test_tokens_are_stored_as_hashes(svc):
     from sqlalchemy import text
 
-    from service_core.db import get_engine
+    from divmerge_service.db import get_engine
 
     with get_engine(svc.settings.db_url).connect() as conn:
         hashes = [r[0] for r in conn.execute(text("SELECT token_hash FROM api_tokens"))]
@@ -195,31 +195,31 @@ def test_openapi_documents_the_merge_config(svc):
 
 
 def test_api_imports_neither_torch_nor_worker():
-    code = "import sys, api.main, api.cli; bad = [m for m in ('torch', 'worker') if m in sys.modules]; print(bad)"
+    code = "import sys, divmerge_api.main, divmerge_api.cli; bad = [m for m in ('torch', 'divmerge_worker') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_worker_imports_no_api_routes():
     code = (
-        "import sys, worker.runner, worker.reconciler, worker.embedded, worker.upload;"
-        "print([m for m in sys.modules if m.startswith(('api.routers', 'api.main', 'api.security'))])"
+        "import sys, divmerge_worker.runner, divmerge_worker.reconciler, divmerge_worker.embedded, divmerge_worker.upload;"
+        "print([m for m in sys.modules if m.startswith(('divmerge_api.routers', 'divmerge_api.main', 'divmerge_api.security'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_one_database_session_per_request(tmp_path):
-    """api.deps: the token lookup and the handler share the request's one session (the caller dependency
+    """divmerge_api.deps: the token lookup and the handler share the request's one session (the caller dependency
     used to open a second one on every request)."""
     from fastapi.testclient import TestClient
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
-    from api.main import create_app
-    from api.security import create_token
-    from service_core.config import Settings
-    from service_core.db import migrate, session_scope
+    from divmerge_api.main import create_app
+    from divmerge_api.security import create_token
+    from divmerge_service.config import Settings
+    from divmerge_service.db import migrate, session_scope
 
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'one.db'}")
     migrate(settings.db_url)

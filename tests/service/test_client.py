@@ -117,7 +117,7 @@ def test_python_client(svc, live):
 def test_client_imports_no_engine():
     code = (
         "import sys, divmerge_client, divmerge_client.cli; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'divmerge_core', 'api', 'worker')]; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'divmerge_core', 'divmerge_api', 'divmerge_worker')]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -28,13 +28,13 @@ TEXTS = [["a b c", "cat dog up", "red blue", "1 2 3"], ["good bad", "left right"
 
 @pytest.fixture(scope="module")
 def server(svc):
-    """``uvicorn --factory api.main:create_app`` in its own process, on the session's database and broker."""
+    """``uvicorn --factory divmerge_api.main:create_app`` in its own process, on the session's database and broker."""
     port = free_port()
     log = open(svc.tmp / "dashboard-uvicorn.log", "w")  # noqa: SIM115
     cmd = [
         str(BIN / "uvicorn"),
         "--factory",
-        "api.main:create_app",
+        "divmerge_api.main:create_app",
         "--host",
         "127.0.0.1",
         "--port",
@@ -477,15 +477,15 @@ def test_evaluation_panel_shows_bars_anp_and_unparsed(svc, api, web, token):
 
 
 def test_the_dashboard_takes_the_job_statuses_from_the_service():
-    """One list of statuses (service_core.models.JobStatus): the pages' scripts import it from
+    """One list of statuses (divmerge_service.models.JobStatus): the pages' scripts import it from
     /dashboard/constants.js and the jobs page's filter is rendered from it; no copy in the static files."""
     import re
 
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from api.routers import dashboard
-    from service_core.models import FINISHED, JobStatus
+    from divmerge_api.routers import dashboard
+    from divmerge_service.models import FINISHED, JobStatus
 
     app = FastAPI()
     dashboard.install(app)

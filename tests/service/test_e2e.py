@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service_core.queue import enqueue
+from divmerge_service.queue import enqueue
 
 pytestmark = pytest.mark.service
 
@@ -126,8 +126,8 @@ def test_secrets_never_reach_responses_rows_or_logs(svc, fake_hub_uploads):
     table, in the worker logs or in any file the service wrote (outputs, kept results, journals, uploads)."""
     from sqlalchemy import text
 
-    from service_core.db import get_engine
-    from service_core.models import Base
+    from divmerge_service.db import get_engine
+    from divmerge_service.models import Base
 
     team_token, deployment_token = "hf_team_a_secret_token", "hf_deployment_secret_token"
     secrets = (team_token, deployment_token, svc.tokens["team-a"])

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from service_core.db import session_scope
-from service_core.models import Job
+from divmerge_service.db import session_scope
+from divmerge_service.models import Job
 
 from .procs import wait_until
 
@@ -89,7 +89,7 @@ def test_kill9_worker_mid_job_recovers_and_uploads_once(svc, fake_hub_uploads):
 
 def test_worker_killed_right_after_its_upload_does_not_upload_again(svc, fake_hub_uploads):
     """The worker dies (SIGKILL, in FakeHubUploadDouble) just after its Hub commit, before it can record
-    it. The other worker takes the job over (attempt 2), merges again, and ``worker.upload`` finds the
+    it. The other worker takes the job over (attempt 2), merges again, and ``divmerge_worker.upload`` finds the
     first attempt's commit by the job's marker: no second upload, and the job reports that commit."""
     svc.stop_worker()
     workers = [svc.new_worker(), svc.new_worker()]

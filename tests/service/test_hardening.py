@@ -331,8 +331,8 @@ def test_bad_hub_ids_and_revisions_are_422(svc, ref, where):
 def test_good_hub_ids_are_accepted(svc):
     from fastapi.testclient import TestClient
 
-    from api.main import create_app
-    from service_core.config import Settings
+    from divmerge_api.main import create_app
+    from divmerge_service.config import Settings
 
     refs = ("acme/tiny-base", "acme/tiny.base@v1.0", "acme/tiny_base@refs/pr/1", "gpt2", "a/b@" + "f" * 40)
     with TestClient(create_app(Settings(cpu_queue="idle", gpu_queue="idle"))) as idle:
@@ -393,7 +393,7 @@ def test_job_time_limit_fails_with_timeout_and_cleans_up(svc):
 
 
 def test_json_depth_ignores_brackets_inside_strings():
-    from api.spec import json_depth
+    from divmerge_api.spec import json_depth
 
     assert json_depth(json.dumps({"a": "[[[{{{", "b": [['\\"]]]', {"c": "\\"}]]})) == 4
     assert json_depth("[" * 50 + "]" * 50, stop_above=32) == 33  # the scan stops past the limit

@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from service_core import jobs
-from service_core.db import get_engine, migrate, session_scope
-from service_core.models import Job, Team, utcnow
+from divmerge_service import jobs
+from divmerge_service.db import get_engine, migrate, session_scope
+from divmerge_service.models import Job, Team, utcnow
 
 from .procs import PostgresDB
 

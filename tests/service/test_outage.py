@@ -46,7 +46,7 @@ def stack(svc, tmp_path):
             DIVMERGE_QUEUED_STALE_S="300",
             DIVMERGE_STEP_DELAY_S="0",
         )
-        from service_core.db import get_engine, migrate
+        from divmerge_service.db import get_engine, migrate
 
         migrate(pg.url)
         get_engine(pg.url).dispose()

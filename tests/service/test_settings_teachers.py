@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service_core.config import Settings
+from divmerge_service.config import Settings
 
 
 def test_teacher_cache_and_devices_settings(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_teacher_cache_and_devices_settings(tmp_path, monkeypatch):
 def test_the_dry_run_gets_the_workers_engine_options(tmp_path, monkeypatch):
     """Settings.engine_options() is the one Settings -> EngineOptions rule: the worker merges with it and the
     API's dry run receives the same options (the dry run's copy once dropped the teacher-cache ones)."""
-    from api.dryrun import dry_run_request
+    from divmerge_api.dryrun import dry_run_request
     from divmerge_core.config import parse_config
     from divmerge_core.options import EngineOptions
 

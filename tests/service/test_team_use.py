@@ -9,10 +9,10 @@ import hashlib
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from api.security import create_token
-from service_core.config import Settings
-from service_core.db import session_scope
+from divmerge_api.main import create_app
+from divmerge_api.security import create_token
+from divmerge_service.config import Settings
+from divmerge_service.db import session_scope
 
 from .doubles import FakeHubUploadDouble
 

@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import Session
 
-from api.security import authenticate, hash_token
-from service_core.db import alembic_config, session_scope
-from service_core.models import ApiToken, utcnow
+from divmerge_api.security import authenticate, hash_token
+from divmerge_service.db import alembic_config, session_scope
+from divmerge_service.models import ApiToken, utcnow
 
 from .procs import BIN, PostgresDB
 
@@ -276,7 +276,7 @@ def test_audit_records_every_admin_action_and_who(svc, admin):
 def _migrate_old_token_then_upgrade(url: str) -> None:
     from importlib.resources import as_file, files
 
-    with as_file(files("service_core") / "migrations") as location:
+    with as_file(files("divmerge_service") / "migrations") as location:
         cfg = alembic_config(url, str(location))
         command.upgrade(cfg, "0002")
         engine = sa.create_engine(url)

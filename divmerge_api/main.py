@@ -1,0 +1,60 @@
+"""The FastAPI app factory (``uvicorn --factory divmerge_api.main:create_app``); OpenAPI docs at /docs and /redoc,
+served with their assets from the ``fastapi-offline`` package (no CDN: they work offline); the web dashboard
+at /."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+
+from divmerge_core.config import MergeConfig
+from divmerge_service.config import Settings, get_settings
+
+from .errors import install_handlers
+from .metrics import Metrics
+from .routers import dashboard, health, merges, tokens
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = FastAPIOffline(
+        title="DivMerge service",
+        version="1",
+        description="Submit model merges (the engine's MergeConfig as JSON or YAML) and follow them to "
+        "completion. Every /v1 call needs `Authorization: Bearer <token>` (the Authorize button).",
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics(settings)
+    app.middleware("http")(app.state.metrics.middleware)
+    install_handlers(app)
+    app.include_router(merges.router)
+    app.include_router(tokens.admin)
+    app.include_router(tokens.team)
+    app.include_router(health.router)
+    dashboard.install(app)
+    _add_config_schema(app)
+    return app
+
+
+def _add_config_schema(app: FastAPI) -> None:
+    """Publish MergeConfig in the OpenAPI document (the body is read raw to enforce size limits first)."""
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        cfg = MergeConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs = cfg.pop("$defs", {})
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps.update(defs)
+        comps["MergeConfig"] = cfg
+        for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
+            if param["name"] == "limit":  # the bound is a setting, checked in the handler
+                param["schema"]["maximum"] = app.state.settings.list_limit_max
+        return schema
+
+    app.openapi = openapi

@@ -1,0 +1,338 @@
+"""/v1/merges: submit, dry-run, read, list, cancel and retry merge jobs, their events and their results
+(a team sees only its own)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from divmerge_core.paths import is_under
+from divmerge_service import jobs
+from divmerge_service.config import Settings
+from divmerge_service.models import Job, JobStatus
+from divmerge_service.queue import enqueue
+
+from .. import crud, dryrun, spec
+from ..deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
+from ..errors import ApiError
+from ..schemas import (
+    Coefficients,
+    Evaluation,
+    EventList,
+    EventOut,
+    FileList,
+    HubLocation,
+    JobList,
+    JobOut,
+    Status,
+    ValidationReport,
+)
+from ..security import Caller
+
+router = APIRouter(prefix="/v1/merges", tags=["merges"])
+
+_ERRORS = {
+    401: {"description": "missing, invalid, revoked or expired token"},
+    403: {"description": "the token lacks the scope the route needs (`read`, or `submit` for writes)"},
+    404: {"description": "no such job for this team"},
+    503: {"description": "the database is unavailable (`Retry-After` says when to try again)"},
+}
+#: The request body: the engine's MergeConfig as JSON or YAML.
+_CONFIG_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {"schema": {"$ref": "#/components/schemas/MergeConfig"}} for media in spec.BODY_TYPES
+        },
+    }
+}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is {declared} bytes, the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        **_ERRORS,
+        409: {"description": "Idempotency-Key reused with a different body"},
+        413: {"description": "body or inline texts too large"},
+        422: {
+            "description": "invalid config, path outside the allowed roots, missing local model or data, "
+            "no Hub write token for the team, or a limit exceeded"
+        },
+    },
+    openapi_extra=_CONFIG_BODY,
+)
+async def create_merge(
+    request: Request,
+    caller: Caller = SubmitterDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> JobOut:
+    """Submit a merge: the body is the engine's MergeConfig, as JSON or as the CLI's YAML
+    (``Content-Type: application/yaml``). Cheap checks run now: a bad config, a missing local model or
+    data file, an existing output path (unless ``output.overwrite``) or a Hub output without a write token
+    for the team are refused before anything is queued."""
+    raw = await _read_body(request, settings.max_body_bytes)
+    config = spec.parse(spec.load_body(raw, request.headers.get("content-type")))
+    spec.check_limits(config, settings)
+    spec.check_paths(config, settings)
+    await run_in_threadpool(spec.check_submit, config, settings, caller.team)
+    stored = spec.normalise(config)
+
+    def _create():
+        try:
+            job, created = jobs.create_job(
+                s,
+                team_id=caller.team_id,
+                spec=stored,
+                spec_hash=spec.spec_hash(stored),
+                queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
+                idempotency_key=idempotency_key,
+            )
+        except jobs.IdempotencyConflict:
+            raise ApiError(
+                409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
+            ) from None
+        out = JobOut.of(job)
+        s.commit()  # before the task is sent: a worker must find the job
+        return out, created
+
+    out, created = await run_in_threadpool(_create)
+    if created:
+        await run_in_threadpool(enqueue, settings, out.id, out.queue)
+    return out
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
+def get_merge(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> JobOut:
+    return JobOut.of(_owned(s, caller, job_id))
+
+
+@router.get("", response_model=JobList, responses={401: _ERRORS[401], 403: _ERRORS[403]})
+def list_merges(
+    caller: Caller = ReaderDep,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1)] = 20,
+    cursor: str | None = None,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> JobList:
+    """The team's jobs, newest first, cursor-paginated."""
+    if limit > settings.list_limit_max:
+        raise ApiError(422, "invalid_request", f"limit must be at most {settings.list_limit_max}", "limit")
+    try:
+        rows, nxt = crud.list_jobs(s, caller.team_id, status=status, limit=limit, cursor=cursor)
+    except ValueError:
+        raise ApiError(422, "invalid_cursor", "the cursor is not valid", "cursor") from None
+    return JobList(items=[JobOut.of(j) for j in rows], next_cursor=nxt)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses={**_ERRORS, 409: {"description": "the job has already finished"}},
+)
+def cancel_merge(job_id: str, caller: Caller = SubmitterDep, s: Session = SessionDep) -> JobOut:
+    """Queued: cancelled at once. Running: the worker stops at its next step and ends it cancelled."""
+    try:
+        job = jobs.cancel_job(s, caller.team_id, job_id)
+    except jobs.NotCancellable:
+        raise ApiError(409, "job_finished", "the job has already finished") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    out = JobOut.of(job)
+    s.commit()
+    return out
+
+
+@router.post(
+    "/validate",
+    response_model=ValidationReport,
+    responses={401: _ERRORS[401], 403: _ERRORS[403], 413: {"description": "body too large"}},
+    openapi_extra=_CONFIG_BODY,
+)
+async def validate_merge(
+    request: Request, caller: Caller = SubmitterDep, settings: Settings = SettingsDep
+) -> ValidationReport:
+    """Dry run: what ``divmerge validate`` does (resolve every model and dataset, check they can be merged,
+    read a few rows of each dataset and check its columns, estimate the work), nothing queued. Always 200:
+    ``ok`` false with the ``problems`` found (each naming its field)."""
+    raw = await _read_body(request, settings.max_body_bytes)
+    return await dryrun.validate(raw, request.headers.get("content-type"), settings, caller.team)
+
+
+def _owned(s: Session, caller: Caller, job_id: str) -> Job:
+    """The caller's team's job; 404 ``not_found`` for a missing job or another team's."""
+    job = crud.get_job(s, caller.team_id, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    return job
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobOut,
+    responses={**_ERRORS, 409: {"description": "only a failed job can be retried"}},
+)
+def retry_merge(
+    job_id: str, caller: Caller = SubmitterDep, settings: Settings = SettingsDep, s: Session = SessionDep
+) -> JobOut:
+    """Run a failed job again: its kept result is re-delivered if the merge finished but the delivery
+    failed (``kept`` in the job), else the merge runs from scratch."""
+    try:
+        job = jobs.retry_job(s, caller.team_id, job_id)
+    except jobs.NotRetryable:
+        raise ApiError(409, "not_retryable", "only a failed job can be retried") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    out = JobOut.of(job)
+    s.commit()  # before the task is sent: a worker must find the job queued
+    enqueue(settings, out.id, out.queue)
+    return out
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=_ERRORS)
+def merge_events(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> EventList:
+    """What happened to the job, oldest first: submitted, claimed (by which worker), each stage, retries
+    and their reason, warnings, the outcome."""
+    _owned(s, caller, job_id)
+    return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
+
+
+def _finished_result(job: Job) -> dict:
+    if job.status != JobStatus.SUCCEEDED or not job.result:
+        raise ApiError(409, "no_result", f"the job is {job.status}: it has no output files yet")
+    return job.result
+
+
+@router.get(
+    "/{job_id}/files",
+    response_model=FileList,
+    responses={**_ERRORS, 409: {"description": "the job has not succeeded"}},
+)
+def merge_files(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> FileList:
+    """The output files (name, size, sha256); for Hub outputs also the repo and the upload commit."""
+    result = _finished_result(_owned(s, caller, job_id))
+    dest = result["destination"]
+    hub = (
+        HubLocation(repo_id=dest[len("hf://") :], commit=result.get("commit"))
+        if dest.startswith("hf://")
+        else None
+    )
+    return FileList(files=result.get("file_info") or [], hub=hub)
+
+
+@router.get(
+    "/{job_id}/files/{name}",
+    response_class=FileResponse,
+    responses={**_ERRORS, 409: {"description": "the job has not succeeded, or its output is on the Hub"}},
+)
+def merge_file(
+    job_id: str,
+    name: str,
+    caller: Caller = ReaderDep,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> FileResponse:
+    """Stream one output file of a local destination (names as listed by ``/files``)."""
+    result = _finished_result(_owned(s, caller, job_id))
+    s.close()  # the file streams after the handler returns: no connection held meanwhile
+    dest = result["destination"]
+    if dest.startswith("hf://"):
+        raise ApiError(409, "hub_output", f"the output is on the Hub ({dest}): download it from there")
+    if name not in {f["name"] for f in result.get("file_info") or []}:
+        raise ApiError(404, "not_found", f"no output file {name!r}", "name")
+    folder = Path(os.path.realpath(dest))
+    path = Path(os.path.realpath(folder / name))
+    inside = path.parent == folder and is_under(folder, settings.roots)
+    if not inside or not path.is_file():
+        raise ApiError(404, "not_found", f"output file {name!r} is no longer on the server", "name")
+    return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+
+@router.get(
+    "/{job_id}/coefficients",
+    response_model=Coefficients,
+    responses={
+        **_ERRORS,
+        404: {"description": "no such job for this team, or a classic method (no coefficients)"},
+    },
+)
+def merge_coefficients(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> Coefficients:
+    """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
+    (live while the job runs)."""
+    job = _owned(s, caller, job_id)
+    coeffs = (job.result or {}).get("coefficients") if job.status == JobStatus.SUCCEEDED else None
+    if coeffs is None and not spec.is_learned(job.spec):
+        raise ApiError(
+            404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
+        )
+    losses = list(job.losses or [])
+    live = list((job.progress or {}).get("heldout") or [])
+    if coeffs is None:
+        return Coefficients(
+            groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses, heldout=live
+        )
+    groups, tasks = coeffs["groups"], coeffs["tasks"]
+    values = [[float(coeffs["coefficients"][g][t]) for t in tasks] for g in groups]
+    done = {k: coeffs[k] for k in _CONVERGENCE if k in coeffs}
+    return Coefficients(
+        groups=groups, tasks=tasks, values=values, losses=losses, **({"heldout": live} | done)
+    )
+
+
+#: What a done job's coefficients add about its convergence (``LearnedCoefficients.convergence``).
+_CONVERGENCE = (
+    "heldout",
+    "heldout_inputs",
+    "best_epoch",
+    "converged",
+    "stopped_early",
+    "steps",
+    "planned_steps",
+)
+
+
+@router.get(
+    "/{job_id}/evaluation",
+    response_model=Evaluation,
+    responses={
+        **_ERRORS,
+        404: {"description": "no such job for this team, or its models carry no 'eval' set"},
+        409: {"description": "the evaluation has not run yet"},
+    },
+)
+def merge_evaluation(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> Evaluation:
+    """Each task's expert and merged scores, the retention and the ANP, and every compared method's; once
+    the merge is evaluated (also for a job whose delivery failed and whose result is kept). A failed
+    evaluation stage answers with its ``error`` (the merge itself was kept)."""
+    job = _owned(s, caller, job_id)
+    evaluation = (job.result or {}).get("evaluation")
+    if evaluation is not None:
+        return Evaluation(**evaluation)
+    if not spec.has_evaluation(job.spec):
+        raise ApiError(404, "not_found", "the job's models carry no 'eval' set: nothing is evaluated")
+    raise ApiError(409, "no_evaluation", f"the job is {job.status}: it has no evaluation yet")

@@ -1,0 +1,307 @@
+"""Response bodies of the v1 API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from divmerge_service.models import Job, JobEvent, JobStatus, utcnow
+
+#: The job statuses (:class:`divmerge_service.models.JobStatus`).
+Status = JobStatus
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(
+        None,
+        description="queued, starting, resolve, validate, eval_data, data, teacher, optimise, write, "
+        "compare (a compared method's merge), evaluate, upload, upload_wait (a delivery retry is "
+        "pending), done",
+    )
+    step: int | None = None
+    total: int | None = None
+    total_steps: int | None = Field(None, description="same as total (kept for older clients)")
+    loss: float | None = None
+    elapsed_s: float | None = Field(None, description="seconds since the job started (until it finished)")
+    eta_s: float | None = Field(
+        None, description="seconds left in this stage at its step rate; null if unknown"
+    )
+    updated_at: datetime | None = None
+    heldout: list[list[float | None]] | None = Field(
+        None,
+        description="learned methods: the held-out rows so far, [epoch, step, mean, per-task ...] (as in "
+        "/coefficients); null when nothing is held out",
+    )
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class KeptResult(BaseModel):
+    until: datetime = Field(description="the merged result is kept until then; POST /retry re-delivers it")
+
+
+class TaskEvaluation(BaseModel):
+    metric: Literal["accuracy", "js_retention"]
+    n: int = Field(description="examples scored")
+    source: str | None = Field(None, description="the eval set: dataset id, file, or 'inline'")
+    expert: float = Field(description="the task's expert (accuracy, or 1 for js_retention)")
+    merged: float = Field(description="the output merge")
+    base: float | None = Field(None, description="the base model (with evaluation.base)")
+    unparsed: float = Field(0.0, description="causal LMs: share of the merge's answers with no answer word")
+    expert_unparsed: float | None = None
+    js: float | None = Field(None, description="js_retention: mean JS divergence to the expert (nats)")
+    retained: float | None = Field(None, description="100 x merged / expert")
+    sample_answers: list[str] | None = Field(None, description="causal LMs: a few of the merge's answers")
+
+
+class ComparedTask(BaseModel):
+    merged: float | None
+    retained: float | None
+    unparsed: float | None = None
+    js: float | None = None
+
+
+class ComparedMerge(BaseModel):
+    label: str = Field(description="the method's name (numbered when it is compared more than once)")
+    method: str
+    parameters: dict[str, Any] = {}
+    tasks: dict[str, ComparedTask]
+    anp: float | None
+    anp_ci95: list[float] | None = None
+
+
+class Evaluation(BaseModel):
+    """``evaluation.json``: how much of each expert the merge keeps (or ``error`` when the stage failed)."""
+
+    metric: str | None = Field(None, description="accuracy, js_retention or mixed")
+    kind: str | None = Field(None, description="classification or causal")
+    method: str | None = Field(None, description="the method whose merge is the output")
+    tasks: dict[str, TaskEvaluation] = {}
+    anp: float | None = Field(
+        None, description="mean retained over the tasks (average normalised performance)"
+    )
+    anp_ci95: list[float] | None = Field(None, description="95% bootstrap interval of the ANP")
+    selected: str | None = Field(None, description="label of the output merge among 'compare'")
+    select: str | None = None
+    compare: list[ComparedMerge] = Field([], description="every merge scored, the job's own first")
+    warnings: list[str] = []
+    expert_cache: dict[str, int] | None = None
+    wall_s: float | None = None
+    error: str | None = Field(None, description="why the evaluation failed (the merge itself is kept)")
+    code: str | None = None
+    field: str | None = None
+
+
+class JobResult(BaseModel):
+    destination: str = Field(description="hf://<repo_id> or the local output directory")
+    revision: str | None = Field(None, description="branch uploaded to (Hub)")
+    commit: str | None = Field(None, description="upload commit oid (Hub)")
+    files: list[str] = []
+    coefficients: dict[str, Any] | None = None
+    metrics: dict[str, Any] = {}
+    evaluation: Evaluation | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Status
+    queue: str
+    attempts: int
+    progress: Progress | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+    resolved: dict[str, str | None] | None = Field(None, description="model/dataset reference -> commit SHA")
+    error: JobError | None = None
+    last_error: JobError | None = Field(
+        None, description="the reason of the failure, or of the retry the job is waiting for"
+    )
+    kept: KeptResult | None = None
+    result: JobResult | None = None
+    cancel_requested: bool = False
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        error = last = None
+        if job.error_code:
+            last = JobError(code=job.error_code, message=job.error_message or "")
+            if job.status == JobStatus.FAILED:
+                error = last
+        return cls(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            queue=job.queue,
+            attempts=job.attempts,
+            progress=_progress(job),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            spec=job.spec,
+            resolved=job.resolved,
+            error=error,
+            last_error=last,
+            kept=KeptResult(until=job.kept["until"]) if job.kept else None,
+            result=JobResult(**job.result) if job.status == JobStatus.SUCCEEDED and job.result else None,
+            cancel_requested=job.cancel_requested,
+        )
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+def _progress(job: Job) -> Progress:
+    # a queued job (new, or back for another attempt) shows "queued", not the stage its last attempt reached
+    p = {"stage": "queued"} if job.status == JobStatus.QUEUED or not job.progress else dict(job.progress)
+    p.setdefault("total", p.get("total_steps"))
+    if job.started_at is not None:
+        end = job.finished_at or utcnow()
+        p["elapsed_s"] = round((end - job.started_at).total_seconds(), 1)
+    if job.status != JobStatus.RUNNING:
+        p["eta_s"] = None
+    return Progress(**{k: v for k, v in p.items() if k in Progress.model_fields})
+
+
+class EventOut(BaseModel):
+    at: datetime
+    kind: str = Field(description="submitted, claimed, stage, retry, delivery_retry, warning, kept, ...")
+    message: str
+    data: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, ev: JobEvent) -> EventOut:
+        return cls(at=ev.at, kind=ev.kind, message=ev.message, data=ev.data or {})
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class FileOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class HubLocation(BaseModel):
+    repo_id: str
+    commit: str | None
+
+
+class FileList(BaseModel):
+    files: list[FileOut]
+    hub: HubLocation | None = Field(None, description="Hub outputs: the repo and the upload commit")
+
+
+class Coefficients(BaseModel):
+    groups: list[str] = Field(description="parameter groups (empty until the merge is done)")
+    tasks: list[str]
+    values: list[list[float]] | None = Field(None, description="[group][task]; null until the merge is done")
+    losses: list[float] = Field(description="the (training) loss at each optimisation step so far")
+    heldout: list[list[float | None]] = Field(
+        default_factory=list,
+        description="the objective on each task's held-out inputs, before the first step and after each "
+        "epoch so far: rows [epoch, step, mean, value of task 0, task 1, ...] (a task's value is null when "
+        "it holds no input out); empty when nothing is held out",
+    )
+    heldout_inputs: list[int] | None = Field(None, description="per task, its inputs held out (once done)")
+    best_epoch: int | None = Field(
+        None, description="the epoch whose coefficients were kept (lowest held-out value; once done)"
+    )
+    converged: bool | None = Field(
+        None, description="whether the held-out value stopped improving before the end (once done)"
+    )
+    stopped_early: bool | None = Field(None, description="whether patience ended the run early (once done)")
+    steps: int | None = Field(None, description="optimisation steps run (once done)")
+    planned_steps: int | None = Field(None, description="epochs x steps per epoch (once done)")
+
+
+class Problem(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ValidationReport(BaseModel):
+    ok: bool
+    problems: list[Problem]
+    estimate: dict[str, Any] | None = None
+
+
+# --- tokens, teams and the audit log (divmerge_api.routers.tokens)
+
+#: A scope: ``read`` (GET routes), ``submit`` (also submit, cancel, retry, validate; list and revoke the
+#: team's tokens), ``admin`` (also the /v1/admin routes). Each implies the weaker ones.
+Scope = Literal["read", "submit", "admin"]
+#: Longest lifetime a token can be given over HTTP: 366 days.
+MAX_EXPIRES_IN_S = 366 * 24 * 3600
+_TEAM_NAME = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="1-64 of A-Z a-z 0-9 . _ -")
+
+
+class TeamCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str = _TEAM_NAME
+
+
+class TeamOut(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+
+
+class TeamList(BaseModel):
+    items: list[TeamOut]
+
+
+class TokenCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    team: str = _TEAM_NAME
+    scopes: list[Scope] = Field(default_factory=lambda: ["read", "submit"], min_length=1, max_length=3)
+    expires_in_s: int | None = Field(
+        None, ge=60, le=MAX_EXPIRES_IN_S, description="lifetime in seconds (60 s to 366 days); null: never"
+    )
+
+
+class TokenOut(BaseModel):
+    """A token as listed: never its plaintext nor its hash."""
+
+    id: str
+    team: str
+    scopes: list[Scope]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(None, description="updated on use, at most once a minute")
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the plaintext token: shown once, only its sha256 is stored")
+
+
+class TokenList(BaseModel):
+    items: list[TokenOut]
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    action: Literal["team_created", "token_created", "token_revoked"]
+    actor: str = Field(
+        description="the acting token's id and team, or `cli` (`divmerge token` on the server)"
+    )
+    actor_token_id: str | None
+    team: str | None
+    token_id: str | None
+    data: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+    next_before: int | None = Field(None, description="pass as `before` for the next (older) page")
