@@ -93,16 +93,15 @@ class LlmRecipe:
         return ChatFormat(self.system_prompt)
 
 
-#: "cpu": what fits a shared 2-core machine; "paper": the paper's expert budget (meant for a GPU);
-#: "strong": 150 steps of 8 sequences, lr 5e-5 with warmup and linear decay, bf16 autocast, prompts of at
-#: most 128 tokens (about 10-12 min per expert on one CPU thread; experts well above the majority class).
+#: "cpu": what a shared 2-core machine affords and still gives strong experts: 150 steps of 8 sequences,
+#: lr 5e-5 with warmup and linear decay, bf16 autocast, prompts of at most 128 tokens (about 8-12 min per
+#: expert on one CPU thread); "paper": the paper's expert budget (meant for a GPU); "quick": a smoke run.
 LLM_RECIPES = {
     "quick": LlmRecipe(n_train=32, epochs=1, batch_size=8, max_words=24),
-    "cpu": LlmRecipe(n_train=320, epochs=1, lr=1e-4, batch_size=8, max_words=20),
-    "paper": LlmRecipe(),
-    "strong": LlmRecipe(
+    "cpu": LlmRecipe(
         n_train=1200, epochs=1, lr=5e-5, batch_size=8, max_words=40, bf16=True, max_prompt_tokens=128
     ),
+    "paper": LlmRecipe(),
 }
 
 

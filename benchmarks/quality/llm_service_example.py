@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args(argv)
-    recipe = LLM_RECIPES["strong"]
+    recipe = LLM_RECIPES["cpu"]
     tasks = load_tasks(args.data, args.tasks)
     base = build_llm_base(args.cache)
     import torch

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,12 @@ CAUSAL_MODES: dict[str, Mode] = {
 }
 
 
-#: llm-track modes (SmolLM2-135M-Instruct experts): "cpu" is sized for a shared 2-core machine (~1 h with
-#: two shards), "paper" is the paper's budget (200 inputs per task at task level, 400 at layer level,
-#: 4 epochs) and is meant for a GPU (``--device cuda``).
-LLM_TASKS = ("sst2", "qnli", "qqp", "snli")
+#: llm-track modes (SmolLM2-135M-Instruct experts): "cpu" is sized for this shared 2-core machine (one
+#: command, ``--jobs 2``, at most 90 min once the experts are cached); its learned methods run with the
+#: engine's own defaults (lr 0.01, 10 % held out, best Gamma kept) on a smaller budget of inputs. "paper"
+#: is the paper's budget (200 inputs per task at task level, 400 at layer level, 4 epochs) and is meant for
+#: a GPU (``--device cuda``).
+LLM_TASKS = ("sst2", "snli", "mnli", "qnli")
 LLM_MODES: dict[str, Mode] = {
     "quick": Mode(
         "quick",
@@ -114,9 +117,9 @@ LLM_MODES: dict[str, Mode] = {
         LLM_TASKS,
         (2, 3, 4),
         {2: 2, 3: 1, 4: 1},
-        eval_n=48,
-        num_samples=8,
-        learned=_learned(1, 256, max_new_tokens=4, batch_size_per_task=2),
+        eval_n=100,
+        num_samples=40,
+        learned={"epochs": 4, "batch_size_per_task": 2, "max_length": 128, "max_new_tokens": 4},
     ),
     "paper": Mode(
         "paper",
@@ -163,10 +166,8 @@ def _setup_md(
             else ""
         )
         + ", from the validation split (labels dropped; disjoint from the eval examples).",
-        f"* Learned methods: lr {lr['lr']}, epochs {lr['epochs']}, batch_size_per_task "
-        f"{lr['batch_size_per_task']}, max_length {lr['max_length']}, init 1/k"
-        + (f", max_new_tokens {lr['max_new_tokens']}" if "max_new_tokens" in lr else "")
-        + ".",
+        f"* Learned methods: {', '.join(f'{k} {v}' for k, v in lr.items())}; the engine's defaults for the "
+        f"rest ({_learned_defaults(lr)}).",
         "* Classic methods: averaging = linear mean of the experts; task_arithmetic weight 0.3; ties density "
         "0.2 weight 1; dare_ties density 0.5 weight 1 (seed 0); multislerp of the experts (equal weights).",
         f"* Expert recipe: {json.dumps(track_setup['expert_recipe'])}.",
@@ -183,7 +184,16 @@ def _setup_md(
     return "\n".join(rows)
 
 
-def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float | None) -> Path:
+def _learned_defaults(given: dict[str, Any]) -> str:
+    """The engine's defaults of the convergence parameters a mode leaves unset (as the report states them)."""
+    from divmerge_core.methods.learned_parameters import LearnedParameters
+
+    shown = ("lr", "init", "lr_schedule", "heldout", "patience")
+    defaults = LearnedParameters().model_dump()
+    return ", ".join(f"{k} {defaults[k] if k != 'init' or defaults[k] else '1/k'}" for k in shown if k not in given)
+
+
+def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float | None) -> Path | None:
     cache: Path = args.cache
     log = lambda m: print(f"[{dt.datetime.now(dt.UTC):%H:%M:%S}] {m}", flush=True)  # noqa: E731
     t0 = time.time()
@@ -238,6 +248,8 @@ def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float |
         title = "Merging quality: tiny GPT-2 causal-LM experts (weak base)"
     stem = report_stem(kind, mode.name, args.stem)
     log(f"{kind}: zoo ready in {time.time() - t0:.0f}s")
+    if args.zoo_only:
+        return None
     specs = method_specs(mode.learned, own_labels=kind == "cls")
     if kind == "llm":
         specs = [s for s in specs if s.name in LLM_ROWS]
@@ -367,6 +379,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="I/N",
         help="run only items I, I+N, I+2N, ... (N processes share the work and the cache)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the items in this many processes (shards I/N of one command, each with --threads "
+        "threads), then write the report from the shared cache",
+    )
     ap.add_argument("--ks", type=int, nargs="+", help="ablation: only these k")
     ap.add_argument("--tasks", nargs="+", help="ablation: only these tasks")
     ap.add_argument("--num-samples", type=int, help="ablation: merge inputs per task")
@@ -377,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         help="report file name (default quality[_causal][_<mode>], e.g. quality_full_custom with overrides)",
     )
     ap.add_argument("--report-only", action="store_true", help="run no new item: report what the cache holds")
+    ap.add_argument("--zoo-only", action="store_true", help="only build (or check) the base and the experts")
     args = ap.parse_args(argv)
     if args.data is None:
         from .data import default_data_dir
@@ -384,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data = default_data_dir(REPO)
         if args.data is None:
             ap.error("no --data given and ../shared/data does not exist")
-    args.data = args.data.resolve()
+    args.data, args.cache = args.data.resolve(), args.cache.resolve()  # the merge configs name absolute paths
     torch.set_num_threads(args.threads)
     deadline = None
     if args.deadline:
@@ -394,6 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         if when < now - dt.timedelta(hours=12):
             when += dt.timedelta(days=1)
         deadline = when.timestamp()
+    if args.jobs > 1:
+        if args.shard != (0, 1) or args.report_only or args.zoo_only:
+            ap.error("--jobs starts its own shards: give none of --shard, --report-only, --zoo-only with it")
+        _run_sharded(argv if argv is not None else sys.argv[1:], args.jobs, _zoo_commands(args))
+        return
     tracks = ["cls", "causal"] if args.track == "both" else [args.track]
     for kind in tracks:
         modes = {"cls": MODES, "causal": CAUSAL_MODES, "llm": LLM_MODES}[kind]
@@ -401,6 +426,49 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"track {kind!r} has no mode {args.mode!r} (modes: {', '.join(sorted(modes))})")
         mode = _with_overrides(modes[args.mode], args)
         run_track(kind, mode, args, deadline)
+
+
+def _zoo_commands(args: argparse.Namespace) -> list[list[str]]:
+    """What ``--jobs N`` runs in parallel before the merges: the llm track's experts, split into N groups
+    of tasks (``python -m benchmarks.quality.llm``); the other tracks build their zoo in one process."""
+    if args.track != "llm" or args.mode not in LLM_MODES:
+        return []
+    from .llm import LLM_RECIPES
+
+    tasks = list(args.tasks or LLM_MODES[args.mode].tasks)
+    common = ["--mode", args.mode, "--data", str(args.data), "--cache", str(args.cache)]
+    common += ["--device", args.device, "--threads", str(args.threads)]
+    common += ["--gguf", str(args.gguf)] if args.gguf else []
+    assert args.mode in LLM_RECIPES, args.mode
+    groups = [tasks[i :: args.jobs] for i in range(args.jobs)]
+    return [[sys.executable, "-m", "benchmarks.quality.llm", *common, "--tasks", *g] for g in groups if g]
+
+
+def _run_sharded(argv: list[str], jobs: int, zoo: list[list[str]]) -> None:
+    """``--jobs N``: the zoo first (``zoo``'s commands in parallel, then one process builds or reuses the
+    rest of it), then N processes run shards 0/N .. N-1/N of the same command against the shared cache,
+    then one writes the report. A failed shard fails the command once the others finish; its finished
+    items stay cached, so a rerun resumes."""
+    import subprocess
+
+    def all_ok(cmds: list[list[str]], what: str) -> None:
+        procs = [subprocess.Popen(c, cwd=REPO) for c in cmds]
+        bad = [f"{what} {i + 1}/{len(procs)} exited {c}" for i, c in enumerate(p.wait() for p in procs) if c]
+        if bad:
+            raise SystemExit("; ".join(bad))
+
+    base = [a for i, a in enumerate(argv) if not _is_jobs_arg(argv, i)]
+    cmd = [sys.executable, "-m", "benchmarks.quality", *base]
+    if zoo:
+        all_ok(zoo, "expert group")
+    all_ok([[*cmd, "--zoo-only"]], "zoo build")  # builds what the shards would otherwise race for
+    all_ok([[*cmd, "--shard", f"{i}/{jobs}"] for i in range(jobs)], "shard")
+    all_ok([[*cmd, "--report-only"]], "report")
+
+
+def _is_jobs_arg(argv: list[str], i: int) -> bool:
+    a = argv[i]
+    return a == "--jobs" or a.startswith("--jobs=") or (i > 0 and argv[i - 1] == "--jobs")
 
 
 def _with_overrides(mode: Mode, args: argparse.Namespace) -> Mode:
