@@ -27,15 +27,15 @@ import torch
 from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
 from .io.loading import DTYPES, Checkpoint
+from .io.modelcard import render_model_card
+from .io.output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
+from .io.refs import ResolvedModel, resolve_model
 from .io.writer import ShardedSafetensorsWriter, TensorSpec
 from .methods.base import TensorInputs
 from .methods.settings import TensorSettings, layer_index
-from .modelcard import render_model_card
 from .options import EngineOptions
-from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
 from .plan import LearnedCoefficients, MergePlan, MergeResult
 from .progress import ProgressCallback, Reporter, StopCheck
-from .refs import ResolvedModel, resolve_model
 from .relayer import plan_layers, relayered_config, write_relayered
 from .validation import validate_models
 
@@ -135,7 +135,7 @@ def prepare(
     )
     if config.method.learned:
         from .learned import resolve_label_masks
-        from .teachers import require_tokenizer
+        from .learned.teachers import require_tokenizer
 
         require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads

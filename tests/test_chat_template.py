@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from divmerge_core.config import parse_config
-from divmerge_core.data import TaskInputs
 from divmerge_core.errors import ConfigError
 from divmerge_core.learned import learn_coefficients
-from divmerge_core.progress import Reporter
-from divmerge_core.teachers import (
+from divmerge_core.learned.data import TaskInputs
+from divmerge_core.learned.teachers import (
     CAUSAL,
     CLASSIFICATION,
     ChatFormat,
@@ -19,6 +18,7 @@ from divmerge_core.teachers import (
     load_tokenizer,
     teacher_logp,
 )
+from divmerge_core.progress import Reporter
 from tests.test_learned import make_plan
 from tests.tiny import CHAT_TEMPLATE, make_gpt2, make_tokenizer, perturbed, save
 

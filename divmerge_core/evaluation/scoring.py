@@ -22,12 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..divergence import js
 from ..errors import IncompatibleModelsError
 from ..io.loading import Checkpoint
+from ..learned.divergence import js
 from ..learned.model import module_slots
-from ..plan import MergePlan
-from ..teachers import (
+from ..learned.teachers import (
     CAUSAL,
     ChatFormat,
     Example,
@@ -39,6 +38,7 @@ from ..teachers import (
     per_example_mean,
     scored_logits,
 )
+from ..plan import MergePlan
 from .sets import EvalSet
 
 #: Prompt tokens kept per input (longer inputs are cut from the end, the chat template's tokens kept).
@@ -131,8 +131,8 @@ class Scorer:
     ) -> Scorer:
         """A scorer whose reference is ``folder`` (its config, tokenizer and tensor names), weights loaded."""
         from ..config import parse_config
+        from ..learned.teachers import model_kind
         from ..pipeline import prepare
-        from ..teachers import model_kind
 
         plan = prepare(
             parse_config({"merge_method": "linear", "models": [{"model": str(Path(folder).resolve())}]})

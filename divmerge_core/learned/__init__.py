@@ -26,7 +26,6 @@ from ..errors import ConfigError
 from ..io.loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
-from ..teachers import model_kind
 from .convergence import Tracker
 from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
@@ -38,6 +37,7 @@ from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
 from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
+from .teachers import model_kind
 
 
 def learn_coefficients(

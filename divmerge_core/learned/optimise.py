@@ -12,7 +12,6 @@ from torch.func import functional_call
 from ..errors import NumericalError
 from ..methods.learned_parameters import Objective
 from ..progress import Reporter
-from ..teachers import Example, collate, per_example_mean, scored_logits
 from .activations import enable_checkpointing
 from .convergence import Tracker, heldout_split, heldout_values
 from .inputs import LearnedInputs
@@ -22,6 +21,7 @@ from .placement import TaskVectors
 from .ranks import SINGLE, Ranks
 from .schedule import make_scheduler
 from .teacher_store import TeacherStore
+from .teachers import Example, collate, per_example_mean, scored_logits
 
 #: Called with Gamma's gradient after backward, before the optimiser step (e.g. an all-reduce across ranks).
 GradientHook = Callable[[torch.Tensor], None]

@@ -1,7 +1,7 @@
 """Where the loss reads each input's teacher distribution from: ``parameters.teacher``.
 
 * ``cached`` (default): each task's teacher outputs are one entry of the worker's teacher cache
-  (:mod:`divmerge_core.teacher_cache`): a file, read row by row when a step needs them, never held in RAM,
+  (:mod:`.teacher_cache`): a file, read row by row when a step needs them, never held in RAM,
   and reused by any later job with the same expert, inputs and settings (no teacher forward runs then).
 * ``online``: nothing is stored but the causal continuations (a few token ids per input); at every step
   each task's teacher distribution on that step's inputs is recomputed from theta_0 + tau_t.
@@ -28,15 +28,10 @@ import torch
 from ..errors import ConfigError, DivMergeError
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teacher_cache import (
-    Entry,
-    EntryWriter,
-    TeacherCache,
-    entry_key,
-    expert_identity,
-    tokenizer_identity,
-)
-from ..teachers import (
+from .inputs import LearnedInputs, model_field
+from .ranks import Ranks
+from .teacher_cache import Entry, EntryWriter, TeacherCache, entry_key, expert_identity, tokenizer_identity
+from .teachers import (
     CAUSAL,
     CLASSIFICATION,
     Example,
@@ -47,8 +42,6 @@ from ..teachers import (
     teacher_logp,
     top_k_support,
 )
-from .inputs import LearnedInputs, model_field
-from .ranks import Ranks
 
 
 class TeacherStore(Protocol):

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..errors import ConfigError
 from .data import TaskInputs
-from .errors import ConfigError
 
 CLASSIFICATION, CAUSAL = "classification", "causal"
 
