@@ -135,7 +135,7 @@ def prepare(
     )
     if config.method.learned:
         from .learned import resolve_label_masks
-        from .learned.teachers import require_tokenizer
+        from .learned.reference import require_tokenizer
 
         require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads

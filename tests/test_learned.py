@@ -14,7 +14,7 @@ from divmerge_core.errors import ConfigError, MergeCancelled, NumericalError
 from divmerge_core.io.loading import Checkpoint
 from divmerge_core.io.refs import ResolvedModel, parse_model_ref
 from divmerge_core.learned import learn_coefficients
-from divmerge_core.learned.teachers import CAUSAL, build_module
+from divmerge_core.learned.reference import CAUSAL, build_module
 from divmerge_core.options import EngineOptions
 from divmerge_core.pipeline import prepare
 from divmerge_core.plan import LearnedCoefficients, MergePlan
@@ -304,13 +304,9 @@ def test_run_merge_writes_learned_merge(gpt2_setup, tmp_path):
 def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
     """The teacher's distribution at each generated position predicts exactly the token it generated."""
     from divmerge_core.learned.data import TaskInputs
-    from divmerge_core.learned.teachers import (
-        continue_prompts,
-        encode,
-        load_tokenizer,
-        teacher_logp,
-        top_k_support,
-    )
+    from divmerge_core.learned.encoding import encode
+    from divmerge_core.learned.reference import load_tokenizer
+    from divmerge_core.learned.teachers import continue_prompts, teacher_logp, top_k_support
 
     base, experts, data = gpt2_setup
     tok = load_tokenizer(experts[0])

@@ -24,20 +24,12 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleModelsError
 from ..io.loading import Checkpoint
+from ..learned.batching import collate, per_example_mean, scored_logits
 from ..learned.divergence import js
+from ..learned.encoding import ChatFormat, Example, encode
 from ..learned.model import module_slots
-from ..learned.teachers import (
-    CAUSAL,
-    ChatFormat,
-    Example,
-    build_module,
-    collate,
-    continue_prompts,
-    encode,
-    load_tokenizer,
-    per_example_mean,
-    scored_logits,
-)
+from ..learned.reference import CAUSAL, build_module, load_tokenizer
+from ..learned.teachers import continue_prompts
 from ..plan import MergePlan
 from .sets import EvalSet
 
@@ -131,7 +123,7 @@ class Scorer:
     ) -> Scorer:
         """A scorer whose reference is ``folder`` (its config, tokenizer and tensor names), weights loaded."""
         from ..config import parse_config
-        from ..learned.teachers import model_kind
+        from ..learned.reference import model_kind
         from ..pipeline import prepare
 
         plan = prepare(

@@ -19,7 +19,7 @@ from ..config import EvalSpec, ModelSpec
 from ..errors import ConfigError, DatasetError
 from ..learned.data import TaskInput, TaskInputs, extractor, read_rows, sample
 from ..learned.inputs import model_field, resolve_label_masks
-from ..learned.teachers import CAUSAL, model_kind
+from ..learned.reference import CAUSAL, model_kind
 from ..plan import MergePlan
 from ..progress import Reporter
 

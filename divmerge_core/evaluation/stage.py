@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..io.loading import DTYPES
+from ..learned.reference import model_kind
 from ..learned.teacher_cache import expert_identity, tokenizer_identity
-from ..learned.teachers import model_kind
 from ..plan import MergePlan
 from ..progress import Reporter
 from .cache import ExpertScoreCache

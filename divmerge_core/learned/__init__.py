@@ -35,9 +35,9 @@ from .objectives import objective_of
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
+from .reference import model_kind
 from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
-from .teachers import model_kind
 
 
 def learn_coefficients(

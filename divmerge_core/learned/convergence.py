@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import Convergence
+from .encoding import Example
 from .ranks import SINGLE, Ranks
-from .teachers import Example
 
 #: The fewest held-out inputs of a task that holds any out.
 HELDOUT_MIN = 4

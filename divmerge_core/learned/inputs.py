@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from ..plan import MergePlan
 from ..progress import Reporter
 from .data import TaskInputs, load_task_inputs
-from .teachers import CAUSAL, ChatFormat, Example, encode, load_tokenizer, model_kind
+from .encoding import ChatFormat, Example, encode
+from .reference import CAUSAL, load_tokenizer, model_kind
 
 
 @dataclass

@@ -11,7 +11,7 @@ from ..errors import ConfigError, IncompatibleModelsError
 from ..io.loading import Checkpoint
 from ..plan import MergePlan
 from .grouping import group_tensors, layer_group
-from .teachers import CAUSAL, build_module
+from .reference import CAUSAL, build_module
 
 
 @dataclass

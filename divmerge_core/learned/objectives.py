@@ -17,7 +17,7 @@ from ..methods.learned_parameters import Objective
 from ..plan import MergePlan
 from .divergence import divergence as _divergence
 from .divergence import entropy as _entropy
-from .teachers import Example
+from .encoding import Example
 
 LossFn = Callable[[torch.Tensor, list[Example]], torch.Tensor]
 

@@ -13,7 +13,9 @@ from ..errors import NumericalError
 from ..methods.learned_parameters import Objective
 from ..progress import Reporter
 from .activations import enable_checkpointing
+from .batching import collate, per_example_mean, scored_logits
 from .convergence import Tracker, heldout_split, heldout_values
+from .encoding import Example
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .objectives import loss_function
@@ -21,7 +23,6 @@ from .placement import TaskVectors
 from .ranks import SINGLE, Ranks
 from .schedule import make_scheduler
 from .teacher_store import TeacherStore
-from .teachers import Example, collate, per_example_mean, scored_logits
 
 #: Called with Gamma's gradient after backward, before the optimiser step (e.g. an all-reduce across ranks).
 GradientHook = Callable[[torch.Tensor], None]

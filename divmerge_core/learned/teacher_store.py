@@ -28,20 +28,13 @@ import torch
 from ..errors import ConfigError, DivMergeError
 from ..plan import MergePlan
 from ..progress import Reporter
+from .batching import scored_rows
+from .encoding import Example
 from .inputs import LearnedInputs, model_field
 from .ranks import Ranks
+from .reference import CAUSAL, CLASSIFICATION
 from .teacher_cache import Entry, EntryWriter, TeacherCache, entry_key, expert_identity, tokenizer_identity
-from .teachers import (
-    CAUSAL,
-    CLASSIFICATION,
-    Example,
-    continue_prompts,
-    restrict_labels,
-    scored_rows,
-    teacher_batch_size,
-    teacher_logp,
-    top_k_support,
-)
+from .teachers import continue_prompts, restrict_labels, teacher_batch_size, teacher_logp, top_k_support
 
 
 class TeacherStore(Protocol):
