@@ -14,8 +14,8 @@ import yaml
 
 from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
-from divmerge_core.paths import check_folder, check_local_path, strip_scheme
-from divmerge_core.refs import is_local_model
+from divmerge_core.io.paths import check_folder, check_local_path, strip_scheme
+from divmerge_core.io.refs import is_local_model
 from divmerge_service.config import Settings
 
 from .errors import ApiError
@@ -141,7 +141,7 @@ def check_paths(config: MergeConfig, settings: Settings) -> None:
 
 def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
     """(field, reference) of each local model the spec names, the base first (local as the engine reads
-    it: :func:`divmerge_core.refs.is_local_model`, so a bare folder name meets the allow-list here)."""
+    it: :func:`divmerge_core.io.refs.is_local_model`, so a bare folder name meets the allow-list here)."""
     models = [("base_model", config.base_model)] if config.base_model else []
     models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
     return [(field, raw) for field, raw in models if is_local_model(raw)]

@@ -47,9 +47,9 @@ def dry_run(config: MergeConfig, options: EngineOptions, device: str = "cpu") ->
     """Resolve every model (each problem naming its field), check the models can be merged, read a few
     rows of each dataset and check its columns, read every eval set and check its labels, and estimate
     the work."""
-    from .data import load_task_inputs
+    from .io.refs import resolve_model
+    from .learned.data import load_task_inputs
     from .pipeline import prepare
-    from .refs import resolve_model
 
     out = DryRun()
     refs = [("base_model", config.base_model)] if config.base_model else []

@@ -5,7 +5,8 @@ combined on the device by the method's function (:mod:`divmerge_core.methods`), 
 evaluated for that tensor (gradients, filters), cast to the output dtype, checked for NaN/inf and handed
 to the streaming writer, so memory stays near K+2 tensors whatever the model size. A reader thread reads
 the next tensor's inputs while the current one merges (:data:`PREFETCH_BYTES`). Learned methods first learn
-their coefficients (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way.
+their coefficients (``divmerge_core.learned``), then stream ``base + sum_t coeff_t * tau_t`` the same way
+(:func:`divmerge_core.learned.apply.merged_tensor`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ from typing import Any
 import torch
 
 from .config import MergeConfig, ModelSpec
-from .errors import ConfigError, DivMergeError, NumericalError
+from .errors import ConfigError, NumericalError
 from .io.loading import DTYPES, Checkpoint
+from .io.modelcard import render_model_card
+from .io.output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
+from .io.refs import ResolvedModel, resolve_model
 from .io.writer import ShardedSafetensorsWriter, TensorSpec
+from .learned.apply import merged_tensor
 from .methods.base import TensorInputs
 from .methods.settings import TensorSettings, layer_index
-from .modelcard import render_model_card
 from .options import EngineOptions
-from .output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
 from .plan import LearnedCoefficients, MergePlan, MergeResult
 from .progress import ProgressCallback, Reporter, StopCheck
-from .refs import ResolvedModel, resolve_model
 from .relayer import plan_layers, relayered_config, write_relayered
 from .validation import validate_models
 
@@ -135,7 +137,7 @@ def prepare(
     )
     if config.method.learned:
         from .learned import resolve_label_masks
-        from .teachers import require_tokenizer
+        from .learned.reference import require_tokenizer
 
         require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
@@ -224,7 +226,8 @@ class _Merger:
             return self.reference.get(name)
         base, models = reads.base, reads.models
         if self.coeffs is not None:
-            return self._learned(name, base, models)
+            assert base is not None  # a learned method always reads the base (see read)
+            return merged_tensor(self.coeffs, name, base, models)
         method = self.method
         assert method.merge is not None
         params, per_model = self.settings.for_tensor(name)
@@ -238,15 +241,6 @@ class _Merger:
         buf = torch.empty(shape, dtype=self.cdtype, device=self.device)
         for m in self.models:
             yield m.get_into(name, buf)
-
-    def _learned(self, name: str, base: torch.Tensor | None, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        assert self.coeffs is not None and base is not None
-        if name not in self.coeffs.group_of:
-            raise DivMergeError(f"the learned coefficients assign no group to tensor {name!r}")
-        out = base.clone()
-        for t, c in zip(tensors, self.coeffs.for_tensor(name), strict=True):
-            out.add_(t.sub_(base), alpha=float(c))
-        return out
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import MergeConfig, ModelSpec
+from .io.refs import ResolvedModel
 from .options import EngineOptions
-from .refs import ResolvedModel
 from .relayer import Relayering
 
 

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from divmerge_core.io.paths import real_roots
 from divmerge_core.methods import registry
 from divmerge_core.options import EngineOptions
-from divmerge_core.paths import real_roots
 
 
 class Settings(BaseSettings):

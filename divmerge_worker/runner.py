@@ -22,8 +22,8 @@ from typing import Any
 
 from divmerge_core.config import MergeConfig
 from divmerge_core.errors import DivMergeError, MergeCancelled, is_transient
+from divmerge_core.io.paths import check_local_path
 from divmerge_core.options import EngineOptions
-from divmerge_core.paths import check_local_path
 from divmerge_core.progress import ProgressEvent, Reporter
 from divmerge_service import jobs
 from divmerge_service.config import Settings
@@ -276,7 +276,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
     the attempt's scratch space, uploaded from there. The engine writes straight into it
     (``run_merge(staged=False)``); on a failure or a cancel it is removed, so nothing half-written stays.
     """
-    from divmerge_core.output import check_output_dir
+    from divmerge_core.io.output import check_output_dir
     from divmerge_core.pipeline import prepare, run_merge
 
     claim, config, settings, lease = ctx.claim, ctx.config, ctx.settings, ctx.lease

@@ -19,9 +19,10 @@ from benchmarks.quality.llm import (
 )
 from benchmarks.quality.methods import LLM_ROWS, method_specs
 from divmerge_core.config import parse_config
-from divmerge_core.data import TaskInputs
 from divmerge_core.evaluation.scoring import match_answer
-from divmerge_core.teachers import CAUSAL, ChatFormat, encode
+from divmerge_core.learned.data import TaskInputs
+from divmerge_core.learned.encoding import ChatFormat, encode
+from divmerge_core.learned.reference import CAUSAL
 from tests.tiny import CHAT_TEMPLATE, make_tokenizer
 
 

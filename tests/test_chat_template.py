@@ -6,19 +6,13 @@ import pytest
 import torch
 
 from divmerge_core.config import parse_config
-from divmerge_core.data import TaskInputs
 from divmerge_core.errors import ConfigError
 from divmerge_core.learned import learn_coefficients
+from divmerge_core.learned.data import TaskInputs
+from divmerge_core.learned.encoding import ChatFormat, encode
+from divmerge_core.learned.reference import CAUSAL, CLASSIFICATION, load_tokenizer
+from divmerge_core.learned.teachers import continue_prompts, teacher_logp
 from divmerge_core.progress import Reporter
-from divmerge_core.teachers import (
-    CAUSAL,
-    CLASSIFICATION,
-    ChatFormat,
-    continue_prompts,
-    encode,
-    load_tokenizer,
-    teacher_logp,
-)
 from tests.test_learned import make_plan
 from tests.tiny import CHAT_TEMPLATE, make_gpt2, make_tokenizer, perturbed, save
 

@@ -140,7 +140,7 @@ def test_heldout_is_recorded_per_epoch_and_matches_the_objective(setup):
 
 def test_heldout_divergence_is_the_training_objective(setup):
     """With lr ~ 0 the held-out value of epoch 0 equals the training loss on the same inputs."""
-    from divmerge_core.data import load_task_inputs
+    from divmerge_core.learned.data import load_task_inputs
 
     base, experts, texts = setup
     full = make_plan(base, experts, [{"texts": t} for t in texts])

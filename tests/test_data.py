@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from divmerge_core import data as data_mod
 from divmerge_core.config import DataSpec
-from divmerge_core.data import load_task_inputs
 from divmerge_core.errors import DatasetError, PathNotAllowedError
+from divmerge_core.learned import data as data_mod
+from divmerge_core.learned.data import load_task_inputs
 from divmerge_core.options import EngineOptions
 
 OPTS = EngineOptions()

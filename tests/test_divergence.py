@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from divmerge_core.divergence import divergence, entropy, js, kl
+from divmerge_core.learned.divergence import divergence, entropy, js, kl
 
 
 def logp(shape=(5, 7), seed=0, scale=3.0) -> torch.Tensor:

@@ -217,7 +217,7 @@ def test_label_free_task_scores_js_retention(bert, tmp_path, options):
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         return torch.cat([F.log_softmax(model(**tok(t, return_tensors="pt")).logits, -1) for t in TEXTS])
 
-    from divmerge_core.divergence import js
+    from divmerge_core.learned.divergence import js
 
     expected = js(logp(bert["e1"]), logp(tmp_path / "out")).mean().item()
     t = ev["tasks"]["e1"]

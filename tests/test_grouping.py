@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from divmerge_core.grouping import group_tensors, layer_group
+from divmerge_core.learned.grouping import group_tensors, layer_group
 
 BERT = [
     "bert.embeddings.LayerNorm.weight",

@@ -12,13 +12,13 @@ import torch
 from divmerge_core.config import parse_config
 from divmerge_core.errors import ConfigError, MergeCancelled, NumericalError
 from divmerge_core.io.loading import Checkpoint
+from divmerge_core.io.refs import ResolvedModel, parse_model_ref
 from divmerge_core.learned import learn_coefficients
+from divmerge_core.learned.reference import CAUSAL, build_module
 from divmerge_core.options import EngineOptions
 from divmerge_core.pipeline import prepare
 from divmerge_core.plan import LearnedCoefficients, MergePlan
 from divmerge_core.progress import Reporter
-from divmerge_core.refs import ResolvedModel, parse_model_ref
-from divmerge_core.teachers import CAUSAL, build_module
 from tests.tiny import make_bert_classifier, make_gpt2, make_tokenizer, perturbed, save
 
 CPU = torch.device("cpu")
@@ -303,8 +303,10 @@ def test_run_merge_writes_learned_merge(gpt2_setup, tmp_path):
 
 def test_teacher_targets_align_with_the_greedy_continuation(gpt2_setup):
     """The teacher's distribution at each generated position predicts exactly the token it generated."""
-    from divmerge_core.data import TaskInputs
-    from divmerge_core.teachers import continue_prompts, encode, load_tokenizer, teacher_logp, top_k_support
+    from divmerge_core.learned.data import TaskInputs
+    from divmerge_core.learned.encoding import encode
+    from divmerge_core.learned.reference import load_tokenizer
+    from divmerge_core.learned.teachers import continue_prompts, teacher_logp, top_k_support
 
     base, experts, data = gpt2_setup
     tok = load_tokenizer(experts[0])
@@ -346,7 +348,7 @@ def _label_logp(model, texts: list[str], labels: list[int] | None) -> torch.Tens
 
 def test_labels_restrict_both_distributions(tmp_path):
     """With a head shared by two tasks, ``data.labels`` scores each task on its own labels only."""
-    from divmerge_core.divergence import js
+    from divmerge_core.learned.divergence import js
 
     names = {0: "a:no", 1: "a:yes", 2: "b:x", 3: "b:y"}
     base = make_bert_classifier(

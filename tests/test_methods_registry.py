@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from divmerge_core import parse_config, run_merge
 from divmerge_core.config import config_class
 from divmerge_core.errors import ConfigError
+from divmerge_core.io.modelcard import render_model_card
 from divmerge_core.methods import registry
-from divmerge_core.modelcard import render_model_card
 from divmerge_core.pipeline import prepare
 
 from .merge_models import bert_family, config_dict

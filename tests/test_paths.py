@@ -12,10 +12,10 @@ import pytest
 
 from divmerge_core.config import parse_config
 from divmerge_core.errors import ConfigError, PathNotAllowedError
+from divmerge_core.io.paths import check_local_path, plain_name
+from divmerge_core.io.refs import resolve_model, snapshot_roots
 from divmerge_core.options import EngineOptions
-from divmerge_core.paths import check_local_path, plain_name
 from divmerge_core.pipeline import prepare, run_merge
-from divmerge_core.refs import resolve_model, snapshot_roots
 from tests.tiny import make_bert_classifier, perturbed, save
 
 SECRET = "TOP-SECRET-VALUE-42"
@@ -150,7 +150,7 @@ def test_hub_snapshot_files_may_only_point_into_their_blobs(tmp_path, family):
     opts = EngineOptions(local_roots=(tmp_path / "elsewhere",))
     allowed = snapshot_roots(snap, opts)
     assert allowed == ((snap.resolve(), (repo / "blobs").resolve()))
-    from divmerge_core.paths import check_folder
+    from divmerge_core.io.paths import check_folder
 
     check_folder(snap, allowed, "model 'acme/m'")
     os.symlink("/proc/self/environ", snap / "vocab.txt")

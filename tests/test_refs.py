@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from divmerge_core.errors import ModelNotFoundError, PathNotAllowedError
+from divmerge_core.io.refs import parse_model_ref, resolve_model
 from divmerge_core.options import EngineOptions
-from divmerge_core.refs import parse_model_ref, resolve_model
 
 
 def test_parse_hub_and_local_refs():
@@ -37,7 +37,7 @@ def test_local_path_outside_roots_is_refused(tmp_path):
 
 
 _PROBE = """
-from divmerge_core.refs import resolve_model
+from divmerge_core.io.refs import resolve_model
 from divmerge_core.options import EngineOptions
 try:
     resolve_model("acme/never-cached", EngineOptions())

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from divmerge_core.errors import ConfigError
-from divmerge_core.options import EngineOptions
-from divmerge_core.teacher_cache import (
+from divmerge_core.learned.teacher_cache import (
     STALE_TMP_S,
     EntryWriter,
     TeacherCache,
@@ -22,6 +21,7 @@ from divmerge_core.teacher_cache import (
     entry_key,
     expert_identity,
 )
+from divmerge_core.options import EngineOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_eviction_from_another_process_skips_an_entry_in_use(tmp_path):
     for k in keys:
         write_entry(cache, k)
     held = cache.open(keys[0])
-    code = f"from divmerge_core.teacher_cache import TeacherCache; TeacherCache({str(tmp_path)!r}, 0).evict()"
+    code = f"from divmerge_core.learned.teacher_cache import TeacherCache; TeacherCache({str(tmp_path)!r}, 0).evict()"
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
@@ -143,7 +143,7 @@ def test_ranks_write_one_entry_through_attach(tmp_path):
 
 def test_concurrent_writers_of_one_key_leave_one_complete_entry(tmp_path):
     code = (
-        "import sys, torch; from divmerge_core.teacher_cache import TeacherCache\n"
+        "import sys, torch; from divmerge_core.learned.teacher_cache import TeacherCache\n"
         "c = TeacherCache(sys.argv[1], 1 << 30)\n"
         "for _ in range(20):\n"
         "    w = c.create('k' * 64, rows=64, width=512, dtype=torch.float32, top_k=None, layout={})\n"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from divmerge_core.config import EvalSpec
-from divmerge_core.data import TaskInputs
 from divmerge_core.evaluation.scoring import Scorer
 from divmerge_core.evaluation.sets import EvalSet
+from divmerge_core.learned.data import TaskInputs
 
 from .data import Example, UnionHead
 

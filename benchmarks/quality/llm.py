@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from divmerge_core.config import EvalSpec
-from divmerge_core.data import TaskInputs
 from divmerge_core.evaluation.scoring import Scorer
 from divmerge_core.evaluation.sets import EvalSet
-from divmerge_core.teachers import ChatFormat, chat_prompt_ids
+from divmerge_core.learned.data import TaskInputs
+from divmerge_core.learned.encoding import ChatFormat, chat_prompt_ids
 
 from .causal import _save  # a model folder written whole or not at all
 from .data import Example, Task, load_tasks, subset

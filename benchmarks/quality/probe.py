@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from divmerge_core.config import DataSpec
-from divmerge_core.data import load_task_inputs
-from divmerge_core.divergence import js
-from divmerge_core.grouping import group_tensors
+from divmerge_core.learned.data import load_task_inputs
+from divmerge_core.learned.divergence import js
+from divmerge_core.learned.grouping import group_tensors
 from divmerge_core.options import EngineOptions
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from divmerge_core.paths import is_under
+from divmerge_core.io.paths import is_under
 from divmerge_service import jobs
 from divmerge_service.config import Settings
 from divmerge_service.models import Job, JobStatus

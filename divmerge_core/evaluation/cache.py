@@ -1,7 +1,7 @@
 """Expert scores on disk: an expert is scored once per (weights, tokenizer, eval set, scoring settings).
 
 Entries are small JSON files (per-example correctness) in the ``evaluations`` folder of the teacher cache
-(:func:`~divmerge_core.teacher_cache.cache_dir`), written to a temporary file and renamed into place, so a
+(:func:`~divmerge_core.learned.teacher_cache.cache_dir`), written to a temporary file and renamed into place, so a
 reader never sees half an entry. Label-free expert outputs are not cached (they are distributions, and
 recomputed with the merge). A teacher-cache bound of 0 ("keep nothing") turns this cache off as well.
 """
@@ -15,8 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ..learned.teacher_cache import cache_bytes, cache_dir, entry_key
 from ..options import EngineOptions
-from ..teacher_cache import cache_bytes, cache_dir, entry_key
 from .scoring import Scores
 
 FORMAT_VERSION = 1

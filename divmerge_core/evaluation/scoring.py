@@ -22,23 +22,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..divergence import js
 from ..errors import IncompatibleModelsError
 from ..io.loading import Checkpoint
+from ..learned.batching import collate, per_example_mean, scored_logits
+from ..learned.divergence import js
+from ..learned.encoding import ChatFormat, Example, encode
 from ..learned.model import module_slots
+from ..learned.reference import CAUSAL, build_module, load_tokenizer
+from ..learned.teachers import continue_prompts
 from ..plan import MergePlan
-from ..teachers import (
-    CAUSAL,
-    ChatFormat,
-    Example,
-    build_module,
-    collate,
-    continue_prompts,
-    encode,
-    load_tokenizer,
-    per_example_mean,
-    scored_logits,
-)
 from .sets import EvalSet
 
 #: Prompt tokens kept per input (longer inputs are cut from the end, the chat template's tokens kept).
@@ -131,8 +123,8 @@ class Scorer:
     ) -> Scorer:
         """A scorer whose reference is ``folder`` (its config, tokenizer and tensor names), weights loaded."""
         from ..config import parse_config
+        from ..learned.reference import model_kind
         from ..pipeline import prepare
-        from ..teachers import model_kind
 
         plan = prepare(
             parse_config({"merge_method": "linear", "models": [{"model": str(Path(folder).resolve())}]})

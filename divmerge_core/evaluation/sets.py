@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from ..config import EvalSpec, ModelSpec
-from ..data import TaskInput, TaskInputs, extractor, read_rows, sample
 from ..errors import ConfigError, DatasetError
+from ..learned.data import TaskInput, TaskInputs, extractor, read_rows, sample
 from ..learned.inputs import model_field, resolve_label_masks
+from ..learned.reference import CAUSAL, model_kind
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teachers import CAUSAL, model_kind
 
 #: The label column read when ``label_column`` is not given (used only when the data has it).
 DEFAULT_LABEL_COLUMN = "label"

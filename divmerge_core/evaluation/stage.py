@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..io.loading import DTYPES
+from ..learned.reference import model_kind
+from ..learned.teacher_cache import expert_identity, tokenizer_identity
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teacher_cache import expert_identity, tokenizer_identity
-from ..teachers import model_kind
 from .cache import ExpertScoreCache
 from .report import build_report
 from .scoring import TOP_K, Scorer, Scores

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from ..errors import ModelNotFoundError, UnsafeCheckpointError
 from ..options import EngineOptions
-from ..paths import index_shards
+from .paths import index_shards
 from .safetensors_format import DTYPES as _ST_DTYPES
 from .safetensors_format import pread_into, read_header
 

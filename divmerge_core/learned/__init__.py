@@ -26,7 +26,6 @@ from ..errors import ConfigError
 from ..io.loading import DTYPES
 from ..plan import LearnedCoefficients, MergePlan
 from ..progress import Reporter
-from ..teachers import model_kind
 from .convergence import Tracker
 from .experts import run_experts
 from .inputs import label_names, load_inputs, resolve_label_masks
@@ -36,6 +35,7 @@ from .objectives import objective_of
 from .optimise import GradientHook, optimise
 from .placement import make_task_vectors
 from .ranks import SINGLE, Ranks
+from .reference import model_kind
 from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
 

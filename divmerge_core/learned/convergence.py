@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import Convergence
-from ..teachers import Example
+from .encoding import Example
 from .ranks import SINGLE, Ranks
 
 #: The fewest held-out inputs of a task that holds any out.

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from ..data import TaskInputs, load_task_inputs
 from ..errors import ConfigError
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teachers import CAUSAL, ChatFormat, Example, encode, load_tokenizer, model_kind
+from .data import TaskInputs, load_task_inputs
+from .encoding import ChatFormat, Example, encode
+from .reference import CAUSAL, load_tokenizer, model_kind
 
 
 @dataclass

@@ -26,9 +26,10 @@ import torch
 from ..errors import InsufficientMemoryError
 from ..io.loading import DTYPES, Checkpoint
 from ..plan import MergePlan
-from ..teachers import CAUSAL, model_kind, teacher_batch_size
 from .objectives import objective_of
 from .placement import PLACEMENTS
+from .reference import CAUSAL, model_kind
+from .teachers import teacher_batch_size
 
 #: the Python/torch runtime's own host footprint (libraries, allocator), counted once
 RUNTIME_BYTES = 1 << 30

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ..grouping import group_tensors, layer_group
 from ..io.loading import Checkpoint
 from ..plan import MergePlan
-from ..teachers import CAUSAL, build_module
+from .grouping import group_tensors, layer_group
+from .reference import CAUSAL, build_module
 
 
 @dataclass

@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..divergence import divergence as _divergence
-from ..divergence import entropy as _entropy
 from ..errors import ConfigError
 from ..methods.learned_parameters import Objective
 from ..plan import MergePlan
-from ..teachers import Example
+from .divergence import divergence as _divergence
+from .divergence import entropy as _entropy
+from .encoding import Example
 
 LossFn = Callable[[torch.Tensor, list[Example]], torch.Tensor]
 

@@ -12,9 +12,10 @@ from torch.func import functional_call
 from ..errors import NumericalError
 from ..methods.learned_parameters import Objective
 from ..progress import Reporter
-from ..teachers import Example, collate, per_example_mean, scored_logits
 from .activations import enable_checkpointing
+from .batching import collate, per_example_mean, scored_logits
 from .convergence import Tracker, heldout_split, heldout_values
+from .encoding import Example
 from .inputs import LearnedInputs
 from .model import MergeModule
 from .objectives import loss_function

@@ -1,7 +1,7 @@
 """Where the loss reads each input's teacher distribution from: ``parameters.teacher``.
 
 * ``cached`` (default): each task's teacher outputs are one entry of the worker's teacher cache
-  (:mod:`divmerge_core.teacher_cache`): a file, read row by row when a step needs them, never held in RAM,
+  (:mod:`.teacher_cache`): a file, read row by row when a step needs them, never held in RAM,
   and reused by any later job with the same expert, inputs and settings (no teacher forward runs then).
 * ``online``: nothing is stored but the causal continuations (a few token ids per input); at every step
   each task's teacher distribution on that step's inputs is recomputed from theta_0 + tau_t.
@@ -28,27 +28,13 @@ import torch
 from ..errors import ConfigError, DivMergeError
 from ..plan import MergePlan
 from ..progress import Reporter
-from ..teacher_cache import (
-    Entry,
-    EntryWriter,
-    TeacherCache,
-    entry_key,
-    expert_identity,
-    tokenizer_identity,
-)
-from ..teachers import (
-    CAUSAL,
-    CLASSIFICATION,
-    Example,
-    continue_prompts,
-    restrict_labels,
-    scored_rows,
-    teacher_batch_size,
-    teacher_logp,
-    top_k_support,
-)
+from .batching import scored_rows
+from .encoding import Example
 from .inputs import LearnedInputs, model_field
 from .ranks import Ranks
+from .reference import CAUSAL, CLASSIFICATION
+from .teacher_cache import Entry, EntryWriter, TeacherCache, entry_key, expert_identity, tokenizer_identity
+from .teachers import continue_prompts, restrict_labels, teacher_batch_size, teacher_logp, top_k_support
 
 
 class TeacherStore(Protocol):

@@ -1,5 +1,5 @@
 """What the learned methods (divmerge, adamerging) declare: their parameters (one class, read by
-``divmerge_core.learned`` and ``divmerge_core.teachers`` as ``plan.config.parameters.<name>``; defaults
+``divmerge_core.learned`` as ``plan.config.parameters.<name>``; defaults
 follow the DivMerge paper) and their :class:`Objective`, on the registry entry (:class:`LearnedMethod`).
 ``divmerge_core.learned`` runs whatever objective the entry names and compares no method names."""
 

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .io import safetensors_format as sf
-from .options import EngineOptions
+from ..errors import ConfigError
+from ..io import safetensors_format as sf
+from ..options import EngineOptions
 
 #: Bumped whenever the entry layout or the way teacher outputs are computed changes.
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 from .paths import check_file
 
 #: Tokenizer and generation files copied from the reference (base) model.

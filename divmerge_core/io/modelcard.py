@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from .plan import LearnedCoefficients, MergePlan
+from ..plan import LearnedCoefficients, MergePlan
 from .refs import ResolvedModel
 
 #: Learned coefficient tables longer than this are cut (coefficients.json holds them all).
@@ -51,7 +51,7 @@ def front_matter(plan: MergePlan, evaluation: dict[str, Any] | None = None) -> d
     meta["dtype"] = config.dtype
     meta["out_dtype"] = config.output_dtype
     if evaluation is not None:
-        from .evaluation.table import model_index
+        from ..evaluation.table import model_index
 
         index = model_index(evaluation, f"{config.merge_method} merge")
         if index:
@@ -143,7 +143,7 @@ def render_model_card(
             *_convergence(coeffs),
         ]
     if evaluation is not None:
-        from .evaluation.table import table
+        from ..evaluation.table import table
 
         lines += [
             "## Evaluation",

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import is_local_ref
-from .errors import ModelNotFoundError, TransientError, http_status, is_transient
-from .options import EngineOptions
+from ..config import is_local_ref
+from ..errors import ModelNotFoundError, TransientError, http_status, is_transient
+from ..options import EngineOptions
 from .paths import check_folder, check_local_path, check_tree, real_roots, strip_scheme
 
 #: Files a merge needs from a model repo. Pickle weights are fetched only when allowed.
@@ -142,7 +142,7 @@ def _snapshot(repo_id: str, revision: str | None, options: EngineOptions, repo_t
 def resolve_dataset_repo(repo_ref: str, options: EngineOptions) -> tuple[Path, str | None]:
     """Download a Hub dataset repo snapshot; return its folder and commit SHA."""
     repo_id, _, revision = repo_ref.partition("@")
-    from .errors import DatasetError
+    from ..errors import DatasetError
 
     try:
         snap = _snapshot(repo_id, revision or None, options, "dataset")

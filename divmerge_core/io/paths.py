@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ModelNotFoundError, PathNotAllowedError
+from ..errors import ModelNotFoundError, PathNotAllowedError
 
 Roots = Sequence[Path] | None
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import DataSpec, EvalSpec
-from .errors import DatasetError
-from .options import EngineOptions
-from .paths import check_local_path
-from .refs import resolve_dataset_repo
+from ..config import DataSpec, EvalSpec
+from ..errors import DatasetError
+from ..io.paths import check_local_path
+from ..io.refs import resolve_dataset_repo
+from ..options import EngineOptions
 
 TaskInput = str | tuple[str, str]
 T = TypeVar("T")
