@@ -26,7 +26,8 @@ import torch
 
 from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, DivMergeError, NumericalError
-from .io.loading import DTYPES, Checkpoint
+from .io.loading import DTYPES
+from .io.lora import open_model
 from .io.writer import ShardedSafetensorsWriter, TensorSpec
 from .methods.base import TensorInputs
 from .methods.settings import TensorSettings, layer_index
@@ -110,12 +111,12 @@ def prepare(
     base = resolved[config.base_model] if config.base_model else None
     models = [resolved[s.model] for s in specs]
     reference = base or models[0]
-    labelled: list[tuple[str, Path]] = []
+    labelled: list[tuple[str, ResolvedModel]] = []
     seen: set[str] = set()
     for role, model in ([("base model", base)] if base else []) + [("model", m) for m in models]:
         if model.ref.raw not in seen:  # the reference comes first: it is what the others are checked against
             seen.add(model.ref.raw)
-            labelled.append((f"{role} {model.ref.raw!r}", model.path))
+            labelled.append((f"{role} {model.ref.raw!r}", model))
     report = validate_models(labelled, options)
     _check_parameters(config, specs, report.tensor_names)
     layout = model_config = None
@@ -178,8 +179,8 @@ class _Merger:
         opts = plan.options
         self.plan, self.device, self.coeffs = plan, device, coeffs
         self.config = plan.config
-        self.base = stack.enter_context(Checkpoint(plan.base.path, opts)) if plan.base else None
-        self.models = [stack.enter_context(Checkpoint(m.path, opts)) for m in plan.models]
+        self.base = stack.enter_context(open_model(plan.base, opts)) if plan.base else None
+        self.models = [stack.enter_context(open_model(m, opts)) for m in plan.models]
         self.reference = self.base or self.models[0]
         self.cdtype = DTYPES[self.config.dtype]
         self.odtype = DTYPES[self.config.output_dtype]
@@ -445,9 +446,7 @@ def run_merge(
     )
 
 
-def learn(
-    plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1
-) -> LearnedCoefficients:
+def learn(plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1) -> LearnedCoefficients:
     """A learned method's coefficients: under ``torchrun`` as one of its ranks, with ``devices`` > 1 as a
     data-parallel job of that many processes, else in this process. Refuses NaN or inf."""
     from .learned import learn_coefficients
