@@ -1,0 +1,122 @@
+"""LoRA adapters as experts: ``base+adapter`` and bare adapter folders give peft's ``merge_and_unload``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from divmerge_core.config import parse_config
+from divmerge_core.errors import ModelNotFoundError, UnsupportedAdapterError
+from divmerge_core.pipeline import run_merge
+
+from .tiny import make_llama, save
+
+peft = pytest.importorskip("peft")
+
+
+def _adapter(base_model, folder, seed: int, **kw):
+    """A real peft adapter (random A and B) over a copy of ``base_model``; returns the merged weights."""
+    import copy
+
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(init_lora_weights=False, **kw)
+    model = peft.get_peft_model(copy.deepcopy(base_model), cfg)
+    model.save_pretrained(folder)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lora_family(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    base = make_llama(0, num_hidden_layers=2)
+    save(base, tmp / "base")
+    merged = {
+        "a1": _adapter(base, tmp / "a1", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "a2": _adapter(
+            base,
+            tmp / "a2",
+            2,
+            r=2,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["o_proj", "gate_proj", "embed_tokens"],
+            modules_to_save=["lm_head"],
+        ),
+    }
+    return tmp, merged
+
+
+def _linear(tmp, models, weights=(0.3, 0.7)):
+    return parse_config(
+        {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, weights)],
+            "parameters": {"normalize": False},
+        }
+    )
+
+
+def test_base_plus_adapter_is_peft_merge_and_unload(lora_family, tmp_path):
+    tmp, merged = lora_family
+    for name in ("a1", "a2"):
+        cfg = _linear(tmp, [f"{tmp / 'base'}+{tmp / name}"], weights=(1.0,))
+        out = load_file(run_merge(cfg, tmp_path / name, device="cpu").out_dir / "model.safetensors")
+        ref = merged[name]
+        assert set(out) <= set(ref)
+        for k, v in out.items():
+            torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-7, msg=k)
+        assert any(not torch.equal(out[k], load_file(tmp / "base" / "model.safetensors")[k]) for k in out)
+
+
+def test_linear_of_two_lora_experts(lora_family, tmp_path):
+    tmp, merged = lora_family
+    cfg = _linear(tmp, [f"{tmp / 'base'}+{tmp / 'a1'}", f"{tmp / 'base'}+{tmp / 'a2'}"])
+    out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
+    for k, v in out.items():
+        torch.testing.assert_close(v, 0.3 * merged["a1"][k] + 0.7 * merged["a2"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bare_adapter_folder_names_its_base(lora_family, tmp_path):
+    tmp, merged = lora_family
+    conf = tmp_path / "bare"
+    conf.mkdir()
+    for f in ("adapter_model.safetensors",):
+        (conf / f).write_bytes((tmp / "a1" / f).read_bytes())
+    ac = json.loads((tmp / "a1" / "adapter_config.json").read_text())
+    ac["base_model_name_or_path"] = str(tmp / "base")
+    (conf / "adapter_config.json").write_text(json.dumps(ac))
+    cfg = parse_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp / "base"),
+            "models": [{"model": str(conf), "parameters": {"weight": 0.5}}],
+        }
+    )
+    out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
+    base = load_file(tmp / "base" / "model.safetensors")
+    for k, v in out.items():
+        torch.testing.assert_close(v, base[k] + 0.5 * (merged["a1"][k] - base[k]), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_missing_and_unsupported_adapters_are_refused(lora_family, tmp_path):
+    tmp, _ = lora_family
+    with pytest.raises(ModelNotFoundError, match="adapter directory"):
+        run_merge(_linear(tmp, [f"{tmp / 'base'}+{tmp_path / 'nope'}"], (1.0,)), tmp_path / "o1", device="cpu")
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_model.safetensors").write_bytes((tmp / "a1" / "adapter_model.safetensors").read_bytes())
+    ac = json.loads((tmp / "a1" / "adapter_config.json").read_text()) | {"use_dora": True}
+    (dora / "adapter_config.json").write_text(json.dumps(ac))
+    with pytest.raises(UnsupportedAdapterError, match="use_dora"):
+        run_merge(_linear(tmp, [f"{tmp / 'base'}+{dora}"], (1.0,)), tmp_path / "o2", device="cpu")
+    bare = tmp_path / "nobase"
+    bare.mkdir()
+    (bare / "adapter_model.safetensors").write_bytes((tmp / "a1" / "adapter_model.safetensors").read_bytes())
+    (bare / "adapter_config.json").write_text(json.dumps(ac | {"use_dora": False, "base_model_name_or_path": None}))
+    with pytest.raises(UnsupportedAdapterError, match="base_model_name_or_path"):
+        run_merge(_linear(tmp, [str(bare)], (1.0,)), tmp_path / "o3", device="cpu")
+    with pytest.raises(Exception, match="more than one"):
+        _linear(tmp, [f"{tmp / 'base'}+{tmp / 'a1'}+{tmp / 'a2'}"], (1.0,))
