@@ -53,7 +53,9 @@ def _linear(tmp, models, weights=(0.3, 0.7)):
     return parse_config(
         {
             "merge_method": "linear",
-            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, weights)],
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in zip(models, weights, strict=True)
+            ],
             "parameters": {"normalize": False},
         }
     )
@@ -76,7 +78,9 @@ def test_linear_of_two_lora_experts(lora_family, tmp_path):
     cfg = _linear(tmp, [f"{tmp / 'base'}+{tmp / 'a1'}", f"{tmp / 'base'}+{tmp / 'a2'}"])
     out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
     for k, v in out.items():
-        torch.testing.assert_close(v, 0.3 * merged["a1"][k] + 0.7 * merged["a2"][k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(
+            v, 0.3 * merged["a1"][k] + 0.7 * merged["a2"][k], rtol=1e-5, atol=1e-6, msg=k
+        )
 
 
 def test_bare_adapter_folder_names_its_base(lora_family, tmp_path):
@@ -98,13 +102,17 @@ def test_bare_adapter_folder_names_its_base(lora_family, tmp_path):
     out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
     base = load_file(tmp / "base" / "model.safetensors")
     for k, v in out.items():
-        torch.testing.assert_close(v, base[k] + 0.5 * (merged["a1"][k] - base[k]), rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(
+            v, base[k] + 0.5 * (merged["a1"][k] - base[k]), rtol=1e-5, atol=1e-6, msg=k
+        )
 
 
 def test_missing_and_unsupported_adapters_are_refused(lora_family, tmp_path):
     tmp, _ = lora_family
     with pytest.raises(ModelNotFoundError, match="adapter directory"):
-        run_merge(_linear(tmp, [f"{tmp / 'base'}+{tmp_path / 'nope'}"], (1.0,)), tmp_path / "o1", device="cpu")
+        run_merge(
+            _linear(tmp, [f"{tmp / 'base'}+{tmp_path / 'nope'}"], (1.0,)), tmp_path / "o1", device="cpu"
+        )
     dora = tmp_path / "dora"
     dora.mkdir()
     (dora / "adapter_model.safetensors").write_bytes((tmp / "a1" / "adapter_model.safetensors").read_bytes())
@@ -115,7 +123,9 @@ def test_missing_and_unsupported_adapters_are_refused(lora_family, tmp_path):
     bare = tmp_path / "nobase"
     bare.mkdir()
     (bare / "adapter_model.safetensors").write_bytes((tmp / "a1" / "adapter_model.safetensors").read_bytes())
-    (bare / "adapter_config.json").write_text(json.dumps(ac | {"use_dora": False, "base_model_name_or_path": None}))
+    (bare / "adapter_config.json").write_text(
+        json.dumps(ac | {"use_dora": False, "base_model_name_or_path": None})
+    )
     with pytest.raises(UnsupportedAdapterError, match="base_model_name_or_path"):
         run_merge(_linear(tmp, [str(bare)], (1.0,)), tmp_path / "o3", device="cpu")
     with pytest.raises(Exception, match="more than one"):
