@@ -130,3 +130,55 @@ def test_missing_and_unsupported_adapters_are_refused(lora_family, tmp_path):
         run_merge(_linear(tmp, [str(bare)], (1.0,)), tmp_path / "o3", device="cpu")
     with pytest.raises(Exception, match="more than one"):
         _linear(tmp, [f"{tmp / 'base'}+{tmp / 'a1'}+{tmp / 'a2'}"], (1.0,))
+
+
+def test_task_arithmetic_of_lora_experts_gives_mergekits_tensors(lora_family, tmp_path):
+    """The same YAML through mergekit-yaml --lora-merge-cache (peft merges each adapter, then mergekit)."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from .test_mergekit_compat import MERGEKIT_YAML
+
+    if not MERGEKIT_YAML.exists():
+        pytest.skip("mergekit venv missing (scripts/setup.sh creates it)")
+    tmp, _ = lora_family
+    base = str(tmp / "base")
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": f"{base}+{tmp / 'a1'}", "parameters": {"weight": 0.6}},
+            {"model": f"{base}+{tmp / 'a2'}", "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "float32",
+    }
+    ours = load_file(
+        run_merge(parse_config(cfg), tmp_path / "ours", device="cpu").out_dir / "model.safetensors"
+    )
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "mk-out"
+    proc = subprocess.run(
+        [
+            str(MERGEKIT_YAML),
+            str(tmp_path / "mk.yml"),
+            str(out),
+            "--no-cuda",
+            "--lora-merge-cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        theirs.update(load_file(f))
+    assert set(ours) == set(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
