@@ -182,3 +182,53 @@ def test_task_arithmetic_of_lora_experts_gives_mergekits_tensors(lora_family, tm
     assert set(ours) == set(theirs)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_divmerge_of_lora_experts_equals_divmerge_of_their_merged_checkpoints(tmp_path):
+    """A learned merge reads LoRA experts through the same loader: GPT-2 (Conv1D, fan_in_fan_out) adapters
+    give the coefficients and tensors of the same merge over the peft-merged expert folders (teachers too)."""
+    from .tiny import make_gpt2, make_tokenizer
+
+    base = make_gpt2(seed=0)
+    save(base, tmp_path / "base")
+    for i in (1, 2):
+        merged = _adapter(
+            base,
+            tmp_path / f"lora{i}",
+            i,
+            r=2,
+            lora_alpha=4,
+            fan_in_fan_out=True,
+            target_modules=["c_attn", "c_fc"],
+        )
+        full = make_gpt2(seed=0)
+        full.load_state_dict(merged, strict=False)
+        full.save_pretrained(tmp_path / f"full{i}", safe_serialization=True)
+        make_tokenizer("gpt2").save_pretrained(tmp_path / f"full{i}")
+    data = [{"texts": ["a b c", "cat dog up", "red blue"]}, {"texts": ["good bad", "x y z", "9 8"]}]
+
+    def run(models, out):
+        cfg = {
+            "merge_method": "divmerge",
+            "base_model": str(tmp_path / "base"),
+            "models": [{"model": m, "data": d} for m, d in zip(models, data, strict=True)],
+            "parameters": {
+                "granularity": "layer",
+                "epochs": 1,
+                "batch_size_per_task": 3,
+                "max_new_tokens": 3,
+            },
+        }
+        run_merge(parse_config(cfg), out, device="cpu")
+        return json.loads((out / "coefficients.json").read_text()), load_file(out / "model.safetensors")
+
+    b = tmp_path / "base"
+    c_lora, t_lora = run([f"{b}+{tmp_path / 'lora1'}", f"{b}+{tmp_path / 'lora2'}"], tmp_path / "o-lora")
+    c_full, t_full = run([str(tmp_path / "full1"), str(tmp_path / "full2")], tmp_path / "o-full")
+    assert c_lora["losses"] == pytest.approx(c_full["losses"], rel=1e-5)
+    for g in c_full["coefficients"]:
+        assert list(c_lora["coefficients"][g].values()) == pytest.approx(
+            list(c_full["coefficients"][g].values()), rel=1e-5, abs=1e-6
+        )
+    for k in t_full:
+        torch.testing.assert_close(t_lora[k], t_full[k], rtol=1e-5, atol=1e-6, msg=k)
