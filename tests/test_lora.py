@@ -232,3 +232,28 @@ def test_divmerge_of_lora_experts_equals_divmerge_of_their_merged_checkpoints(tm
         )
     for k in t_full:
         torch.testing.assert_close(t_lora[k], t_full[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_adapter_and_base_obey_the_allow_list(lora_family, tmp_path):
+    """Each side of base+adapter, and the base a bare adapter names, must lie under the allowed roots."""
+    from divmerge_core.errors import PathNotAllowedError
+    from divmerge_core.options import EngineOptions
+    from divmerge_core.refs import resolve_model
+
+    tmp, _ = lora_family
+    only_base = EngineOptions(local_roots=[tmp / "base"])
+    with pytest.raises(PathNotAllowedError, match="adapter path"):
+        resolve_model(f"{tmp / 'base'}+{tmp / 'a1'}", only_base)
+    with pytest.raises(PathNotAllowedError, match="model path"):
+        resolve_model(f"{tmp / 'base'}+{tmp / 'a1'}", EngineOptions(local_roots=[tmp / "a1"]))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_model.safetensors").write_bytes((tmp / "a1" / "adapter_model.safetensors").read_bytes())
+    ac = json.loads((tmp / "a1" / "adapter_config.json").read_text()) | {
+        "base_model_name_or_path": str(tmp / "base")
+    }
+    (bare / "adapter_config.json").write_text(json.dumps(ac))
+    with pytest.raises(PathNotAllowedError, match="model path"):
+        resolve_model(str(bare), EngineOptions(local_roots=[tmp_path]))
+    ok = resolve_model(str(bare), EngineOptions(local_roots=[tmp_path, tmp / "base"]))
+    assert ok.adapter is not None and ok.path == (tmp / "base").resolve()
