@@ -446,7 +446,9 @@ def run_merge(
     )
 
 
-def learn(plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1) -> LearnedCoefficients:
+def learn(
+    plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1
+) -> LearnedCoefficients:
     """A learned method's coefficients: under ``torchrun`` as one of its ranks, with ``devices`` > 1 as a
     data-parallel job of that many processes, else in this process. Refuses NaN or inf."""
     from .learned import learn_coefficients
