@@ -15,7 +15,7 @@ import yaml
 from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, parse_config
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.io.paths import check_folder, check_local_path, strip_scheme
-from divmerge_core.io.refs import is_local_model
+from divmerge_core.io.refs import is_local_model, split_lora
 from divmerge_service.config import Settings
 
 from .errors import ApiError
@@ -144,7 +144,14 @@ def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
     it: :func:`divmerge_core.io.refs.is_local_model`, so a bare folder name meets the allow-list here)."""
     models = [("base_model", config.base_model)] if config.base_model else []
     models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
-    return [(field, raw) for field, raw in models if is_local_model(raw)]
+    # a LoRA expert 'base+adapter': each side checked on its own
+    parts = [(field, part) for field, raw in models for part in _lora_parts(raw)]
+    return [(field, raw) for field, raw in parts if is_local_model(raw)]
+
+
+def _lora_parts(raw: str) -> list[str]:
+    base, adapter = split_lora(raw)
+    return [base] if adapter is None else [base, adapter]
 
 
 def check_submit(config: MergeConfig, settings: Settings, team: str) -> None:

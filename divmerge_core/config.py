@@ -207,7 +207,8 @@ class ModelSpec(_Strict):
         """``name``, else the last part of the folder or repo name (revision left out)."""
         if self.name:
             return self.name
-        ref = self.model.partition("@")[0] if not is_local_ref(self.model) else self.model
+        ref = self.model.rsplit("+", 1)[-1].strip()  # a LoRA expert is named after its adapter
+        ref = ref.partition("@")[0] if not is_local_ref(ref) else ref
         return ref.rstrip("/").rsplit("/", 1)[-1] or ref
 
     @field_validator("parameters", mode="before")
@@ -563,10 +564,22 @@ def _partial(params: type[MethodParameters]) -> type[MethodParameters]:
 
 
 def check_model_ref(value: str) -> str:
-    """Accept a local path (absolute, ./, ../, ~, file://) or a Hub id 'org/name[@rev]'."""
+    """Accept a local path (absolute, ./, ../, ~, file://) or a Hub id 'org/name[@rev]', or a LoRA expert
+    'base+adapter' (mergekit's syntax: one '+', each side either of those)."""
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
+    if value.count("+") == 1:
+        base, adapter = (p.strip() for p in value.split("+"))
+        for part, what in ((base, "base"), (adapter, "adapter")):
+            if not (is_local_ref(part) or is_hub_ref(part)):
+                raise ValueError(
+                    f"LoRA expert {value!r} ('base+adapter'): the {what} {part!r} is not a Hub model id "
+                    "('org/name[@revision]') nor a local path"
+                )
+        return value
+    if value.count("+") > 1:
+        raise ValueError(f"model reference {value!r} has more than one '+' (a LoRA expert is 'base+adapter')")
     if is_local_ref(value) or is_hub_ref(value):
         return value
     raise ValueError(f"not a Hub model id ('org/name[@revision]') nor a local path: {value!r}")

@@ -90,10 +90,14 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     """Sizes from the checkpoints: bytes read (every model once) and written (the reference's tensors in
     the output dtype); for the learned methods, ``memory``: what each placement needs on ``device`` and the
     host, and what is free where the dry run runs (:func:`~divmerge_core.learned.memory.estimate_learned_memory`)."""
-    from .io.loading import DTYPES, Checkpoint
+    from .io.loading import DTYPES
+    from .io.lora import open_model
 
-    read = sum(_weights_bytes(m.path) for m in ([plan.base] if plan.base else []) + plan.models)
-    with Checkpoint(plan.reference.path, plan.options) as ref:
+    read = sum(
+        _weights_bytes(m.path) + (_weights_bytes(m.adapter.path) if m.adapter else 0)
+        for m in ([plan.base] if plan.base else []) + plan.models
+    )
+    with open_model(plan.reference, plan.options) as ref:
         sources = plan.layout.sources if plan.layout else {}
         elements = sum(
             math.prod(ref.shape(sources[name].name if name in sources else name))

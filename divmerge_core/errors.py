@@ -42,6 +42,12 @@ class UnsafeCheckpointError(DivMergeError):
     code = "unsafe_checkpoint"
 
 
+class UnsupportedAdapterError(UnsafeCheckpointError):
+    """A LoRA adapter of a kind the engine does not apply (DoRA, convolution LoRA, ...)."""
+
+    code = "unsupported_adapter"
+
+
 class IncompatibleModelsError(DivMergeError):
     """The models cannot be merged; ``problems`` lists every mismatch found."""
 

@@ -27,7 +27,8 @@ import torch
 
 from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, NumericalError
-from .io.loading import DTYPES, Checkpoint
+from .io.loading import DTYPES
+from .io.lora import open_model
 from .io.modelcard import render_model_card
 from .io.output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
 from .io.refs import ResolvedModel, resolve_model
@@ -112,12 +113,12 @@ def prepare(
     base = resolved[config.base_model] if config.base_model else None
     models = [resolved[s.model] for s in specs]
     reference = base or models[0]
-    labelled: list[tuple[str, Path]] = []
+    labelled: list[tuple[str, ResolvedModel]] = []
     seen: set[str] = set()
     for role, model in ([("base model", base)] if base else []) + [("model", m) for m in models]:
         if model.ref.raw not in seen:  # the reference comes first: it is what the others are checked against
             seen.add(model.ref.raw)
-            labelled.append((f"{role} {model.ref.raw!r}", model.path))
+            labelled.append((f"{role} {model.ref.raw!r}", model))
     report = validate_models(labelled, options)
     _check_parameters(config, specs, report.tensor_names)
     layout = model_config = None
@@ -180,8 +181,8 @@ class _Merger:
         opts = plan.options
         self.plan, self.device, self.coeffs = plan, device, coeffs
         self.config = plan.config
-        self.base = stack.enter_context(Checkpoint(plan.base.path, opts)) if plan.base else None
-        self.models = [stack.enter_context(Checkpoint(m.path, opts)) for m in plan.models]
+        self.base = stack.enter_context(open_model(plan.base, opts)) if plan.base else None
+        self.models = [stack.enter_context(open_model(m, opts)) for m in plan.models]
         self.reference = self.base or self.models[0]
         self.cdtype = DTYPES[self.config.dtype]
         self.odtype = DTYPES[self.config.output_dtype]

@@ -37,6 +37,8 @@ class MergePlan:
         """Model reference -> resolved commit SHA (None for local folders)."""
         out = {} if self.base is None else {self.base.ref.raw: self.base.commit}
         out.update({m.ref.raw: m.commit for m in self.models})
+        # a LoRA expert's adapter, under its own reference (the expert's entry is its base's commit)
+        out.update({m.adapter.raw: m.adapter.commit for m in self.models if m.adapter is not None})
         return out
 
 

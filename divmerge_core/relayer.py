@@ -130,7 +130,8 @@ def write_relayered(plan: MergePlan, folder: Path, device: torch.device, reporte
     import torch
 
     from .errors import NumericalError
-    from .io.loading import DTYPES, Checkpoint
+    from .io.loading import DTYPES
+    from .io.lora import open_model
     from .io.writer import ShardedSafetensorsWriter, TensorSpec
     from .methods.base import TensorInputs
     from .pipeline import all_finite
@@ -148,7 +149,7 @@ def write_relayered(plan: MergePlan, folder: Path, device: torch.device, reporte
         layout.n_layers,
     )
     with contextlib.ExitStack() as stack, torch.inference_mode():
-        cks = [stack.enter_context(Checkpoint(m.path, plan.options)) for m in plan.models]
+        cks = [stack.enter_context(open_model(m, plan.options)) for m in plan.models]
 
         def spec(name: str) -> TensorSpec:
             src = layout.sources[name]

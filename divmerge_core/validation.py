@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleModelsError
-from .io.loading import Checkpoint
+from .io.lora import open_model
+from .io.refs import ResolvedModel
 from .options import EngineOptions
 
 #: Show at most this many tensor names when listing missing/extra tensors of one model.
@@ -53,8 +54,9 @@ class ValidationReport:
         return sum(math.prod(s) for s in self.reference.shapes.values())
 
 
-def read_header(label: str, folder: Path, options: EngineOptions) -> ModelHeader:
-    with Checkpoint(folder, options) as ckpt:
+def read_header(label: str, folder: Path | ResolvedModel, options: EngineOptions) -> ModelHeader:
+    """``folder``: a model folder, or a resolved model (a LoRA expert reads as base + adapter)."""
+    with open_model(folder, options) as ckpt:
         names = ckpt.names
         return ModelHeader(
             label=label,
@@ -64,8 +66,11 @@ def read_header(label: str, folder: Path, options: EngineOptions) -> ModelHeader
         )
 
 
-def validate_models(models: Sequence[tuple[str, Path]], options: EngineOptions) -> ValidationReport:
-    """Check that every model can be merged with the first one. ``models`` is (label, folder) pairs."""
+def validate_models(
+    models: Sequence[tuple[str, Path | ResolvedModel]], options: EngineOptions
+) -> ValidationReport:
+    """Check that every model can be merged with the first one. ``models`` is (label, folder or resolved
+    model) pairs."""
     headers = [read_header(label, folder, options) for label, folder in models]
     problems = find_problems(headers)
     if problems:

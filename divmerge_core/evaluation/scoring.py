@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IncompatibleModelsError
-from ..io.loading import Checkpoint
+from ..io.lora import open_model
+from ..io.refs import ResolvedModel
 from ..learned.batching import collate, per_example_mean, scored_logits
 from ..learned.divergence import js
 from ..learned.encoding import ChatFormat, Example, encode
@@ -115,7 +116,7 @@ class Scorer:
             self.module.config.pad_token_id = self.tokenizer.pad_token_id
         self.slots, _, _ = module_slots(self.module, plan)
         self.batch = batch or batch_size(device)
-        self.loaded: Path | None = None
+        self.loaded: Path | ResolvedModel | None = None
 
     @classmethod
     def for_folder(
@@ -134,12 +135,15 @@ class Scorer:
         return scorer
 
     @torch.no_grad()
-    def load(self, folder: Path) -> None:
-        """Write ``folder``'s weights into the module (every slot; a missing tensor is an error)."""
-        with Checkpoint(folder, self.plan.options) as ck:
+    def load(self, folder: Path | ResolvedModel) -> None:
+        """Write ``folder``'s weights into the module (every slot; a missing tensor is an error); a
+        resolved model (a LoRA expert: base + adapter) may stand for its folder."""
+        with open_model(folder, self.plan.options) as ck:
             missing = [n for n in self.slots if n not in ck]
             if missing:
-                raise IncompatibleModelsError([f"{str(folder)!r} has no tensor {m!r}" for m in missing[:20]])
+                raise IncompatibleModelsError(
+                    [f"{str(getattr(folder, 'path', folder))!r} has no tensor {m!r}" for m in missing[:20]]
+                )
             for n, slot in self.slots.items():
                 slot.copy_(ck.get(n, None, self.device))
         self.loaded = folder

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..io.loading import DTYPES
+from ..io.lora import adapter_identity
 from ..learned.reference import model_kind
 from ..learned.teacher_cache import expert_identity, tokenizer_identity
 from ..plan import MergePlan
@@ -71,14 +72,14 @@ def evaluate_merges(
     reporter.report("evaluate", 0, total)
     for es in todo:
         reporter.check()
-        scorer.load(plan.models[es.task].path)
+        scorer.load(plan.models[es.task])
         experts[es.task] = scorer.score(es, tick)
         if es.labelled:
             cache.put(keys[es.task], experts[es.task])
     base_scores: dict[int, Scores] | None = None
     if base:
         assert plan.base is not None
-        scorer.load(plan.base.path)
+        scorer.load(plan.base)
         base_scores = {es.task: scorer.score(es, tick, experts[es.task].reference) for es in sets}
     merged: dict[str, dict[int, Scores]] = {}
     for c in candidates:
@@ -96,6 +97,7 @@ def _key(plan: MergePlan, es: EvalSet, tok_id: str, kind: str, device: torch.dev
     return ExpertScoreCache.key(
         {
             "expert": expert_identity(expert.path, expert.commit),
+            **({"adapter": adapter_identity(expert.adapter)} if expert.adapter else {}),
             "tokenizer": tok_id,
             "set": es.digest(),
             "kind": kind,

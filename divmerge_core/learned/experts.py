@@ -12,6 +12,7 @@ import torch
 
 from ..errors import IncompatibleModelsError
 from ..io.loading import Checkpoint
+from ..io.lora import LoraCheckpoint, open_model
 from ..plan import MergePlan
 from ..progress import Reporter
 from .inputs import LearnedInputs
@@ -33,7 +34,7 @@ def run_experts(
     reporter: Reporter,
 ) -> None:
     """Load every expert once; ``teachers`` None (adamerging) runs no teacher."""
-    with Checkpoint(plan.base.path, plan.options) as base_ck:
+    with open_model(plan.base, plan.options) as base_ck:
         for t in range(len(plan.models)):
             reporter.check()
             run_teacher = teachers is not None and teachers.begin(t)
@@ -51,14 +52,14 @@ def _load_expert(
     t: int,
     model: MergeModule,
     vectors: TaskVectors,
-    base_ck: Checkpoint,
+    base_ck: Checkpoint | LoraCheckpoint,
     device: torch.device,
     *,
     into_module: bool,
 ) -> None:
     """Hand expert ``t``'s task vector to the placement and, ``into_module``, its weights to the module."""
     expert = plan.models[t]
-    with Checkpoint(expert.path, plan.options) as ck, torch.no_grad():
+    with open_model(expert, plan.options) as ck, torch.no_grad():
         missing = [n for n in model.slots if n not in ck]
         if missing:
             raise IncompatibleModelsError([f"{expert.ref.raw!r} has no tensor {m!r}" for m in missing[:20]])

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import InsufficientMemoryError
-from ..io.loading import DTYPES, Checkpoint
+from ..io.loading import DTYPES
+from ..io.lora import open_model
 from ..plan import MergePlan
 from .objectives import objective_of
 from .placement import PLACEMENTS
@@ -98,7 +99,7 @@ def describe(estimate: dict[str, Any]) -> list[str]:
 def _tensor_sizes(plan: MergePlan) -> dict[str, int]:
     assert plan.base is not None
     merged = largest = other = 0
-    with Checkpoint(plan.base.path, plan.options) as ck:
+    with open_model(plan.base, plan.options) as ck:
         for n in plan.tensor_names:
             if n not in ck:
                 continue

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, IncompatibleModelsError
-from ..io.loading import Checkpoint
+from ..io.lora import open_model
 from ..plan import MergePlan
 from .grouping import group_tensors, layer_group
 from .reference import CAUSAL, build_module
@@ -83,7 +83,7 @@ def coefficient_groups(plan: MergePlan, aliases: dict[str, str]) -> tuple[list[s
 
     ``group_of`` covers every float tensor, and (task/layer granularity) the non-float ones as well.
     """
-    with Checkpoint(plan.base.path, plan.options) as base_ck:
+    with open_model(plan.base, plan.options) as base_ck:
         float_names = [n for n in plan.tensor_names if n in base_ck and base_ck.dtype(n).is_floating_point]
     granularity = plan.config.parameters.granularity
     groups, group_of = group_tensors(float_names, granularity)

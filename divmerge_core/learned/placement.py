@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..io.loading import Checkpoint
+from ..io.lora import open_model
 from ..plan import MergePlan
 from .model import MergeModule
 
@@ -229,8 +229,8 @@ class Stream(_Rebuilt):
     ):
         super().__init__(model, rows, n_tasks, dtype, device)
         assert plan.base is not None
-        self.base = Checkpoint(plan.base.path, plan.options)
-        self.experts = [Checkpoint(m.path, plan.options) for m in plan.models]
+        self.base = open_model(plan.base, plan.options)
+        self.experts = [open_model(m, plan.options) for m in plan.models]
 
     def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
         # read in the stored dtype, converted on the device; the same rounding as resident/offload:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError, DivMergeError
+from ..io.lora import adapter_identity
 from ..plan import MergePlan
 from ..progress import Reporter
 from .batching import scored_rows
@@ -149,6 +150,7 @@ class CachedTeachers(TeacherStage):
         return entry_key(
             {
                 "expert": expert_identity(expert.path, expert.commit),
+                **({"adapter": adapter_identity(expert.adapter)} if expert.adapter else {}),
                 "architecture": self.plan.model_config,
                 "tokenizer": self._tokenizer_id,
                 "kind": self.kind,
