@@ -345,6 +345,20 @@ def claim_due(session: Session, settings: Settings, limit: int) -> list[Claimed]
     )
     out = []
     for row in rows:
+        if row.attempts >= settings.webhook_attempts:  # the last attempt's deliverer died before recording it
+            row.status = WebhookStatus.FAILED.value
+            row.last_error = f"attempt {row.attempts} was never reported (its worker was lost); given up"
+            session.add(
+                JobEvent(
+                    job_id=row.job_id,
+                    at=now,
+                    kind="webhook_attempt",
+                    message=f"webhook {row.event} to {_where(row.url)}: {row.last_error}",
+                    data={"delivery": row.id, "event": row.event, "attempt": row.attempts,
+                          "status_code": None, "error": row.last_error, "outcome": "failed"},  # fmt: skip
+                )
+            )
+            continue
         row.attempts += 1
         row.next_attempt_at = now + timedelta(seconds=claim_lease_s(settings))
         out.append(
@@ -400,11 +414,12 @@ def record_attempt(
     if not changed:
         return "stale"
     answer = f"HTTP {status_code}" if status_code is not None else "no answer"
-    what = {
-        "delivered": f"delivered ({answer})",
-        "retry": f"failed ({error or answer}); next try in {delay:.1f}s",
-        "failed": f"failed ({error or answer}); given up after {c.attempt} attempt(s)",
-    }[outcome]
+    if outcome == "delivered":
+        what = f"delivered ({answer})"
+    elif outcome == "retry":
+        what = f"failed ({error or answer}); next try in {delay or 0.0:.1f}s"
+    else:
+        what = f"failed ({error or answer}); given up after {c.attempt} attempt(s)"
     data = {
         "delivery": c.id,
         "event": c.event,
