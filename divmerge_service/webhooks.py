@@ -354,8 +354,14 @@ def claim_due(session: Session, settings: Settings, limit: int) -> list[Claimed]
                     at=now,
                     kind="webhook_attempt",
                     message=f"webhook {row.event} to {_where(row.url)}: {row.last_error}",
-                    data={"delivery": row.id, "event": row.event, "attempt": row.attempts,
-                          "status_code": None, "error": row.last_error, "outcome": "failed"},  # fmt: skip
+                    data={
+                        "delivery": row.id,
+                        "event": row.event,
+                        "attempt": row.attempts,
+                        "status_code": None,
+                        "error": row.last_error,
+                        "outcome": "failed",
+                    },
                 )
             )
             continue

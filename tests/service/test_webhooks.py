@@ -430,7 +430,7 @@ def test_allow_list_and_resolution_rules():
         with pytest.raises(webhooks.InvalidWebhook):
             webhooks.check_url(url, s)
     with pytest.raises(webhooks.InvalidWebhook):
-        webhooks.check_url("http://127.0.0.1/", Settings(webhook_allowed_hosts=[]))  # nothing allowed by default
+        webhooks.check_url("http://127.0.0.1/", Settings(webhook_allowed_hosts=[]))  # none by default
     assert webhooks.resolve(webhooks.parse_url("http://127.0.0.1:1/"), s) == "127.0.0.1"
     # a name on the list resolving to a private address is refused unless that address is listed itself
     only_name = Settings(webhook_allowed_hosts="localhost")
