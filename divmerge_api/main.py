@@ -15,6 +15,7 @@ from divmerge_service.config import Settings, get_settings
 from .errors import install_handlers
 from .metrics import Metrics
 from .routers import dashboard, health, merges, tokens
+from .schemas import Notify
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +53,14 @@ def _add_config_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(defs)
         comps["MergeConfig"] = cfg
+        notify = Notify.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps["Notify"] = notify
+        comps["SubmitBody"] = {  # POST /v1/merges: a MergeConfig with notify beside its fields
+            **cfg,
+            "title": "SubmitBody",
+            "description": "A MergeConfig, with an optional `notify` (this job's webhook) beside its fields.",
+            "properties": {**cfg.get("properties", {}), "notify": {"$ref": "#/components/schemas/Notify"}},
+        }
         for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
             if param["name"] == "limit":  # the bound is a setting, checked in the handler
                 param["schema"]["maximum"] = app.state.settings.list_limit_max

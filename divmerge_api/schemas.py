@@ -107,6 +107,26 @@ class JobResult(BaseModel):
     evaluation: Evaluation | None = None
 
 
+#: A webhook event (:data:`divmerge_service.webhooks.EVENTS`).
+WebhookEvent = Literal["succeeded", "failed", "cancelled", "kept"]
+
+
+class Notify(BaseModel):
+    """A webhook: POST a signed JSON body to ``url`` when the job ends with one of ``events``."""
+
+    model_config = {"extra": "forbid"}
+    url: str = Field(
+        max_length=2000,
+        description="http(s) URL whose host is on the server's DIVMERGE_WEBHOOK_ALLOWED_HOSTS; no user:password@",
+    )
+    events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="succeeded, failed, cancelled, kept (a failed delivery whose merged result is kept for "
+        "POST /retry; sent beside failed); null: all of them",
+    )
+
+
 class JobOut(BaseModel):
     id: str
     status: Status
@@ -125,6 +145,7 @@ class JobOut(BaseModel):
     kept: KeptResult | None = None
     result: JobResult | None = None
     cancel_requested: bool = False
+    notify: Notify | None = Field(None, description="the job's own webhook (the team's applies if null)")
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -149,6 +170,7 @@ class JobOut(BaseModel):
             kept=KeptResult(until=job.kept["until"]) if job.kept else None,
             result=JobResult(**job.result) if job.status == JobStatus.SUCCEEDED and job.result else None,
             cancel_requested=job.cancel_requested,
+            notify=Notify(**job.notify) if job.notify else None,
         )
 
 
@@ -292,7 +314,14 @@ class TokenList(BaseModel):
 class AuditOut(BaseModel):
     id: int
     at: datetime
-    action: Literal["team_created", "token_created", "token_revoked"]
+    action: Literal[
+        "team_created",
+        "token_created",
+        "token_revoked",
+        "webhook_set",
+        "webhook_cleared",
+        "webhook_secret_rotated",
+    ]
     actor: str = Field(
         description="the acting token's id and team, or `cli` (`divmerge token` on the server)"
     )
@@ -305,3 +334,27 @@ class AuditOut(BaseModel):
 class AuditList(BaseModel):
     items: list[AuditOut]
     next_before: int | None = Field(None, description="pass as `before` for the next (older) page")
+
+
+class TeamWebhookSet(BaseModel):
+    """A team's default webhook (a job's own ``notify`` overrides it)."""
+
+    model_config = {"extra": "forbid"}
+    url: str = Field(max_length=2000, description="as Notify.url")
+    events: list[WebhookEvent] | None = Field(None, min_length=1, description="null: all of them")
+
+
+class TeamWebhookOut(BaseModel):
+    team: str
+    url: str | None = Field(None, description="the team's default webhook URL (null: none)")
+    events: list[WebhookEvent] = []
+    has_secret: bool = Field(description="whether a signing secret exists (it is never shown again)")
+    secret_created_at: datetime | None = None
+
+
+class WebhookSecretCreated(BaseModel):
+    team: str
+    secret: str = Field(
+        description="the HMAC-SHA256 key of the team's webhooks: shown once; the previous one stops signing"
+    )
+    created_at: datetime

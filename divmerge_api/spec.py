@@ -16,6 +16,7 @@ from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, p
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.io.paths import check_folder, check_local_path, strip_scheme
 from divmerge_core.io.refs import is_local_model, split_lora
+from divmerge_service import webhooks
 from divmerge_service.config import Settings
 
 from .errors import ApiError
@@ -109,6 +110,46 @@ def parse(body: Any) -> MergeConfig:
         return parse_config(body)
     except ConfigError as err:
         raise ApiError(422, "invalid_config", err.message, err.field) from None
+
+
+#: The submit body's one service-level field, beside the merge config (the engine never sees it).
+NOTIFY = "notify"
+
+
+def split_notify(body: Any) -> tuple[Any, Any]:
+    """(the merge config, the ``notify`` value or None): ``notify`` is taken out of a body that is an
+    object, so that the engine's schema (which forbids unknown keys) validates the rest."""
+    if isinstance(body, dict) and NOTIFY in body:
+        body = dict(body)
+        return body, body.pop(NOTIFY)
+    return body, None
+
+
+def check_notify(notify: Any, settings: Settings) -> dict | None:
+    """The job's webhook as stored ({url, events}); 422 ``invalid_notify`` naming the field
+    (``notify.url``, ``notify.events``) when the URL is not http(s), holds credentials, or its host is not on
+    ``DIVMERGE_WEBHOOK_ALLOWED_HOSTS``, or an event is unknown."""
+    if notify is None:
+        return None
+    if not isinstance(notify, dict):
+        raise ApiError(422, "invalid_notify", "notify must be an object {url, events}", NOTIFY)
+    unknown = sorted(set(notify) - {"url", "events"})
+    if unknown:
+        raise ApiError(422, "invalid_notify", f"unknown field {unknown[0]!r}", f"{NOTIFY}.{unknown[0]}")
+    try:
+        if "url" not in notify:
+            raise webhooks.InvalidWebhook("notify.url is required")
+        webhooks.check_url(notify["url"], settings)
+        events = webhooks.check_events(notify.get("events"))
+    except webhooks.InvalidWebhook as err:
+        raise ApiError(422, "invalid_notify", err.message, f"{NOTIFY}.{err.field}") from None
+    return {"url": notify["url"], "events": events}
+
+
+def submit_hash(stored: dict, notify: dict | None) -> str:
+    """The idempotency hash of a submit: the spec's, with the notify when there is one (so a job submitted
+    without notify hashes as before)."""
+    return spec_hash(stored if notify is None else {**stored, NOTIFY: notify})
 
 
 def normalise(config: MergeConfig) -> dict:

@@ -114,11 +114,39 @@ class Settings(BaseSettings):
     )
     step_delay_s: float = Field(0.0, description="testing only: sleep this long at each progress event")
 
+    # --- webhooks (docs/service.md#webhooks)
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts (exact host or host:port, comma-separated) webhooks may be sent to; "
+        "unset: every notify is refused",
+    )
+    webhook_secret_key: SecretStr | None = Field(
+        None, description="encrypts the teams' webhook secrets at rest; unset: they are stored as is"
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, description="a webhook POST's connect, write and read timeouts (each)"
+    )
+    webhook_attempts: int = Field(8, ge=1, description="tries per webhook delivery before it is given up")
+    webhook_backoff_s: float = Field(
+        10.0,
+        description="first wait between webhook tries (doubles, jittered, at most webhook_backoff_max_s)",
+    )
+    webhook_backoff_max_s: float = Field(3600.0, description="longest wait between webhook tries")
+    webhook_poll_s: float = Field(2.0, description="how often a worker looks for due webhook deliveries")
+    webhook_concurrency: int = Field(4, ge=1, description="webhook POSTs one worker process sends at once")
+
     @field_validator("local_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [Path(p) for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
 
     @field_validator("cpu_methods", mode="before")

@@ -1,6 +1,7 @@
 """The job store shared by the API and the workers, and every job transition in one module: a job's history
 (events), the API's submit, cancel and retry, and the workers' lease protocol. Every state change is one
-conditional UPDATE (a claimed job's fenced on the claim)."""
+conditional UPDATE (a claimed job's fenced on the claim). A transition that finishes a job queues its
+webhooks (:func:`divmerge_service.webhooks.on_finished`) in the same transaction."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy import and_, func, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from . import webhooks
 from .models import ACTIVE, FINISHED, Job, JobEvent, JobStatus, utcnow
 
 
@@ -41,9 +43,17 @@ class NotRetryable(Exception):
 
 
 def create_job(
-    session: Session, *, team_id: int, spec: dict, spec_hash: str, queue: str, idempotency_key: str | None
+    session: Session,
+    *,
+    team_id: int,
+    spec: dict,
+    spec_hash: str,
+    queue: str,
+    idempotency_key: str | None,
+    notify: dict | None = None,
 ) -> tuple[Job, bool]:
-    """Insert a queued job; with an idempotency key, return the existing job instead (created=False)."""
+    """Insert a queued job; with an idempotency key, return the existing job instead (created=False).
+    ``notify`` ({url, events}) is the job's webhook; ``spec_hash`` covers it (the caller's business)."""
     if idempotency_key is not None:
         existing = _by_key(session, team_id, idempotency_key)
         if existing is not None:
@@ -57,6 +67,7 @@ def create_job(
         spec_hash=spec_hash,
         idempotency_key=idempotency_key,
         queue=queue,
+        notify=notify,
         attempts=0,
         cancel_requested=False,
         created_at=now,
@@ -93,7 +104,7 @@ def cancel_job(session: Session, team_id: int, job_id: str) -> Job | None:
     """Queued -> cancelled now; running -> cancel requested (the worker stops at its next step)."""
     now = utcnow()
     base = (Job.id == job_id, Job.team_id == team_id)
-    changed = session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(*base, Job.status == JobStatus.QUEUED)
         .values(
@@ -103,8 +114,12 @@ def cancel_job(session: Session, team_id: int, job_id: str) -> Job | None:
             error_code=None,
             error_message=None,
         )
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    ).all()
+    changed = len(cancelled)
+    if cancelled:
+        webhooks.on_finished(session, job_id, JobStatus.CANCELLED.value)
     changed += session.execute(
         update(Job)
         .where(*base, Job.status == JobStatus.RUNNING)
@@ -250,13 +265,14 @@ def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) 
     now = utcnow()
     expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
     scope = (Job.id == job_id,) if job_id else ()
-    n = session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(expired, Job.cancel_requested.is_(True), *scope)
         .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    ).rowcount
-    n += session.execute(
+    ).all()
+    lost = session.execute(
         update(Job)
         .where(expired, Job.attempts >= max_attempts, *scope)
         .values(
@@ -266,9 +282,14 @@ def expire_lost(session: Session, max_attempts: int, job_id: str | None = None) 
             error_code="worker_lost",
             error_message=f"the worker running this job was lost {max_attempts} time(s)",
         )
+        .returning(Job.id, Job.kept)
         .execution_options(synchronize_session=False)
-    ).rowcount
-    return n
+    ).all()
+    for (jid,) in cancelled:
+        webhooks.on_finished(session, jid, JobStatus.CANCELLED.value)
+    for jid, kept in lost:
+        webhooks.on_finished(session, jid, JobStatus.FAILED.value, kept=bool(kept))
+    return len(cancelled) + len(lost)
 
 
 def heartbeat(session: Session, c: Claim, lease_s: float) -> tuple[bool, bool]:
@@ -297,15 +318,18 @@ def finish(session: Session, c: Claim, status: JobStatus, message: str = "", **v
     if not status.finished:
         raise ValueError(f"a job finishes as one of {', '.join(FINISHED)}, not {status!r}")
     now = utcnow()
-    res = session.execute(
+    row = session.execute(
         update(Job)
         .where(*c.fence())
         .values(status=status, finished_at=now, lease_expires_at=None, **values)
+        .returning(Job.kept)
         .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:
+    ).first()
+    if row is not None:
         add_event(session, c.job_id, status.value, message or status.value, code=values.get("error_code"))
-    return res.rowcount == 1
+        kept = status == JobStatus.FAILED and bool(row[0])
+        webhooks.on_finished(session, c.job_id, status.value, kept=kept)
+    return row is not None
 
 
 def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str) -> bool:

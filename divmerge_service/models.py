@@ -1,4 +1,5 @@
-"""Tables: teams, API tokens (hashes only), the admin audit log, merge jobs and their events. The job row is the source of truth."""
+"""Tables: teams, API tokens (hashes only), the admin audit log, merge jobs and their events, and the
+webhook outbox. The job row is the source of truth."""
 
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The team's default webhook (a job's own ``notify`` overrides it): its URL and comma-separated events.
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_events: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The HMAC key webhooks are signed with, as :func:`divmerge_service.webhooks.seal` stores it (encrypted
+    #: when ``DIVMERGE_WEBHOOK_SECRET_KEY`` is set). Never returned after the answer that created it.
+    webhook_secret: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_secret_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiToken(Base):
@@ -138,6 +146,8 @@ class Job(Base):
     upload: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: A merged result whose delivery failed, kept for ``POST /retry``: {path, until} (None when nothing is kept).
     kept: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    #: The submit body's ``notify`` ({url, events}), or None (the team's webhook applies, if it has one).
+    notify: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     #: Learned methods: the loss at each optimisation step so far (bounded by ``max_stored_losses``).
     losses: Mapped[list[float] | None] = mapped_column(JSON, default=None)
     #: The last error: the reason of a failure, or of the retry the job is waiting for.
@@ -168,3 +178,39 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WebhookStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    #: Given up: out of attempts (``webhook_attempts``) or refused (host no longer allowed).
+    FAILED = "failed"
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one row per (finished job, event), inserted in the transaction that finishes the
+    job, and kept until it is delivered or given up. ``id`` is the delivery id the receiver dedupes on."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job", "job_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    #: succeeded, failed, cancelled or kept
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    #: The exact JSON body sent (and signed) on every attempt.
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=WebhookStatus.PENDING.value)
+    #: Attempts started (a claim counts one before the POST: a worker killed mid-POST used one up).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When it is due: the next try, or (while a deliverer holds it) the end of that deliverer's claim.
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -13,6 +13,7 @@ from divmerge_service import jobs
 from divmerge_service.config import Settings, get_settings
 from divmerge_service.db import session_scope
 
+from . import webhooks
 from .runner import new_worker_id, purge_kept, run_job
 
 log = logging.getLogger("divmerge.embedded")
@@ -22,6 +23,7 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
     worker_id = new_worker_id()
     parent = os.getppid()
     log.info("embedded worker %s polling %s", worker_id, settings.db_url)
+    webhooks.start(settings, stop)  # the outbox's deliverer, stopped with the worker
     purged_at = float("-inf")
     while not stop.is_set():
         if os.getppid() != parent:  # the server that started us is gone

@@ -9,13 +9,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from divmerge_core.io.paths import is_under
 from divmerge_service import jobs
 from divmerge_service.config import Settings
-from divmerge_service.models import Job, JobStatus
+from divmerge_service.models import Job, JobStatus, Team
 from divmerge_service.queue import enqueue
 
 from .. import crud, dryrun, spec
@@ -52,6 +53,15 @@ _CONFIG_BODY = {
         },
     }
 }
+#: The submit body: a MergeConfig with ``notify`` beside its fields (``SubmitBody``, see divmerge_api.main).
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {"schema": {"$ref": "#/components/schemas/SubmitBody"}} for media in spec.BODY_TYPES
+        },
+    }
+}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -77,10 +87,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
         413: {"description": "body or inline texts too large"},
         422: {
             "description": "invalid config, path outside the allowed roots, missing local model or data, "
-            "no Hub write token for the team, or a limit exceeded"
+            "no Hub write token for the team, a limit exceeded, or a notify URL that is not allowed"
         },
     },
-    openapi_extra=_CONFIG_BODY,
+    openapi_extra=_SUBMIT_BODY,
 )
 async def create_merge(
     request: Request,
@@ -90,25 +100,37 @@ async def create_merge(
     s: Session = SessionDep,
 ) -> JobOut:
     """Submit a merge: the body is the engine's MergeConfig, as JSON or as the CLI's YAML
-    (``Content-Type: application/yaml``). Cheap checks run now: a bad config, a missing local model or
-    data file, an existing output path (unless ``output.overwrite``) or a Hub output without a write token
-    for the team are refused before anything is queued."""
+    (``Content-Type: application/yaml``), with an optional ``notify: {url, events}`` beside it (a webhook
+    for this job, overriding the team's). Cheap checks run now: a bad config, a missing local model or
+    data file, an existing output path (unless ``output.overwrite``), a Hub output without a write token
+    for the team, or a notify URL off the server's allow-list are refused before anything is queued."""
     raw = await _read_body(request, settings.max_body_bytes)
-    config = spec.parse(spec.load_body(raw, request.headers.get("content-type")))
+    body, notify = spec.split_notify(spec.load_body(raw, request.headers.get("content-type")))
+    config = spec.parse(body)
+    notify = spec.check_notify(notify, settings)
     spec.check_limits(config, settings)
     spec.check_paths(config, settings)
     await run_in_threadpool(spec.check_submit, config, settings, caller.team)
     stored = spec.normalise(config)
 
     def _create():
+        if notify is not None and not s.scalar(select(Team.webhook_secret).where(Team.id == caller.team_id)):
+            raise ApiError(
+                422,
+                "no_webhook_secret",
+                f"team {caller.team!r} has no webhook secret to sign with: an admin creates one with "
+                f"POST /v1/admin/teams/{caller.team}/webhook-secret",
+                "notify",
+            )
         try:
             job, created = jobs.create_job(
                 s,
                 team_id=caller.team_id,
                 spec=stored,
-                spec_hash=spec.spec_hash(stored),
+                spec_hash=spec.submit_hash(stored, notify),
                 queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
                 idempotency_key=idempotency_key,
+                notify=notify,
             )
         except jobs.IdempotencyConflict:
             raise ApiError(

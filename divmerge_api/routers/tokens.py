@@ -10,9 +10,11 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from divmerge_service.models import ApiToken, AuditEvent, Team
+from divmerge_service import webhooks
+from divmerge_service.config import Settings
+from divmerge_service.models import ApiToken, AuditEvent, Team, utcnow
 
-from ..deps import AdminDep, SessionDep, SubmitterDep
+from ..deps import AdminDep, SessionDep, SettingsDep, SubmitterDep
 from ..errors import ApiError
 from ..schemas import (
     AuditList,
@@ -20,18 +22,22 @@ from ..schemas import (
     TeamCreate,
     TeamList,
     TeamOut,
+    TeamWebhookOut,
+    TeamWebhookSet,
     TokenCreate,
     TokenCreated,
     TokenList,
     TokenOut,
+    WebhookSecretCreated,
 )
-from ..security import Caller, create_token, get_or_create_team, revoke_token, scopes_of
+from ..security import Caller, audit, create_token, get_or_create_team, revoke_token, scopes_of
 
 _AUTH = {
     401: {"description": "missing, invalid, revoked or expired token"},
     403: {"description": "the token lacks the scope the route needs"},
 }
 _TOKEN_ID = Path(max_length=32, pattern=r"^tok_[0-9a-f]{1,28}$")
+_TEAM = Path(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin"], responses=_AUTH)
 team = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=_AUTH)
@@ -83,6 +89,96 @@ def create_team(body: TeamCreate, caller: Caller = AdminDep, s: Session = Sessio
     if not created:
         raise ApiError(409, "team_exists", f"team {body.name!r} already exists", "name")
     out = TeamOut(id=t.id, name=t.name, created_at=t.created_at)
+    s.commit()
+    return out
+
+
+def _team(s: Session, name: str) -> Team:
+    t = s.scalar(select(Team).where(Team.name == name))
+    if t is None:
+        raise ApiError(404, "not_found", f"no team {name!r}", "team")
+    return t
+
+
+def _webhook_out(t: Team) -> TeamWebhookOut:
+    return TeamWebhookOut(
+        team=t.name,
+        url=t.webhook_url,
+        events=[e for e in (t.webhook_events or "").split(",") if e] if t.webhook_url else [],
+        has_secret=bool(t.webhook_secret),
+        secret_created_at=t.webhook_secret_at,
+    )
+
+
+_NO_TEAM = {404: {"description": "no such team"}}
+
+
+@admin.get("/teams/{team_name}/webhook", response_model=TeamWebhookOut, responses=_NO_TEAM)
+def get_team_webhook(
+    team_name: Annotated[str, _TEAM], caller: Caller = AdminDep, s: Session = SessionDep
+) -> TeamWebhookOut:
+    """The team's default webhook and whether it has a signing secret (never the secret itself)."""
+    return _webhook_out(_team(s, team_name))
+
+
+@admin.put(
+    "/teams/{team_name}/webhook",
+    response_model=TeamWebhookOut,
+    responses={**_NO_TEAM, 422: {"description": "URL not http(s), with credentials, or off the allow-list"}},
+)
+def set_team_webhook(
+    team_name: Annotated[str, _TEAM],
+    body: TeamWebhookSet,
+    caller: Caller = AdminDep,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> TeamWebhookOut:
+    """Set the team's default webhook: every job of the team without its own ``notify`` is reported there.
+    Its URL meets the same checks as a job's ``notify.url``. Audited."""
+    t = _team(s, team_name)
+    try:
+        webhooks.check_url(body.url, settings)
+    except webhooks.InvalidWebhook as err:
+        raise ApiError(422, "invalid_notify", err.message, "url") from None
+    events = webhooks.check_events(body.events)
+    t.webhook_url, t.webhook_events = body.url, ",".join(events)
+    audit(s, "webhook_set", caller, team=t.name, data={"events": events})  # not the URL: it may hold a token
+    out = _webhook_out(t)
+    s.commit()
+    return out
+
+
+@admin.delete("/teams/{team_name}/webhook", response_model=TeamWebhookOut, responses=_NO_TEAM)
+def clear_team_webhook(
+    team_name: Annotated[str, _TEAM], caller: Caller = AdminDep, s: Session = SessionDep
+) -> TeamWebhookOut:
+    """Remove the team's default webhook (jobs' own ``notify`` still apply; the secret stays). Audited."""
+    t = _team(s, team_name)
+    t.webhook_url = t.webhook_events = None
+    audit(s, "webhook_cleared", caller, team=t.name)
+    out = _webhook_out(t)
+    s.commit()
+    return out
+
+
+@admin.post(
+    "/teams/{team_name}/webhook-secret",
+    status_code=201,
+    response_model=WebhookSecretCreated,
+    responses=_NO_TEAM,
+)
+def rotate_team_webhook_secret(
+    team_name: Annotated[str, _TEAM],
+    caller: Caller = AdminDep,
+    settings: Settings = SettingsDep,
+    s: Session = SessionDep,
+) -> WebhookSecretCreated:
+    """Create or rotate the team's webhook signing secret. The answer is the only place its plaintext ever
+    appears; from now on every delivery (pending ones included) is signed with it. Audited."""
+    t = _team(s, team_name)
+    secret = webhooks.rotate_secret(s, t, settings)
+    audit(s, "webhook_secret_rotated", caller, team=t.name)
+    out = WebhookSecretCreated(team=t.name, secret=secret, created_at=t.webhook_secret_at or utcnow())
     s.commit()
     return out
 

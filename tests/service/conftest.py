@@ -135,6 +135,13 @@ SERVICE_SETTINGS = {
     "DIVMERGE_MAX_MODELS": "4",
     "DIVMERGE_MAX_BODY_BYTES": "200000",
     "DIVMERGE_MAX_INLINE_TEXTS": "100",
+    # webhooks (test_webhooks.py): receivers on loopback, short timeout and backoff
+    "DIVMERGE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    "DIVMERGE_WEBHOOK_SECRET_KEY": "test-only webhook sealing key",
+    "DIVMERGE_WEBHOOK_TIMEOUT_S": "1",
+    "DIVMERGE_WEBHOOK_ATTEMPTS": "5",
+    "DIVMERGE_WEBHOOK_BACKOFF_S": "0.2",
+    "DIVMERGE_WEBHOOK_POLL_S": "0.2",
 }
 
 
