@@ -95,7 +95,7 @@ def _bearer(token: str) -> dict:
 
 @pytest.fixture(scope="module")
 def admin(svc) -> str:
-    return svc.cli("token", "create", "--team", "platform", "--admin").strip().splitlines()[-1]
+    return svc.cli("token", "create", "--team", "hooks-admin", "--admin").strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
