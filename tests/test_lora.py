@@ -73,6 +73,20 @@ def test_base_plus_adapter_is_peft_merge_and_unload(lora_family, tmp_path):
         assert any(not torch.equal(out[k], load_file(tmp / "base" / "model.safetensors")[k]) for k in out)
 
 
+def test_an_existing_folder_with_a_plus_in_its_name_is_a_model_not_a_lora_pair(lora_family, tmp_path):
+    """Merge outputs are often named after their parts (``out/sst2+qnli``): reading one back must not
+    split it into a base and an adapter."""
+    import shutil
+
+    tmp, _ = lora_family
+    plus = tmp_path / "sst2+qnli"
+    shutil.copytree(tmp / "base", plus)
+    cfg = _linear(tmp, [str(plus)], weights=(1.0,))
+    out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")
+    base = load_file(tmp / "base" / "model.safetensors")
+    assert set(out) <= set(base) and all(torch.equal(v, base[k]) for k, v in out.items())
+
+
 def test_linear_of_two_lora_experts(lora_family, tmp_path):
     tmp, merged = lora_family
     cfg = _linear(tmp, [f"{tmp / 'base'}+{tmp / 'a1'}", f"{tmp / 'base'}+{tmp / 'a2'}"])

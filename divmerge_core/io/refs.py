@@ -107,10 +107,11 @@ def is_local_model(raw: str) -> bool:
 
 def split_lora(raw: str) -> tuple[str, str | None]:
     """``base+adapter`` -> (base, adapter); anything else -> (raw, None). As in mergekit, one ``+``
-    separates the two (a local path holding ``+`` cannot be named); more than one is an error."""
+    separates the two; more than one is an error. Unlike mergekit, a local folder that exists under its
+    whole name (``out/sst2+qnli``) is that folder, not a base and an adapter."""
     raw = raw.strip()
     parts = raw.split("+")
-    if len(parts) == 1:
+    if len(parts) == 1 or Path(os.path.expanduser(strip_scheme(raw))).is_dir():
         return raw, None
     if len(parts) > 2 or not parts[0].strip() or not parts[1].strip():
         raise ConfigError(
