@@ -136,6 +136,28 @@ def test_llm_modes_give_layer_level_rows_their_own_budget() -> None:
     assert report_stem("llm", "cpu") == "quality_llm" and report_stem("llm", "paper") == "quality_llm_paper"
 
 
+def test_jobs_splits_the_experts_and_the_items_of_one_command(tmp_path) -> None:
+    """``--jobs N``: every mode has its expert recipe, the experts are split into N groups of tasks, and the
+    shard commands drop ``--jobs`` (in both spellings) but keep every other argument."""
+    import argparse
+
+    from benchmarks.quality.llm import LLM_RECIPES
+    from benchmarks.quality.run import LLM_MODES, _is_jobs_arg, _zoo_commands
+
+    assert set(LLM_MODES) <= set(LLM_RECIPES)
+    argv = ["--track", "llm", "--jobs", "2", "--mode", "cpu", "--jobs=3", "--note", "n"]
+    assert [a for i, a in enumerate(argv) if not _is_jobs_arg(argv, i)] == [
+        "--track", "llm", "--mode", "cpu", "--note", "n"
+    ]  # fmt: skip
+    args = argparse.Namespace(
+        track="llm", mode="cpu", tasks=None, jobs=2, data=tmp_path, cache=tmp_path, device="cpu", threads=1,
+        gguf=None,
+    )  # fmt: skip
+    groups = [c[c.index("--tasks") + 1 :] for c in _zoo_commands(args)]
+    assert sorted(t for g in groups for t in g) == sorted(LLM_MODES["cpu"].tasks) and len(groups) == 2
+    assert _zoo_commands(argparse.Namespace(**{**vars(args), "track": "cls"})) == []
+
+
 def test_the_track_scores_a_folder_through_the_engine(tmp_path) -> None:
     """eval_set + Scorer.for_folder, as LlmTrack.evaluate runs them, on a tiny chat model."""
     import torch
