@@ -569,6 +569,8 @@ def check_model_ref(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("model reference is empty")
+    if "+" in value and is_whole_local_folder(value):
+        return value
     if value.count("+") == 1:
         base, adapter = (p.strip() for p in value.split("+"))
         for part, what in ((base, "base"), (adapter, "adapter")):
@@ -587,6 +589,13 @@ def check_model_ref(value: str) -> str:
 
 def is_local_ref(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~", "file://")) or value in (".", "..")
+
+
+def is_whole_local_folder(value: str) -> bool:
+    """A local path naming an existing folder as written, ``+`` and all (``out/sst2+qnli``, a merge output):
+    that folder, never split as mergekit's ``base+adapter``."""
+    path = value.removeprefix("file://")
+    return is_local_ref(value) and Path(path).expanduser().is_dir()
 
 
 def format_validation_error(err: ValidationError, method: str | None = None) -> str:

@@ -79,7 +79,7 @@ def test_an_existing_folder_with_a_plus_in_its_name_is_a_model_not_a_lora_pair(l
     import shutil
 
     tmp, _ = lora_family
-    plus = tmp_path / "sst2+qnli"
+    plus = tmp_path / "divmerge+labels-sst2+qnli"  # as the quality harness names its outputs
     shutil.copytree(tmp / "base", plus)
     cfg = _linear(tmp, [str(plus)], weights=(1.0,))
     out = load_file(run_merge(cfg, tmp_path / "out", device="cpu").out_dir / "model.safetensors")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import is_local_ref
+from ..config import is_local_ref, is_whole_local_folder
 from ..errors import (
     ConfigError,
     ModelNotFoundError,
@@ -111,7 +111,7 @@ def split_lora(raw: str) -> tuple[str, str | None]:
     whole name (``out/sst2+qnli``) is that folder, not a base and an adapter."""
     raw = raw.strip()
     parts = raw.split("+")
-    if len(parts) == 1 or Path(os.path.expanduser(strip_scheme(raw))).is_dir():
+    if len(parts) == 1 or is_whole_local_folder(raw):
         return raw, None
     if len(parts) > 2 or not parts[0].strip() or not parts[1].strip():
         raise ConfigError(
