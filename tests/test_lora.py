@@ -148,12 +148,7 @@ def test_missing_and_unsupported_adapters_are_refused(lora_family, tmp_path):
 
 def test_task_arithmetic_of_lora_experts_gives_mergekits_tensors(lora_family, tmp_path):
     """The same YAML through mergekit-yaml --lora-merge-cache (peft merges each adapter, then mergekit)."""
-    import os
-    import subprocess
-
-    import yaml
-
-    from .test_mergekit_compat import MERGEKIT_YAML
+    from .test_mergekit_compat import MERGEKIT_YAML, _assert_same, _mergekit
 
     if not MERGEKIT_YAML.exists():
         pytest.skip("mergekit venv missing (scripts/setup.sh creates it)")
@@ -171,31 +166,7 @@ def test_task_arithmetic_of_lora_experts_gives_mergekits_tensors(lora_family, tm
     ours = load_file(
         run_merge(parse_config(cfg), tmp_path / "ours", device="cpu").out_dir / "model.safetensors"
     )
-    (tmp_path / "mk.yml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    out = tmp_path / "mk-out"
-    proc = subprocess.run(
-        [
-            str(MERGEKIT_YAML),
-            str(tmp_path / "mk.yml"),
-            str(out),
-            "--no-cuda",
-            "--lora-merge-cache",
-            str(tmp_path / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs: dict[str, torch.Tensor] = {}
-    for f in sorted(out.glob("*.safetensors")):
-        theirs.update(load_file(f))
-    assert set(ours) == set(theirs)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(ours, _mergekit(cfg, tmp_path, extra=("--lora-merge-cache", str(tmp_path / "cache"))))
 
 
 def test_divmerge_of_lora_experts_equals_divmerge_of_their_merged_checkpoints(tmp_path):

@@ -146,14 +146,15 @@ def _ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
     return load_file(result.out_dir / "model.safetensors")
 
 
-def _mergekit(cfg: dict, tmp: Path) -> dict[str, torch.Tensor]:
+def _mergekit(cfg: dict, tmp: Path, extra: tuple[str, ...] = ("--lazy-unpickle",)) -> dict[str, torch.Tensor]:
+    """``cfg`` through mergekit-yaml (``extra``: its options beside ``--no-cuda``); the written tensors."""
     config = tmp / "mergekit.yml"
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     out = tmp / "mergekit-out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(MERGEKIT_YAML), str(config), str(out), "--no-cuda", "--lazy-unpickle"],
+        [str(MERGEKIT_YAML), str(config), str(out), "--no-cuda", *extra],
         capture_output=True,
         text=True,
         env=env,
