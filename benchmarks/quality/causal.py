@@ -17,6 +17,7 @@ import math
 import random
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,20 @@ def build_tokenizer(texts: list[str], extra: list[str], vocab_size: int) -> PreT
 
 
 def _save(model, tok, out: Path, meta: dict[str, Any]) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1))
-    tmp.replace(out)
+    """Write a model folder whole or not at all; two processes building the same one both succeed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.replace(out)
+        except OSError:  # another process finished the same folder first: keep its copy
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

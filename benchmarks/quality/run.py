@@ -190,7 +190,9 @@ def _learned_defaults(given: dict[str, Any]) -> str:
 
     shown = ("lr", "init", "lr_schedule", "heldout", "patience")
     defaults = LearnedParameters().model_dump()
-    return ", ".join(f"{k} {defaults[k] if k != 'init' or defaults[k] else '1/k'}" for k in shown if k not in given)
+    return ", ".join(
+        f"{k} {defaults[k] if k != 'init' or defaults[k] else '1/k'}" for k in shown if k not in given
+    )
 
 
 def run_track(kind: str, mode: Mode, args: argparse.Namespace, deadline: float | None) -> Path | None:
