@@ -13,9 +13,10 @@ from benchmarks.quality import data as qdata
 from benchmarks.quality.causal import CausalRecipe, clip_words, prompt, score_correctness
 from benchmarks.quality.evaluate import evaluate_folder
 from benchmarks.quality.harness import merge_config, run_items
-from benchmarks.quality.methods import Mode, method_specs, sample_combos
+from benchmarks.quality.methods import LLM_ROWS, Mode, method_specs, mode_rows, sample_combos
 from benchmarks.quality.metrics import anp, bootstrap_anp_ci, mean_ci, t975
 from benchmarks.quality.report import aggregate, write_report
+from benchmarks.quality.run import LLM_MODES, MODES
 from tests.tiny import make_bert_classifier, make_gpt2, make_tokenizer, perturbed, save
 
 SINGLE = [("a good cat", 1), ("a bad dog", 0), ("red up", 1), ("blue down", 0), ("yes", 1), ("no", 0)]
@@ -119,7 +120,8 @@ def test_sample_combos_prefix_stable() -> None:
 
 def test_method_rows() -> None:
     rows = {s.name: s for s in method_specs({"lr": 0.1, "epochs": 1})}
-    assert len(rows) == 11
+    assert len(rows) == 12
+    assert rows["divmerge_layer_js_es"].parameters["patience"] == 1
     assert rows["divmerge_layer_js"].parameters == {
         "lr": 0.1,
         "epochs": 1,
@@ -129,6 +131,15 @@ def test_method_rows() -> None:
     assert not rows["averaging"].with_base and rows["ties"].with_base
     extra = {s.name: s for s in method_specs({"lr": 0.1}, own_labels=True)}.keys() - rows.keys()
     assert extra == {"adamerging_layer+labels", "divmerge_task_js+labels", "divmerge_layer_js+labels"}
+
+
+def test_mode_rows_run_variants_only_where_named() -> None:
+    specs = method_specs({"lr": 0.1})
+    cls = {s.name for s in mode_rows("cls", MODES["quick"], specs)}
+    assert "divmerge_layer_js_es" not in cls and "divmerge_layer_kl" in cls
+    assert {s.name for s in mode_rows("llm", LLM_MODES["quick"], specs)} == set(LLM_ROWS)
+    cpu = {s.name for s in mode_rows("llm", LLM_MODES["cpu"], specs)}
+    assert cpu == set(LLM_ROWS) - {"divmerge_layer_kl"} | {"divmerge_layer_js_es"}
 
 
 class _TinyTrack:

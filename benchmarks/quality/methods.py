@@ -47,12 +47,24 @@ def method_specs(learned: dict[str, Any], own_labels: bool = False) -> list[Meth
                     True,
                 )
             )
+    # early stopping: the same budget, stopped once the held-out divergence has not improved for an epoch
+    rows.append(
+        MethodSpec(
+            "divmerge_layer_js_es",
+            "divmerge",
+            {**learned, "granularity": "layer", "divergence": "js", "patience": 1},
+            True,
+        )
+    )
     if own_labels:
         for name in ("adamerging_layer", "divmerge_task_js", "divmerge_layer_js"):
             spec = next(r for r in rows if r.name == name)
             rows.append(dataclasses.replace(spec, name=f"{name}+labels", own_labels=True))
     return rows
 
+
+#: Variant rows that run only where a mode names them (``Mode.rows``).
+VARIANT_ROWS = ("divmerge_layer_js_es",)
 
 #: The rows of the llm track (the paper's table): no task-level AdaMerging, KL only at layer level.
 LLM_ROWS = (
@@ -83,6 +95,8 @@ class Mode:
     seed: int = 0
     #: merge inputs per task of the layer-level learned methods (default: num_samples)
     layer_num_samples: int | None = None
+    #: the table's rows (default: every row of the track)
+    rows: tuple[str, ...] | None = None
 
     def combos(self, k: int) -> list[tuple[str, ...]]:
         return sample_combos(self.tasks, k, self.combos_per_k.get(k), self.seed)
@@ -99,3 +113,10 @@ def sample_combos(tasks: tuple[str, ...], k: int, n: int | None, seed: int = 0) 
     allc = list(itertools.combinations(tasks, k))
     random.Random(seed * 1000 + k).shuffle(allc)
     return allc if n is None else allc[:n]
+
+
+def mode_rows(kind: str, mode: Mode, specs: list[MethodSpec]) -> list[MethodSpec]:
+    """The rows one track runs in ``mode``: the mode's own list, else the track's rows without variants."""
+    if mode.rows is not None:
+        return [s for s in specs if s.name in mode.rows]
+    return [s for s in specs if s.name not in VARIANT_ROWS and (kind != "llm" or s.name in LLM_ROWS)]
