@@ -30,6 +30,9 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -157,37 +160,26 @@ def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
-def _keys(settings: Settings) -> tuple[bytes, bytes] | None:
+def _fernet(settings: Settings) -> Fernet | None:
+    """Fernet (AES-128-CBC with HMAC-SHA256, from ``cryptography``) under a key derived from the setting
+    (any string: HKDF-SHA256 stretches it to Fernet's 32 bytes)."""
     if settings.webhook_secret_key is None:
         return None
     master = settings.webhook_secret_key.get_secret_value().encode()
-    return (
-        hmac.new(master, b"divmerge-webhook-secret/enc", hashlib.sha256).digest(),
-        hmac.new(master, b"divmerge-webhook-secret/mac", hashlib.sha256).digest(),
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"divmerge-webhook-secret").derive(
+        master
     )
-
-
-def _keystream(key: bytes, nonce: bytes, n: int) -> bytes:
-    out = b"".join(
-        hmac.new(key, nonce + i.to_bytes(4, "big"), hashlib.sha256).digest() for i in range(n // 32 + 1)
-    )
-    return out[:n]
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 def seal(secret: str, settings: Settings) -> str:
-    """The stored form of a team's secret. With ``DIVMERGE_WEBHOOK_SECRET_KEY``: ``enc1:`` + base64 of
-    nonce, ciphertext and tag (HMAC-SHA256 in counter mode as the keystream, encrypt-then-MAC with a second
-    HMAC key; both keys derived from the setting; only the standard library is needed). Without it:
-    ``plain:`` + the secret (readable by whoever reads the database: set the key in production)."""
-    keys = _keys(settings)
-    if keys is None:
+    """The stored form of a team's secret. With ``DIVMERGE_WEBHOOK_SECRET_KEY``: ``fernet:`` + a Fernet
+    token (authenticated encryption). Without it: ``plain:`` + the secret (readable by whoever reads the
+    database: set the key in production)."""
+    f = _fernet(settings)
+    if f is None:
         return "plain:" + secret
-    enc, mac = keys
-    nonce = secrets.token_bytes(16)
-    data = secret.encode()
-    ct = bytes(a ^ b for a, b in zip(data, _keystream(enc, nonce, len(data)), strict=True))
-    tag = hmac.new(mac, nonce + ct, hashlib.sha256).digest()
-    return "enc1:" + base64.urlsafe_b64encode(nonce + ct + tag).decode()
+    return "fernet:" + f.encrypt(secret.encode()).decode()
 
 
 class SecretUnavailable(Exception):
@@ -199,17 +191,17 @@ def unseal(stored: str | None, settings: Settings) -> str:
         raise SecretUnavailable("the team has no webhook secret (POST /v1/admin/teams/{team}/webhook-secret)")
     if stored.startswith("plain:"):
         return stored[len("plain:") :]
-    keys = _keys(settings)
-    if not stored.startswith("enc1:") or keys is None:
+    f = _fernet(settings)
+    if not stored.startswith("fernet:") or f is None:
         raise SecretUnavailable(
             "the team's webhook secret is encrypted and DIVMERGE_WEBHOOK_SECRET_KEY is unset"
         )
-    enc, mac = keys
-    raw = base64.urlsafe_b64decode(stored[len("enc1:") :])
-    nonce, ct, tag = raw[:16], raw[16:-32], raw[-32:]
-    if not hmac.compare_digest(tag, hmac.new(mac, nonce + ct, hashlib.sha256).digest()):
-        raise SecretUnavailable("the team's webhook secret does not open with DIVMERGE_WEBHOOK_SECRET_KEY")
-    return bytes(a ^ b for a, b in zip(ct, _keystream(enc, nonce, len(ct)), strict=True)).decode()
+    try:
+        return f.decrypt(stored[len("fernet:") :].encode()).decode()
+    except InvalidToken:
+        raise SecretUnavailable(
+            "the team's webhook secret does not open with DIVMERGE_WEBHOOK_SECRET_KEY"
+        ) from None
 
 
 def sign(secret: str, body: bytes) -> str:

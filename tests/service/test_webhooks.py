@@ -165,7 +165,7 @@ def test_succeeded_job_sends_one_signed_post(svc, secret, receiver):
     # the secret is sealed in the database (DIVMERGE_WEBHOOK_SECRET_KEY is set) and never logged
     with get_engine(svc.settings.db_url).connect() as conn:
         stored = conn.execute(text("SELECT webhook_secret FROM teams WHERE name = :n"), {"n": TEAM}).scalar()
-    assert stored.startswith("enc1:") and secret not in stored
+    assert stored.startswith("fernet:") and secret not in stored
     assert secret not in svc.worker.log.read_text()
     got = svc.client.get(f"/v1/admin/teams/{TEAM}/webhook", headers=svc.h(TEAM))
     assert got.status_code == 403
@@ -407,7 +407,7 @@ def test_secret_sealing():
     sealed_settings = Settings(webhook_secret_key="k" * 32)
     secret = webhooks.new_secret()
     sealed = webhooks.seal(secret, sealed_settings)
-    assert sealed.startswith("enc1:") and secret not in sealed
+    assert sealed.startswith("fernet:") and secret not in sealed
     assert webhooks.unseal(sealed, sealed_settings) == secret
     assert webhooks.seal(secret, sealed_settings) != sealed, "no nonce"
     with pytest.raises(webhooks.SecretUnavailable):
