@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
+from divmerge_core.evaluation.report import bootstrap_anp
 
 # two-sided 95 % Student-t quantiles t_{0.975, df}
 _T975 = {
@@ -79,19 +79,7 @@ def bootstrap_anp_ci(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """95 % percentile interval of the mean ANP over combinations, resampling eval examples.
-
-    ``correct[c][t]`` holds per-example correctness of combination c's merge on task t.
-    """
-    rng = np.random.default_rng(seed)
-    total = np.zeros(n_boot)
-    for combo in correct:
-        part = np.zeros(n_boot)
-        for t, v in combo.items():
-            arr = np.asarray(v, dtype=np.float64)
-            idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
-            part += arr[idx].mean(axis=1) / expert[t]
-        total += 100.0 * part / len(combo)
-    total /= len(correct)
-    lo, hi = np.percentile(total, [2.5, 97.5])
-    return float(lo), float(hi)
+    """95 % percentile interval of the mean ANP over combinations, resampling eval examples (the engine's
+    ``evaluation.report.bootstrap_anp``). ``correct[c][t]`` holds per-example correctness of combination
+    c's merge on task t."""
+    return bootstrap_anp(correct, expert, n_boot=n_boot, seed=seed)

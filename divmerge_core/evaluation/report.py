@@ -32,28 +32,46 @@ def retained(merged: float, expert: float) -> float | None:
     return None if expert <= 0 else 100.0 * merged / expert
 
 
+def bootstrap_anp(
+    combos: Sequence[Mapping[str, Sequence[bool] | float]],
+    expert: Mapping[str, float],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean ANP over one or more merges (``combos``): per merge and
+    task, the per-example correctness is resampled (a float is a label-free score, held fixed); the
+    experts' scores are held fixed. Tasks whose expert scores 0 are left out."""
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(n_boot, dtype=torch.float64)
+    for combo in combos:
+        part = torch.zeros(n_boot, dtype=torch.float64)
+        used = [t for t in combo if expert[t] > 0]
+        for t in used:
+            v = combo[t]
+            if isinstance(v, float | int):
+                part += float(v) / expert[t]
+                continue
+            arr = torch.tensor(v, dtype=torch.float64)
+            idx = torch.randint(0, len(arr), (n_boot, len(arr)), generator=gen)
+            part += arr[idx].mean(1) / expert[t]
+        total += 100.0 * part / max(1, len(used))
+    total /= max(1, len(combos))
+    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def anp_interval(
     sets: Sequence[EvalSet], experts: Mapping[int, Scores], merged: Mapping[int, Scores], seed: int = 0
 ) -> list[float] | None:
-    """95 % percentile bootstrap interval of the ANP (labelled tasks resampled; label-free ones fixed)."""
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(N_BOOT, dtype=torch.float64)
-    used = 0
-    for es in sets:
-        e, m = experts[es.task].score, merged[es.task]
-        if e <= 0:
-            continue
-        used += 1
-        if m.correct is None:
-            total += 100.0 * m.score / e
-            continue
-        v = torch.tensor(m.correct, dtype=torch.float64)
-        idx = torch.randint(0, len(v), (N_BOOT, len(v)), generator=gen)
-        total += 100.0 * v[idx].mean(1) / e
-    if not used:
+    """95 % bootstrap interval of one merge's ANP (labelled tasks resampled; label-free ones fixed)."""
+    expert = {str(es.task): experts[es.task].score for es in sets}
+    if not any(e > 0 for e in expert.values()):
         return None
-    total /= used
-    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    combo = {
+        str(es.task): merged[es.task].score if merged[es.task].correct is None else merged[es.task].correct
+        for es in sets
+    }
+    lo, hi = bootstrap_anp([combo], expert, seed=seed)
     return [round(lo, 2), round(hi, 2)]
 
 
