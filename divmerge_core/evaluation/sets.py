@@ -18,7 +18,7 @@ import torch
 from ..config import EvalSpec, ModelSpec
 from ..errors import ConfigError, DatasetError
 from ..learned.data import TaskInput, TaskInputs, extractor, read_rows, sample
-from ..learned.inputs import model_field, resolve_label_masks
+from ..learned.inputs import label_id, model_field, resolve_label_masks
 from ..learned.reference import CAUSAL, model_kind
 from ..plan import MergePlan
 from ..progress import Reporter
@@ -167,29 +167,9 @@ def _answers(ev: EvalSpec, gold: list[Any], field: str) -> dict[str, list[str]]:
     return {k: [w] if isinstance(w, str) else list(w) for k, w in ev.answers.items()}
 
 
-def _id2label(plan: MergePlan) -> tuple[dict[int, str], int]:
-    """config.json's labels; transformers' defaults (2 labels, ``LABEL_<i>``) when it names none."""
-    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
-    n = int(plan.model_config.get("num_labels") or len(id2label) or 2)
-    return id2label or {i: f"LABEL_{i}" for i in range(n)}, n
-
-
 def _class_ids(plan: MergePlan, gold: list[Any], field: str) -> list[int]:
     """Each gold label's class id: an id (int or digits) or a name from config.json ``id2label``."""
-    id2label, n = _id2label(plan)
-    by_name = {v: k for k, v in id2label.items()}
-    ids = []
-    for g in gold:
-        i = g if isinstance(g, int) and not isinstance(g, bool) else by_name.get(str(g))
-        if i is None and isinstance(g, str) and g.strip().lstrip("-").isdigit():
-            i = int(g)
-        if i is None or not 0 <= i < n:
-            known = ", ".join(repr(v) for v in list(id2label.values())[:20])
-            raise ConfigError(
-                f"gold label {g!r} is not one of the model's {n} labels (id2label: {known})", field=field
-            )
-        ids.append(i)
-    return ids
+    return [label_id(g, plan.model_config, field, what="gold label") for g in gold]
 
 
 def _allowed(plan: MergePlan, t: int, gold_ids: list[int] | None) -> list[int] | None:

@@ -73,6 +73,31 @@ def chat_format(plan: MergePlan, t: int) -> ChatFormat | None:
     return ChatFormat(data.system_prompt, field=f"{model_field(plan, t)}.data.chat_template")
 
 
+def model_labels(model_config: dict[str, Any]) -> tuple[dict[int, str], int]:
+    """config.json's ``id2label`` and number of labels; transformers' defaults (2 labels, ``LABEL_<i>``) when
+    it names none."""
+    id2label = {int(k): str(v) for k, v in (model_config.get("id2label") or {}).items()}
+    n = int(model_config.get("num_labels") or len(id2label) or 2)
+    return id2label or {i: f"LABEL_{i}" for i in range(n)}, n
+
+
+def label_id(label: Any, model_config: dict[str, Any], field: str, what: str = "label") -> int:
+    """A class given by id (an int, or digits) or by name (config.json ``id2label``); else a ConfigError
+    naming ``field`` and the model's labels."""
+    id2label, n = model_labels(model_config)
+    i = label if isinstance(label, int) and not isinstance(label, bool) else None
+    if i is None:
+        i = {v: k for k, v in id2label.items()}.get(str(label))
+    if i is None and isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        i = int(label)
+    if i is None or not 0 <= i < n:
+        known = ", ".join(repr(v) for v in list(id2label.values())[:20])
+        raise ConfigError(
+            f"{what} {label!r} is not one of the model's {n} labels (id2label: {known})", field=field
+        )
+    return i
+
+
 def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
     """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
 
@@ -83,9 +108,7 @@ def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor |
     if all(w is None for w in wanted):
         return None
     kind = model_kind(plan.model_config)
-    id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
-    n_labels = int(plan.model_config.get("num_labels") or len(id2label))
-    by_name = {v: k for k, v in id2label.items()}
+    _, n_labels = model_labels(plan.model_config)
     masks = torch.ones((len(wanted), n_labels), dtype=torch.bool)
     for t, labels in enumerate(wanted):
         if labels is None:
@@ -95,16 +118,7 @@ def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor |
             raise ConfigError("'labels' applies to sequence-classification models only", field=field)
         if labels == "auto":
             continue
-        ids = []
-        for label in labels:
-            i = label if isinstance(label, int) else by_name.get(label)
-            if i is None or not 0 <= i < n_labels:
-                known = ", ".join(repr(v) for v in list(id2label.values())[:20])
-                raise ConfigError(
-                    f"label {label!r} is not one of the model's {n_labels} labels (id2label: {known})",
-                    field=field,
-                )
-            ids.append(i)
+        ids = [label_id(label, plan.model_config, field) for label in labels]
         masks[t] = False
         masks[t, ids] = True
     return masks.to(device)
