@@ -98,6 +98,22 @@ class Client:
     def coefficients(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/merges/{job_id}/coefficients").json()
 
+    def evaluation(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/merges/{job_id}/evaluation").json()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the server answers ``/healthz`` (a server just started); ClientError after
+        ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._request("GET", "/healthz")
+                return
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
     # ---------------------------------------------------------------- helpers
     def wait(self, job_id: str, on_update: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> dict:
         """Poll until the job finishes; ``on_update`` sees every job state read. Returns the final job."""

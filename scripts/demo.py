@@ -24,13 +24,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
+
+from divmerge_client import Client, ClientError
 
 NOUNS = ["movie", "meal", "hotel", "concert", "book", "show", "trip", "album", "game", "class"]
 GOOD = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "fantastic", "brilliant"]
@@ -119,18 +119,6 @@ def eval_set(make, n: int = 200) -> dict:
     return {"texts": list(texts), "labels": list(labels), "num_samples": n}
 
 
-def http(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode())
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        raise SystemExit(f"demo: {method} {url} answered {err.code}: {err.read().decode()}") from None
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,13 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = subprocess.Popen([*DIVMERGE, "serve", "--port", str(port), "--log-level", "warning"])
     url = f"http://127.0.0.1:{port}"
+    client = Client(url, token)
     try:
-        for _ in range(120):
-            try:
-                http("GET", f"{url}/healthz")
-                break
-            except (urllib.error.URLError, ConnectionError, SystemExit):
-                time.sleep(0.5)
+        client.wait_ready(timeout_s=60)
         dest = home / "outputs" / f"demo-divmerge-{int(time.time())}"
         texts = {
             name: [make(random.Random(f"merge/{name}"))[0] for _ in range(32)] for name, make in TASKS.items()
@@ -187,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation": {"compare": ["linear", "task_arithmetic", "ties"]},
             "output": {"path": str(dest)},
         }
-        job = http("POST", f"{url}/v1/merges", token, spec)
+        job = client.submit(spec)
         print(f"demo: server {url} (API docs: {url}/docs)", flush=True)
         print(f"demo: token  {token}", flush=True)
         print(f"demo: POST /v1/merges -> job {job['id']} ({job['status']}); follow it with", flush=True)
@@ -196,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         last = None
         while job["status"] in ("queued", "running"):
             time.sleep(1)
-            job = http("GET", f"{url}/v1/merges/{job['id']}", token)
+            job = client.get(job["id"])
             p = job.get("progress") or {}
             line = f"  {job['status']:9} {p.get('stage') or '':9} {p.get('step') or 0}/{p.get('total') or 0}"
             if p.get("loss") is not None:
@@ -210,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: job ended {job['status']}: {json.dumps(job.get('error'))}", file=sys.stderr)
             return 1
         print(f"demo: job succeeded; merged model in {dest}")
-        print_evaluation(http("GET", f"{url}/v1/merges/{job['id']}/evaluation", token))
+        print_evaluation(client.evaluation(job["id"]))
         if args.keep_serving:
             print(f"demo: the server stays up at {url} (token above); Ctrl-C stops it", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 server.wait()
     finally:
+        client.close()
         server.terminate()
         server.wait(timeout=30)
     return 0
@@ -233,4 +218,7 @@ def print_evaluation(ev: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ClientError as err:  # the server refused a request: say why, without a traceback
+        sys.exit(f"demo: {err}")

@@ -18,10 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from divmerge_client import Client, ClientError
 from divmerge_core.evaluation.table import table
 
 from .data import load_tasks, subset
@@ -29,18 +28,6 @@ from .llm import ANSWERS, LLM_RECIPES, build_llm_base, instruction, train_llm_ex
 from .run import REPO, engine_commit
 
 DIVMERGE = [sys.executable, "-m", "divmerge_core.cli"]
-
-
-def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode())
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        raise SystemExit(f"{method} {url} answered {err.code}: {err.read().decode()}") from None
 
 
 def spec(base: Path, experts: dict[str, Path], tasks, recipe, n_data: int, n_eval: int, epochs: int) -> dict:
@@ -110,20 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(
             [*DIVMERGE, "serve", "--port", str(args.port), "--log-level", "warning"], env=env
         )
-        url = f"http://127.0.0.1:{args.port}"
+        client = Client(f"http://127.0.0.1:{args.port}", token)
         try:
-            for _ in range(120):
-                try:
-                    _http("GET", f"{url}/healthz")
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    time.sleep(0.5)
+            client.wait_ready(timeout_s=120)
             t0 = time.time()
-            job = _http("POST", f"{url}/v1/merges", token, body)
+            job = client.submit(body)
             last = None
-            while job["status"] in ("queued", "running"):
-                time.sleep(5)
-                job = _http("GET", f"{url}/v1/merges/{job['id']}", token)
+
+            def show(job: dict) -> None:
+                nonlocal last
                 p = job.get("progress") or {}
                 line = (
                     f"{job['status']} {p.get('stage')} {p.get('step')}/{p.get('total')} eta {p.get('eta_s')}"
@@ -131,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 if line != last:
                     print(f"[{time.time() - t0:6.0f}s] {line}", flush=True)
                     last = line
+
+            job = client.wait(job["id"], on_update=show, poll_s=5)
             if job["status"] != "succeeded":
                 print(json.dumps(job.get("error")), file=sys.stderr)
                 return 1
-            evaluation = _http("GET", f"{url}/v1/merges/{job['id']}/evaluation", token)
+            evaluation = client.evaluation(job["id"])
         finally:
+            client.close()
             server.terminate()
             server.wait(timeout=60)
     wall = time.time() - t0
@@ -177,4 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ClientError as err:  # the server refused a request: say why, without a traceback
+        sys.exit(f"llm_service_example: {err}")

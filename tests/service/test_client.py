@@ -103,6 +103,7 @@ def test_python_client(svc, live):
     from divmerge_client import Client, ClientError
 
     with Client(url, token) as c:
+        c.wait_ready(timeout_s=5)
         report = c.validate(svc.classic())
         assert report["ok"] and report["estimate"]["tensors"] > 0
         job = c.submit(yaml.safe_dump(svc.classic()))
@@ -112,6 +113,9 @@ def test_python_client(svc, live):
         with pytest.raises(ClientError) as err:
             c.retry(job["id"])
         assert err.value.status == 409 and err.value.code == "not_retryable"
+        with pytest.raises(ClientError) as err:  # a job without an eval set
+            c.evaluation(job["id"])
+        assert err.value.status == 404, err.value
 
 
 def test_client_imports_no_engine():
