@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -231,12 +232,27 @@ def test_harness_and_report(tmp_path: Path, data_dir: Path) -> None:
     md = files[0].read_text()
     assert "| divmerge_layer_js |" in md and "†" in md and "a note" in md
     assert "divmerge_layer_js (sst2+mnli): sst2 " in md and "loss " in md
+    # each item records the merge's peak RSS; the learned ones their convergence (steps run of planned)
+    assert all(r["merge_peak_rss_mb"] >= r["rss_before_mb"] > 0 for r in records)
+    assert "peak RSS in GiB" in md and "## Convergence of the learned merges" in md
+    planned = records[2]["coefficients"]["planned_steps"]
+    assert f"| divmerge_layer_js | 2 | 1 | {records[2]['coefficients']['steps']} / {planned} |" in md
     assert files[2].stat().st_size > 1000 and json.loads(files[1].read_text())["ks"] == [2]
     # mnli's expert is not above its majority baseline: a second table scores sst2 only
     assert "informative tasks only (sst2)" in md and "(not above baseline)" in md
     only = json.loads(files[1].read_text())["table_informative"]["table"]["ties"]["2"]
     sst2_only = [r for r in records if r["method"] == "ties"][0]["acc"]["sst2"]
     assert only["anp"] == pytest.approx(100.0 * sst2_only / 1.0)
+
+
+def test_peak_rss_sees_a_transient_allocation() -> None:
+    from benchmarks.quality.harness import PeakRss
+
+    with PeakRss(every_s=0.01) as rss:
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+        time.sleep(0.2)
+        del x
+    assert rss.peak_mb - rss.before_mb > 200, (rss.before_mb, rss.peak_mb)
 
 
 def test_causal_prompt_and_scoring(data_dir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -176,7 +177,9 @@ def run_one(
                 losses.append(float(ev.loss))
 
         config = parse_config(merge_config(track, spec, combo, mode))
-        result = run_merge(config, out, device=device, progress=progress)
+        with PeakRss() as rss:
+            result = run_merge(config, out, device=device, progress=progress)
+        rec["merge_peak_rss_mb"], rec["rss_before_mb"] = rss.peak_mb, rss.before_mb
         rec["losses"], rec["stage_s"] = losses, stage_s
         rec["merge_s"] = round(time.time() - t0, 2)
         t1 = time.time()
@@ -196,6 +199,34 @@ def run_one(
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return rec
+
+
+class PeakRss:
+    """The process's peak resident memory while the block runs (sampled every 50 ms by a thread: the merge
+    runs in this process, so ``ru_maxrss`` would be the peak of the whole benchmark), in MiB."""
+
+    def __init__(self, every_s: float = 0.05):
+        import psutil
+
+        self._proc, self._every = psutil.Process(), every_s
+        self.before_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+    def __enter__(self) -> PeakRss:
+        self.before_mb = self.peak_mb = self._proc.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = round(max(self.peak_mb, self._proc.memory_info().rss / 2**20), 1)
+        self.before_mb = round(self.before_mb, 1)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -73,7 +73,8 @@ def _cell(c: dict[str, Any] | None) -> str:
 def timings(
     records: list[dict[str, Any]], methods: list[str], ks: list[int]
 ) -> dict[str, dict[int, list[float]]]:
-    """timings[method][k] = [mean merge seconds, mean eval seconds] over the finished items."""
+    """timings[method][k] = [mean merge seconds, mean eval seconds(, largest peak RSS of the merge in MiB,
+    where the items recorded it)] over the finished items."""
     out: dict[str, dict[int, list[float]]] = {}
     for m in methods:
         out[m] = {}
@@ -82,7 +83,35 @@ def timings(
             if items:
                 n = len(items)
                 out[m][k] = [sum(r["merge_s"] for r in items) / n, sum(r["eval_s"] for r in items) / n]
+                if all(r.get("merge_peak_rss_mb") for r in items):
+                    out[m][k].append(max(r["merge_peak_rss_mb"] for r in items))
     return out
+
+
+def convergence_lines(records: list[dict[str, Any]], ks: list[int]) -> list[str]:
+    """Per learned method and k: optimisation steps run of those planned, the epoch whose Gamma was kept,
+    and how many runs stopped early or had stopped improving (``coefficients.json``'s convergence)."""
+    runs = [r for r in records if (r.get("coefficients") or {}).get("planned_steps")]
+    if not runs:
+        return []
+    lines = [
+        "| method | k | runs | steps run / planned (mean) | best epoch (mean) | stopped early | converged |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in sorted({r["method"] for r in runs}):
+        for k in ks:
+            items = [r["coefficients"] for r in runs if r["method"] == m and r["k"] == k]
+            if not items:
+                continue
+            n = len(items)
+            steps = sum(c["steps"] for c in items) / n
+            planned = sum(c["planned_steps"] for c in items) / n
+            best = [c["best_epoch"] for c in items if c.get("best_epoch") is not None]
+            best_s = f"{sum(best) / len(best):.1f}" if best else "–"
+            early = sum(bool(c.get("stopped_early")) for c in items)
+            conv = sum(bool(c.get("converged")) for c in items)
+            lines.append(f"| {m} | {k} | {n} | {steps:.0f} / {planned:.0f} | {best_s} | {early} | {conv} |")
+    return lines
 
 
 def coefficient_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -126,6 +155,7 @@ def markdown(
     times: dict[str, dict[int, list[float]]] | None = None,
     coeffs: list[str] | None = None,
     informative: tuple[dict[str, dict[int, dict[str, Any]]], list[str]] | None = None,
+    convergence: list[str] | None = None,
 ) -> str:
     lines = [f"# {title}", "", setup_md, "", "## ANP (x100) by number of merged tasks k", ""]
     lines += _table_lines(table, ks)
@@ -155,16 +185,33 @@ def markdown(
         flag = "" if maj is None or a >= maj + 0.05 else " (not above baseline)"
         lines.append(f"| {t} | {100 * a:.1f}{flag} | {'–' if maj is None else f'{100 * maj:.1f}'} | {n} |")
     if times:
+        rss = any(len(v) > 2 for row in times.values() for v in row.values())
         lines += [
             "",
-            "## Timings (seconds per merge / per evaluation of the merged model, mean over combinations)",
+            "## Timings (seconds per merge / per evaluation of the merged model, mean over combinations"
+            + ("; then the merge's peak RSS in GiB, largest over combinations)" if rss else ")"),
             "",
         ]
         lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
         lines.append("| --- | " + " | ".join("---:" for _ in ks) + " |")
         for m, row in times.items():
-            cells = [f"{row[k][0]:.0f} / {row[k][1]:.0f}" if k in row else "–" for k in ks]
+            cells = [
+                (
+                    f"{row[k][0]:.0f} / {row[k][1]:.0f}"
+                    + (f" / {row[k][2] / 1024:.2f}" if len(row[k]) > 2 else "")
+                )
+                if k in row
+                else "–"
+                for k in ks
+            ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if convergence:
+        lines += [
+            "",
+            "## Convergence of the learned merges (held-out divergence once per epoch; best Gamma kept)",
+            "",
+            *convergence,
+        ]
     if coeffs:
         lines += ["", "## Learned coefficients (largest k run; mean over groups, [min, max])", ""]
         lines += coeffs
@@ -237,7 +284,19 @@ def write_report(
     times = timings(records, list(table), ks)
     coeffs = coefficient_lines(records)
     md.write_text(
-        markdown(title, table, ks, setup_md, experts, notes, times, coeffs, informative), encoding="utf-8"
+        markdown(
+            title,
+            table,
+            ks,
+            setup_md,
+            experts,
+            notes,
+            times,
+            coeffs,
+            informative,
+            convergence_lines(records, ks),
+        ),
+        encoding="utf-8",
     )
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
