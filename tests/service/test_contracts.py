@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -161,6 +163,17 @@ def test_every_stage_the_engine_or_worker_reports_is_a_stage():
         names |= set(re.findall(r"\.write\(\s*\"(\w+)\"", text)) if path.name == "runner.py" else set()
     assert {"resolve", "write", "done", "starting", "upload", "upload_wait"} <= names
     assert names <= {s.value for s in Stage}, names - {s.value for s in Stage}
+
+
+def test_the_service_package_imports_neither_the_api_nor_the_worker():
+    code = (
+        "import sys, pkgutil, importlib, divmerge_service;"
+        "[importlib.import_module(f'divmerge_service.{m.name}') for m in pkgutil.iter_modules(divmerge_service.__path__)"
+        " if m.name != 'migrations'];"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('divmerge_api', 'divmerge_worker', 'torch'))}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- rows written before the contract
