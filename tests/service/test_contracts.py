@@ -293,3 +293,35 @@ def test_a_succeeded_result_without_destination_is_served_as_null(svc):
     assert svc.get(job_id)["result"] is None
     r = svc.client.get(f"/v1/merges/{job_id}/files", headers=svc.h())
     assert r.status_code == 500 and r.json()["error"]["field"] == "result"
+
+
+def test_a_journal_of_an_older_worker_still_records_its_delivery(tmp_path):
+    """A delivery journal written before the contract (a flat destination in ``result``, ``upload`` beside
+    it) loads as a DeliveryJournal whose columns are the new shape."""
+    import json
+
+    from divmerge_service.config import Settings
+    from divmerge_worker.bookkeeping import journal_path, load_delivery
+
+    settings = Settings(home=tmp_path)
+    old = {
+        "upload": {"destination": "hf://team-a/j", "revision": "main", "commit": "abc"},
+        "result": {
+            "files": ["a"],
+            "metrics": {"steps": 0},
+            "destination": "hf://team-a/j",
+            "revision": "main",
+            "commit": "abc",
+        },  # fmt: skip
+        "kept": None,
+        "resolved": {"m": "sha"},
+        "losses": [0.5],
+    }
+    journal_path(settings, "j").parent.mkdir(parents=True)
+    journal_path(settings, "j").write_text(json.dumps(old))
+    columns = load_delivery(settings, "j").columns()
+    hub = {"kind": "hub", "repo_id": "team-a/j", "revision": "main", "commit": "abc"}
+    assert columns["upload"] == hub and columns["result"]["destination"] == hub
+    assert columns["resolved"] == {"m": "sha"} and columns["losses"] == [0.5] and columns["kept"] is None
+    journal_path(settings, "j").write_text(json.dumps({"result": {"destination": 7}}))
+    assert load_delivery(settings, "j") is None, "an unreadable journal is ignored (the job merges again)"
