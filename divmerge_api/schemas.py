@@ -1,20 +1,34 @@
-"""Response bodies of the v1 API."""
+"""Response bodies of the v1 API.
+
+A job's ``progress`` and ``result`` are read from the workers' blobs through their contracts
+(:mod:`divmerge_service.contracts`, via :func:`divmerge_api.crud.stored_progress` / ``stored_result``) and
+turned into the public shapes below, which are unchanged (``result.destination`` is still ``hf://<repo_id>``
+or the local directory). A blob that does not validate is logged and served as null; the rest of the job is
+served as usual.
+"""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from divmerge_service import contracts
+from divmerge_service.contracts import Stage
 from divmerge_service.models import Job, JobEvent, JobStatus, utcnow
+
+from . import crud
+
+log = logging.getLogger("divmerge.api")
 
 #: The job statuses (:class:`divmerge_service.models.JobStatus`).
 Status = JobStatus
 
 
 class Progress(BaseModel):
-    stage: str | None = Field(
+    stage: Stage | None = Field(
         None,
         description="queued, starting, resolve, validate, eval_data, data, teacher, optimise, write, "
         "compare (a compared method's merge), evaluate, upload, upload_wait (a delivery retry is "
@@ -168,7 +182,7 @@ class JobOut(BaseModel):
             error=error,
             last_error=last,
             kept=KeptResult(until=job.kept["until"]) if job.kept else None,
-            result=JobResult(**job.result) if job.status == JobStatus.SUCCEEDED and job.result else None,
+            result=_result(job),
             cancel_requested=job.cancel_requested,
             notify=Notify(**job.notify) if job.notify else None,
         )
@@ -179,16 +193,60 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
 
 
-def _progress(job: Job) -> Progress:
+def _progress(job: Job) -> Progress | None:
+    """The job's progress (null, logged, if the stored blob does not validate as JobProgress)."""
     # a queued job (new, or back for another attempt) shows "queued", not the stage its last attempt reached
-    p = {"stage": "queued"} if job.status == JobStatus.QUEUED or not job.progress else dict(job.progress)
-    p.setdefault("total", p.get("total_steps"))
+    if job.status == JobStatus.QUEUED or not job.progress:
+        p: dict[str, Any] = {"stage": Stage.QUEUED}
+    else:
+        try:
+            stored = crud.stored_progress(job)
+        except crud.MalformedBlob:
+            return None
+        assert stored is not None
+        p = stored.model_dump()
     if job.started_at is not None:
         end = job.finished_at or utcnow()
         p["elapsed_s"] = round((end - job.started_at).total_seconds(), 1)
     if job.status != JobStatus.RUNNING:
         p["eta_s"] = None
     return Progress(**{k: v for k, v in p.items() if k in Progress.model_fields})
+
+
+def _result(job: Job) -> JobResult | None:
+    """A succeeded job's result in its public shape (null, logged, if the stored blob does not validate as
+    JobResult, names no destination, or holds an evaluation the public schema refuses)."""
+    if job.status != JobStatus.SUCCEEDED or not job.result:
+        return None
+    try:
+        stored = crud.stored_result(job)
+    except crud.MalformedBlob:
+        return None
+    assert stored is not None
+    if stored.destination is None:
+        log.warning("job %s: succeeded, but its stored result names no destination; served as null", job.id)
+        return None
+    try:
+        return public_result(stored)
+    except ValidationError as err:
+        log.warning("job %s: its stored result does not fit the response (%s); served as null", job.id, err)
+        return None
+
+
+def public_result(stored: contracts.JobResult) -> JobResult:
+    """The HTTP shape of a delivered result: the destination as one string (``hf://<repo_id>`` or the
+    directory) with the Hub's ``revision`` and ``commit`` beside it, as before the contract existed."""
+    assert stored.destination is not None
+    hub = stored.hub
+    return JobResult(
+        destination=stored.destination.uri,
+        revision=hub.revision if hub else None,
+        commit=hub.commit if hub else None,
+        files=list(stored.files),
+        coefficients=stored.coefficients,
+        metrics=stored.metrics.model_dump(mode="json", exclude_unset=True),
+        evaluation=Evaluation.model_validate(stored.evaluation) if stored.evaluation is not None else None,
+    )
 
 
 class EventOut(BaseModel):

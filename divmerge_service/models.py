@@ -137,10 +137,12 @@ class Job(Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     queue: Mapped[str] = mapped_column(String(32))
+    #: A ``divmerge_service.contracts.JobProgress`` dump (the worker's last progress write).
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: A ``divmerge_service.contracts.JobResult`` dump (older rows: a flat ``destination`` string; still valid).
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    #: Where the merge was delivered ({destination, revision, commit}), written with the job's success. Not
+    #: Where the merge was delivered (a ``contracts.Destination`` dump), written with the job's success. Not
     #: read back: a later attempt knows a delivery from the worker's journal (``divmerge_worker.bookkeeping``) or the
     #: job's marker on the Hub commit / in the local output (``divmerge_worker.upload``).
     upload: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 
 from divmerge_service.config import Settings
+from divmerge_service.contracts import JobResult
 from divmerge_service.db import is_unavailable, session_scope
 
 log = logging.getLogger("divmerge.worker")
@@ -61,19 +63,53 @@ def journal_path(settings: Settings, job_id: str) -> Path:
     return settings.home / "delivered" / f"{job_id}.json"
 
 
-def save_delivery(settings: Settings, job_id: str, values: dict[str, Any]) -> None:
-    """Record a delivered job's final column values (atomically: a reader sees all or nothing)."""
+class DeliveryJournal(BaseModel):
+    """A delivered job's outcome, as the journal file holds it: its result (with its destination), the
+    commit SHAs of its references and its losses. Journals of older workers (a flat ``destination`` string in
+    ``result``, an ``upload`` and a ``kept`` key) still load."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    result: JobResult
+    resolved: dict[str, str | None] | None = None
+    losses: list[float] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The job row's final column values (``resolved`` and ``losses`` only when known)."""
+        dest = self.result.destination
+        values: dict[str, Any] = {
+            "result": self.result.model_dump(mode="json"),
+            "upload": dest.model_dump(mode="json") if dest is not None else None,
+            "kept": None,
+        }
+        if self.resolved is not None:
+            values["resolved"] = dict(self.resolved)
+        if self.losses:
+            values["losses"] = list(self.losses)
+        return values
+
+
+def save_delivery(settings: Settings, job_id: str, journal: DeliveryJournal) -> None:
+    """Record a delivered job's outcome (atomically: a reader sees all or nothing)."""
     path = journal_path(settings, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values), encoding="utf-8")
+    tmp.write_text(json.dumps(journal.model_dump(mode="json")), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def load_delivery(settings: Settings, job_id: str) -> dict[str, Any] | None:
+def load_delivery(settings: Settings, job_id: str) -> DeliveryJournal | None:
+    """The journal of an earlier attempt's delivery, or None (none, or unreadable: it is logged)."""
     try:
-        return json.loads(journal_path(settings, job_id).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = json.loads(journal_path(settings, job_id).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("job %s: the delivery journal cannot be read (%s); ignored", job_id, err)
+        return None
+    try:
+        return DeliveryJournal.model_validate(raw)
+    except ValidationError as err:
+        log.warning("job %s: the delivery journal does not validate (%s); ignored", job_id, err)
         return None
 
 

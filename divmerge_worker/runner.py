@@ -20,6 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from divmerge_core.config import MergeConfig
 from divmerge_core.errors import DivMergeError, MergeCancelled, is_transient
 from divmerge_core.io.paths import check_local_path
@@ -27,11 +29,19 @@ from divmerge_core.options import EngineOptions
 from divmerge_core.progress import ProgressEvent, Reporter
 from divmerge_service import jobs
 from divmerge_service.config import Settings
+from divmerge_service.contracts import JobProgress, JobResult, Metrics
 from divmerge_service.db import is_unavailable, session_scope
 from divmerge_service.models import JobStatus, Team, utcnow
 
 from . import upload
-from .bookkeeping import DatabaseUnavailable, drop_delivery, load_delivery, save_delivery, with_db
+from .bookkeeping import (
+    DatabaseUnavailable,
+    DeliveryJournal,
+    drop_delivery,
+    load_delivery,
+    save_delivery,
+    with_db,
+)
 
 log = logging.getLogger("divmerge.worker")
 
@@ -100,7 +110,8 @@ class ProgressWriter:
     """Writes progress to the job row: at every stage change (with a ``stage`` event) and otherwise at most
     every ``progress_interval_s``, with the step rate's ``eta_s`` and, for learned methods, the losses so far
     (the ``losses`` column: train losses) and the held-out measurements so far (``progress.heldout``: rows
-    ``[epoch, step, mean, per-task ...]``, written at once when one arrives)."""
+    ``[epoch, step, mean, per-task ...]``, written at once when one arrives). The ``progress`` column holds a
+    :class:`~divmerge_service.contracts.JobProgress` dump."""
 
     def __init__(self, settings: Settings, claim: jobs.Claim, lease: Lease):
         self.settings, self.claim, self.lease = settings, claim, lease
@@ -130,7 +141,9 @@ class ProgressWriter:
             self._heldout_dirty = True
         self.write(ev.stage, ev.step, ev.total, ev.loss)
 
-    def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> dict[str, Any]:
+    def progress(self, stage: str, step: int, total: int, loss: float | None = None) -> JobProgress:
+        """The progress now (raises ValidationError for a stage that is not a
+        :class:`~divmerge_service.contracts.Stage`)."""
         now = time.monotonic()
         if stage != self._stage:
             self._stage, self._stage_t0, self._stage_step0 = stage, now, step
@@ -139,15 +152,15 @@ class ProgressWriter:
             eta = 0.0
         elif step > self._stage_step0:
             eta = round((now - self._stage_t0) / (step - self._stage_step0) * (total - step), 1)
-        return {
-            "stage": stage,
-            "step": step,
-            "total": total,
-            "total_steps": total,
-            "loss": loss,
-            "eta_s": eta,
-            "updated_at": utcnow().isoformat(),
-        } | ({"heldout": [list(r) for r in self.heldout]} if self.heldout else {})
+        return JobProgress(
+            stage=stage,  # type: ignore[arg-type]  # validated into a Stage
+            step=step,
+            total=total,
+            loss=loss,
+            eta_s=eta,
+            updated_at=utcnow(),
+            heldout=[list(r) for r in self.heldout] if self.heldout else None,
+        )
 
     def write(
         self, stage: str, step: int = 0, total: int = 0, loss: float | None = None, **values: Any
@@ -161,8 +174,18 @@ class ProgressWriter:
             and now - self._last < self.settings.progress_interval_s
         ):
             return
+        try:
+            snapshot = self.progress(stage, step, total, loss)
+        except ValidationError as err:  # a stage the contract does not know: never fail the merge for it
+            log.warning(
+                "job %s: progress %r does not fit JobProgress (%s); not written",
+                self.claim.job_id,
+                stage,
+                err.errors()[0]["msg"],
+            )
+            return
         self._last, self._heldout_dirty = now, False
-        values["progress"] = self.progress(stage, step, total, loss)
+        values["progress"] = snapshot.model_dump(mode="json")
         if self._losses_dirty:
             values["losses"] = list(self.losses)
             self._losses_dirty = False
@@ -240,7 +263,7 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     if journal is not None:
         # delivered by an earlier attempt that could not record it (it died, or the database was down)
         def _record(s):
-            jobs.update_running(s, claim, **journal)
+            jobs.update_running(s, claim, **journal.columns())
             jobs.finish(
                 s,
                 claim,
@@ -260,12 +283,24 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
         ctx = _Job(claim, MergeConfig.model_validate(spec), team, settings, lease, progress)
         progress.write("starting")
         try:
-            if kept and record and Path(kept["path"]).is_dir():
-                return _finish_delivery(ctx, Path(kept["path"]), dict(record))
+            kept_result = _kept_result(job_id, kept, record)
+            if kept_result is not None:
+                return _finish_delivery(ctx, Path(kept["path"]), kept_result)
             return _run_claimed(ctx)
         except DatabaseUnavailable as err:
             log.warning("job %s: %s until the lease ran out; the next attempt takes over", job_id, err)
             return Outcome("lost")
+
+
+def _kept_result(job_id: str, kept: dict[str, Any] | None, record: dict[str, Any] | None) -> JobResult | None:
+    """The result of a merge kept for ``POST /retry`` (None: nothing kept, or unreadable: merge again)."""
+    if not (kept and record and Path(kept["path"]).is_dir()):
+        return None
+    try:
+        return JobResult.model_validate(record)
+    except ValidationError as err:
+        log.warning("job %s: the kept result's record does not validate (%s); merging again", job_id, err)
+        return None
 
 
 def _run_claimed(ctx: _Job) -> Outcome:
@@ -314,14 +349,14 @@ def _run_claimed(ctx: _Job) -> Outcome:
         _record_evaluation(ctx, result.evaluation)
         if lease.lost.is_set():
             raise MergeCancelled("lease lost")
-        record: dict[str, Any] = {
-            "files": sorted(result.files),
-            "file_info": upload.file_info(staged),
-            "coefficients": result.coefficients,
-            "metrics": result.metrics,
-            "resolved": dict(result.resolved),
-            "evaluation": result.evaluation,
-        }
+        record = JobResult(
+            files=sorted(result.files),
+            file_info=upload.file_info(staged),
+            coefficients=result.coefficients,
+            metrics=Metrics.model_validate(result.metrics),
+            resolved=dict(result.resolved),
+            evaluation=result.evaluation,
+        )
     except MergeCancelled:
         upload.remove(scratch)
         upload.remove(staged)
@@ -346,7 +381,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
     return _finish_delivery(ctx, staged, record)
 
 
-def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome:
+def _finish_delivery(ctx: _Job, staged: Path, record: JobResult) -> Outcome:
     """Deliver a merged folder (retrying transient failures); keep it if it cannot be delivered."""
     claim, settings = ctx.claim, ctx.settings
     try:
@@ -360,14 +395,13 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
         if not isinstance(err, DivMergeError):
             log.exception("job %s: unexpected delivery error", claim.job_id)
         return _keep(ctx, staged, record, code, message)
-    record.update(destination=delivery.destination, revision=delivery.revision, commit=delivery.commit)
-    resolved = record.pop("resolved", None)
-    values: dict[str, Any] = {"upload": vars(delivery), "result": record, "kept": None}
-    if resolved is not None:
-        values["resolved"] = resolved
-    if ctx.progress.losses:
-        values["losses"] = list(ctx.progress.losses)
-    save_delivery(settings, claim.job_id, values)  # a later attempt records it, never merges again
+    journal = DeliveryJournal(
+        result=record.model_copy(update={"destination": delivery, "resolved": None}),
+        resolved=record.resolved,
+        losses=list(ctx.progress.losses) or None,
+    )
+    values = journal.columns()
+    save_delivery(settings, claim.job_id, journal)  # a later attempt records it, never merges again
 
     def _record(s):
         jobs.update_running(s, claim, **values)
@@ -375,17 +409,17 @@ def _finish_delivery(ctx: _Job, staged: Path, record: dict[str, Any]) -> Outcome
             s,
             claim,
             JobStatus.SUCCEEDED,
-            f"delivered to {delivery.destination}",
+            f"delivered to {delivery.uri}",
             error_code=None,
             error_message=None,
-            progress=ctx.progress.progress("done", 1, 1),
+            progress=ctx.progress.progress("done", 1, 1).model_dump(mode="json"),
         )
 
     with_db(settings, f"job {claim.job_id}: final write", _record, ctx.lease.expires)
     drop_delivery(settings, claim.job_id)
     upload.remove(staged)
     upload.remove(_scratch(ctx))
-    log.info("job %s: succeeded -> %s", claim.job_id, delivery.destination)
+    log.info("job %s: succeeded -> %s", claim.job_id, delivery.uri)
     return Outcome("succeeded")
 
 
@@ -432,7 +466,7 @@ def _deliver(ctx: _Job, staged: Path) -> upload.Delivery:
     raise AssertionError("unreachable")
 
 
-def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: str) -> Outcome:
+def _keep(ctx: _Job, staged: Path, record: JobResult, code: str, message: str) -> Outcome:
     """Move the merged folder to ``$DIVMERGE_HOME/kept/<job>`` and fail the job saying how to retry."""
     claim, settings = ctx.claim, ctx.settings
     kept = settings.home / "kept" / claim.job_id
@@ -446,7 +480,7 @@ def _keep(ctx: _Job, staged: Path, record: dict[str, Any], code: str, message: s
         f"{message} (the merged result is kept until {until:%Y-%m-%d %H:%M} UTC: "
         f"POST /v1/merges/{claim.job_id}/retry delivers it again)"
     )
-    _write(ctx, kept={"path": str(kept), "until": until.isoformat()}, result=record)
+    _write(ctx, kept={"path": str(kept), "until": until.isoformat()}, result=record.model_dump(mode="json"))
     _event(ctx, "kept", f"merged result kept until {until.isoformat()}", until=until.isoformat())
     log.info("job %s: delivery failed (%s); result kept", claim.job_id, code)
     return _failed(ctx, code, note)

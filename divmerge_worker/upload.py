@@ -11,11 +11,11 @@ import importlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from divmerge_core.errors import DivMergeError, OutputExistsError, TransientError, http_status, is_transient
+from divmerge_service.contracts import FileInfo, HubDestination, LocalDestination
 
 #: Written into local outputs and Hub commit messages: lets a retry see that this job already delivered.
 MARKER_FILE = ".divmerge-job.json"
@@ -25,11 +25,8 @@ class UploadError(DivMergeError):
     code = "upload_failed"
 
 
-@dataclass(frozen=True)
-class Delivery:
-    destination: str
-    revision: str | None = None
-    commit: str | None = None
+#: Where a merge was delivered: the typed destination of the job's result (:mod:`divmerge_service.contracts`).
+Delivery = HubDestination | LocalDestination
 
 
 class Uploader(Protocol):
@@ -83,14 +80,16 @@ def upload_marker(job_id: str) -> str:
     return f"divmerge job {job_id}"
 
 
-def deliver_hub(folder: Path, repo_id: str, *, private: bool, job_id: str, uploader: Uploader) -> Delivery:
+def deliver_hub(
+    folder: Path, repo_id: str, *, private: bool, job_id: str, uploader: Uploader
+) -> HubDestination:
     """Upload the folder once per job: an attempt after one that uploaded but could not record it (killed,
     database down) finds that commit (:func:`earlier_upload`) and reports it instead."""
     marker = upload_marker(job_id)
     try:
         commit = earlier_upload(uploader, repo_id, job_id)
         if commit is not None:
-            return Delivery(f"hf://{repo_id}", "main", commit)
+            return HubDestination(repo_id=repo_id, revision="main", commit=commit)
         revision, commit = uploader.upload(
             folder, repo_id, private=private, message=f"Upload merge ({marker})"
         )
@@ -102,7 +101,7 @@ def deliver_hub(folder: Path, repo_id: str, *, private: bool, job_id: str, uploa
         if is_transient(err):
             raise TransientError(f"Hub upload to {repo_id!r} failed ({detail})") from None
         raise UploadError(f"Hub upload to {repo_id!r} failed ({detail})") from None
-    return Delivery(f"hf://{repo_id}", revision, commit)
+    return HubDestination(repo_id=repo_id, revision=revision, commit=commit)
 
 
 def local_already_delivered(dest: Path, job_id: str) -> bool:
@@ -112,14 +111,14 @@ def local_already_delivered(dest: Path, job_id: str) -> bool:
         return False
 
 
-def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False) -> Delivery:
+def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False) -> LocalDestination:
     """Rename the staged folder (a hidden sibling of ``dest``) into place, atomically. A kept result
     re-delivered from elsewhere (``$DIVMERGE_HOME/kept``, maybe another filesystem) is first copied into such
     a sibling, so ``dest`` never holds half a model; the kept folder stays until the rename succeeded.
     ``overwrite`` replaces an existing ``dest``: it is renamed aside first and removed once the new one is in
     place."""
     if local_already_delivered(dest, job_id):
-        return Delivery(str(dest))
+        return LocalDestination(path=str(dest))
     (staged / MARKER_FILE).write_text(json.dumps({"job_id": job_id}))
     source = staged
     if staged.parent != dest.parent:
@@ -149,10 +148,10 @@ def deliver_local(staged: Path, dest: Path, job_id: str, overwrite: bool = False
     remove(old)
     if staged != source:
         remove(source)
-    return Delivery(str(dest))
+    return LocalDestination(path=str(dest))
 
 
-def file_info(folder: Path) -> list[dict]:
+def file_info(folder: Path) -> list[FileInfo]:
     """Name, size and sha256 of each file of a merged folder (what ``GET /files`` lists)."""
     out = []
     for p in sorted(folder.iterdir()):
@@ -161,7 +160,7 @@ def file_info(folder: Path) -> list[dict]:
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
-            out.append({"name": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()})
+            out.append(FileInfo(name=p.name, size=p.stat().st_size, sha256=h.hexdigest()))
     return out
 
 

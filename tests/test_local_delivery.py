@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from divmerge_core.errors import OutputExistsError
+from divmerge_service.contracts import LocalDestination
 from divmerge_worker.upload import MARKER_FILE, UploadError, deliver_local
 
 
@@ -28,7 +29,7 @@ def test_staged_sibling_is_renamed_into_place(tmp_path):
     dest = tmp_path / "out" / "merged"
     staged = _result(tmp_path / "out" / ".merged.divmerge-job-j1-a1")
     inode = staged.stat().st_ino
-    assert deliver_local(staged, dest, "j1").destination == str(dest)
+    assert deliver_local(staged, dest, "j1") == LocalDestination(path=str(dest))
     assert dest.stat().st_ino == inode, "not the staging folder renamed"
     assert json.loads((dest / MARKER_FILE).read_text()) == {"job_id": "j1"}
     assert _hidden(dest.parent) == []

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from divmerge_core.io.paths import is_under
 from divmerge_service import jobs
 from divmerge_service.config import Settings
+from divmerge_service.contracts import JobResult
 from divmerge_service.models import Job, JobStatus, Team
 from divmerge_service.queue import enqueue
 
@@ -244,10 +245,34 @@ def merge_events(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDe
     return EventList(events=[EventOut.of(e) for e in jobs.list_events(s, job_id)])
 
 
-def _finished_result(job: Job) -> dict:
+def _malformed(err: crud.MalformedBlob) -> ApiError:
+    """500 ``internal_error`` naming the job and the column (``field``) whose stored blob does not validate."""
+    return ApiError(
+        500,
+        "internal_error",
+        f"job {err.job_id}: its stored {err.column} is malformed (the server log says how)",
+        err.column,
+    )
+
+
+def _stored_result(job: Job) -> JobResult | None:
+    """The job's result blob (any status); a blob that does not validate is a 500 naming the job and the
+    column (the details are in the server log: :func:`divmerge_api.crud.stored_result`)."""
+    try:
+        return crud.stored_result(job)
+    except crud.MalformedBlob as err:
+        raise _malformed(err) from None
+
+
+def _finished_result(job: Job) -> JobResult:
     if job.status != JobStatus.SUCCEEDED or not job.result:
         raise ApiError(409, "no_result", f"the job is {job.status}: it has no output files yet")
-    return job.result
+    result = _stored_result(job)
+    if result is None or result.destination is None:
+        raise ApiError(
+            500, "internal_error", f"job {job.id}: its stored result names no destination", "result"
+        )
+    return result
 
 
 @router.get(
@@ -258,13 +283,8 @@ def _finished_result(job: Job) -> dict:
 def merge_files(job_id: str, caller: Caller = ReaderDep, s: Session = SessionDep) -> FileList:
     """The output files (name, size, sha256); for Hub outputs also the repo and the upload commit."""
     result = _finished_result(_owned(s, caller, job_id))
-    dest = result["destination"]
-    hub = (
-        HubLocation(repo_id=dest[len("hf://") :], commit=result.get("commit"))
-        if dest.startswith("hf://")
-        else None
-    )
-    return FileList(files=result.get("file_info") or [], hub=hub)
+    hub = HubLocation(repo_id=result.hub.repo_id, commit=result.hub.commit) if result.hub else None
+    return FileList(files=[f.model_dump() for f in result.file_info], hub=hub)
 
 
 @router.get(
@@ -282,12 +302,12 @@ def merge_file(
     """Stream one output file of a local destination (names as listed by ``/files``)."""
     result = _finished_result(_owned(s, caller, job_id))
     s.close()  # the file streams after the handler returns: no connection held meanwhile
-    dest = result["destination"]
-    if dest.startswith("hf://"):
-        raise ApiError(409, "hub_output", f"the output is on the Hub ({dest}): download it from there")
-    if name not in {f["name"] for f in result.get("file_info") or []}:
+    if result.local_path is None:
+        where = result.destination.uri if result.destination else "?"
+        raise ApiError(409, "hub_output", f"the output is on the Hub ({where}): download it from there")
+    if name not in {f.name for f in result.file_info}:
         raise ApiError(404, "not_found", f"no output file {name!r}", "name")
-    folder = Path(os.path.realpath(dest))
+    folder = Path(os.path.realpath(result.local_path))
     path = Path(os.path.realpath(folder / name))
     inside = path.parent == folder and is_under(folder, settings.roots)
     if not inside or not path.is_file():
@@ -307,13 +327,18 @@ def merge_coefficients(job_id: str, caller: Caller = ReaderDep, s: Session = Ses
     """Learned methods: the coefficients per group and task (once done) and the loss at each step so far
     (live while the job runs)."""
     job = _owned(s, caller, job_id)
-    coeffs = (job.result or {}).get("coefficients") if job.status == JobStatus.SUCCEEDED else None
+    stored = _stored_result(job) if job.status == JobStatus.SUCCEEDED else None
+    coeffs = stored.coefficients if stored is not None else None
     if coeffs is None and not spec.is_learned(job.spec):
         raise ApiError(
             404, "not_found", f"merge_method {job.spec.get('merge_method')!r} learns no coefficients"
         )
     losses = list(job.losses or [])
-    live = list((job.progress or {}).get("heldout") or [])
+    try:
+        progress = crud.stored_progress(job)
+    except crud.MalformedBlob as err:
+        raise _malformed(err) from None
+    live = list(progress.heldout or []) if progress is not None else []
     if coeffs is None:
         return Coefficients(
             groups=[], tasks=spec.task_names(job.spec), values=None, losses=losses, heldout=live
@@ -352,7 +377,8 @@ def merge_evaluation(job_id: str, caller: Caller = ReaderDep, s: Session = Sessi
     the merge is evaluated (also for a job whose delivery failed and whose result is kept). A failed
     evaluation stage answers with its ``error`` (the merge itself was kept)."""
     job = _owned(s, caller, job_id)
-    evaluation = (job.result or {}).get("evaluation")
+    stored = _stored_result(job)
+    evaluation = stored.evaluation if stored is not None else None
     if evaluation is not None:
         return Evaluation(**evaluation)
     if not spec.has_evaluation(job.spec):
