@@ -99,10 +99,13 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     )
     with open_model(plan.reference, plan.options) as ref:
         sources = plan.layout.sources if plan.layout else {}
-        elements = sum(
-            math.prod(ref.shape(sources[name].name if name in sources else name))
-            for name in plan.tensor_names
-        )
+        vocab = set(plan.vocab.names) if plan.vocab is not None else set()
+
+        def shape(name: str) -> tuple[int, ...]:
+            s = ref.shape(sources[name].name if name in sources else name)
+            return (plan.vocab.size, *s[1:]) if name in vocab else s  # a tokenizer source's rows
+
+        elements = sum(math.prod(shape(name)) for name in plan.tensor_names)
     return {
         "tensors": len(plan.tensor_names),
         "parameters": elements,
