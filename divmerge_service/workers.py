@@ -127,9 +127,10 @@ def capacity_of(devices: list[dict[str, Any]], host: int, *, free: bool = False)
 
 
 def class_of(cap: Capacity) -> str:
-    """``gpu-80g``, ``gpu-80g-x2``, ``cpu-64g`` (GiB, rounded)."""
+    """``gpu-80g``, ``gpu-80g-x2``, ``cpu-64g`` (GiB, rounded; MiB under 1 GiB: ``gpu-512m``)."""
     if cap.kind == "cuda":
-        name = f"gpu-{round(cap.per_device / GiB)}g"
+        per = cap.per_device
+        name = f"gpu-{round(per / GiB)}g" if per >= GiB else f"gpu-{round(per / (1 << 20))}m"
         return name + (f"-x{cap.count}" if cap.count > 1 else "")
     return f"cpu-{round(cap.host / GiB)}g"
 

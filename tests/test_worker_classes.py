@@ -46,6 +46,7 @@ def test_classes_and_dominance():
     assert W.class_of(_cap("cuda:80GiB")) == "gpu-80g"
     assert W.class_of(_cap("cuda:80GiB,cuda:80GiB")) == "gpu-80g-x2"
     assert W.class_of(_cap("cpu:64GiB")) == "cpu-64g"
+    assert W.class_of(_cap("cuda:512MiB")) == "gpu-512m"
     big, small, two = _cap("cuda:80GiB"), _cap("cuda:24GiB"), _cap("cuda:80GiB,cuda:80GiB")
     assert big.dominates(small) and not small.dominates(big)
     assert two.dominates(big) and not big.dominates(two)
