@@ -79,6 +79,7 @@ def pool(tmp_path_factory):
             dispatch="capability",
             worker_heartbeat_s=0.5,
             worker_stale_s=STALE_S,
+            validate_timeout_s=600,  # the estimate's subprocess imports torch: minutes on a loaded machine
             retry_backoff_s=0.5,
             max_inline_texts=100,
         )
