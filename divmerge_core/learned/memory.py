@@ -72,6 +72,20 @@ def estimate_learned_memory(plan: MergePlan, device: torch.device | str) -> dict
     }
 
 
+def placement_needs(plan: MergePlan) -> dict[str, Any]:
+    """What each placement needs (bytes) on a CUDA worker and on a CPU-only one, with no free memory read:
+    the service matches it against the capacities its workers report (``divmerge_service.workers``)."""
+    params = plan.config.parameters
+    parts = _parts(plan, _tensor_sizes(plan), params.micro_batch_size, params.gradient_checkpointing)
+    return {
+        "unit": "bytes",
+        "placement": params.placement,
+        "order": list(PLACEMENTS),
+        "headroom": HEADROOM,
+        "needs": {k: {p: _needs(p, parts, torch.device(k)) for p in PLACEMENTS} for k in ("cuda", "cpu")},
+    }
+
+
 def choose_placement(plan: MergePlan, device: torch.device) -> tuple[str, dict[str, Any]]:
     """The configured placement, or with ``auto`` the fastest that fits; refuses when none fits."""
     estimate = estimate_learned_memory(plan, device)
