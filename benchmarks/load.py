@@ -104,6 +104,7 @@ class Topology:
     api_workers: int
     celery_workers: int
     teams: int
+    healthcheck_s: int = 60
     db_name: str = field(default_factory=lambda: f"divmerge_load_{uuid.uuid4().hex[:10]}")
     db_created: bool = False
     redis: subprocess.Popen | None = None
@@ -179,7 +180,8 @@ class Topology:
         say(f"starting uvicorn --workers {self.api_workers} and {self.celery_workers} Celery workers")
         self.api = subprocess.Popen(
             [str(BIN / "uvicorn"), "--factory", "divmerge_api.main:create_app", "--host", HOST,
-             "--port", str(self.api_port), "--workers", str(self.api_workers), "--no-server-header"],
+             "--port", str(self.api_port), "--workers", str(self.api_workers), "--no-server-header",
+             "--timeout-worker-healthcheck", str(self.healthcheck_s)],
             cwd=REPO, env={**env, "PGAPPNAME": APP_API}, stdout=self._log("api"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -680,6 +682,7 @@ def summarise(
             "queued_mean": _r(statistics.fmean(queued), 2) if queued else None,
             "redis_queue_max": max((smp["redis_queue"] for smp in samples), default=0),
         },
+        "api_worker_restarts": (topo.workdir / "api.log").read_text(errors="replace").count("] died"),
         "cpu_cores": cpu,
         "cpu_cost": cpu_cost(cpu_s, len(reqs), len(succeeded), args, machine_cpus()),
         "sampler_errors": sampler.errors[:10],
@@ -857,7 +860,8 @@ def write_report(res: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
         "## Requests",
         "",
         f"{res['requests']['total']} requests ({res['requests']['per_s']}/s), 5xx: {res['requests']['5xx']}, "
-        f"4xx: {res['requests']['4xx']}, transport errors: {res['requests']['transport_errors']}.",
+        f"4xx: {res['requests']['4xx']}, transport errors: {res['requests']['transport_errors']}; uvicorn "
+        f"worker processes killed and replaced by its supervisor: {res['api_worker_restarts']}.",
         "",
         "| route | n | p50 (ms) | p99 (ms) | max (ms) | statuses |",
         "|---|---:|---:|---:|---:|---|",
@@ -950,6 +954,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=180, help="wait at most this long for the jobs to finish")
     p.add_argument("--sample-s", type=float, default=1.0)
     p.add_argument("--startup-timeout-s", type=float, default=600, help="for the servers to start")
+    p.add_argument("--worker-healthcheck-s", type=int, default=60,
+                   help="uvicorn --timeout-worker-healthcheck (its default, 5 s, kills workers still importing on "
+                   "starved cores, in a loop)")  # fmt: skip
     p.add_argument("--windows", type=int, default=10, help="time windows of the latency-over-time table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
@@ -975,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="divmerge-load-"))
-    topo = Topology(workdir, args.api_workers, args.celery_workers, args.teams)
+    topo = Topology(workdir, args.api_workers, args.celery_workers, args.teams, args.worker_healthcheck_s)
     sampler = None
     try:
         topo.start(say, args.startup_timeout_s)
