@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -641,7 +642,7 @@ def summarise(
 
     result = {
         "commit": git_commit(),
-        "command": "python -m benchmarks.load " + " ".join(args.argv),
+        "command": shlex.join(["python", "-m", "benchmarks.load", *args.argv]),
         "started_at": args.started_at,
         "machine": machine(),
         "conditions": {
@@ -927,7 +928,9 @@ def write_report(res: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
             "",
             f"CPU-only ceilings they imply on {res['machine']['cpus']} idle cores (an estimate, not a measurement): "
             f"the workers {c['jobs_per_s_workers']} jobs/s, the API {c['requests_per_s_api']} requests/s, this "
-            f"mix as a whole {c['jobs_per_s_machine']} jobs/s.",
+            f"mix as a whole {c['jobs_per_s_machine']} jobs/s. These per-unit figures include each process's "
+            "start-up work (imports, first connections) and its idle work (heartbeats, the reconciler): they "
+            "mean something only over a long run with many requests.",
         ]
     b = res["bottleneck"]
     lines += ["", "## First bottleneck", "", f"**{b['verdict']}**", ""] + [f"- {f}" for f in b["findings"]]
@@ -963,6 +966,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="load", help="report file names: <name>.json and <name>.md")
     p.add_argument("--note", default="", help="conditions of the run, written into the report")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, outputs)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only write the Markdown report of an earlier run's JSON, beside it")  # fmt: skip
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -970,6 +975,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:  # the Markdown report again, from a JSON one (nothing is run)
+        res = json.loads(args.render.read_text())
+        _, mpath = write_report(res, args.render.parent, args.render.stem)
+        print(f"wrote {mpath}")
+        return 0
     args.started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     args.loadavg_before = [round(x, 2) for x in os.getloadavg()]
     t_start = time.monotonic()
