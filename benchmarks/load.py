@@ -1021,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"checks: {res['checks']}; wrote {mpath} and {jpath}")
         return 0 if res["ok"] else 1
     finally:
+        # the teardown is bounded (SIGTERM, 30 s, SIGKILL): a second signal must not cut it short and leave
+        # the database or the servers behind (coreutils `timeout` signals the whole process group)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if sampler is not None:
             sampler.stop_event.set()
         topo.stop()

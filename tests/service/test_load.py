@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(900)
 def test_load_script_tiny_run(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "benchmarks.load", "--clients", "3", "--duration-s", "20", "--api-workers", "2",
-           "--drain-s", "120", "--out-dir", str(out), "--name", "load_tiny", "--note", "test run"]  # fmt: skip
+           "--drain-s", "120", "--timeout-s", "120", "--out-dir", str(out), "--name", "load_tiny", "--note", "test run"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIVMERGE_")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
