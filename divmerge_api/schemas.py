@@ -160,7 +160,9 @@ class JobOut(BaseModel):
     result: JobResult | None = None
     cancel_requested: bool = False
     notify: Notify | None = Field(None, description="the job's own webhook (the team's applies if null)")
-    devices_per_job: int | None = Field(None, description="data-parallel devices (null: the worker's setting)")
+    devices_per_job: int | None = Field(
+        None, description="data-parallel devices (null: the worker's setting)"
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
