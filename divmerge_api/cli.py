@@ -47,7 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.embedded and not args.no_worker:
         # a separate process, launched by module name: the API process never imports torch or worker code
         worker = subprocess.Popen(
-            [sys.executable, "-m", "divmerge_worker.embedded"], env=os.environ.copy(), preexec_fn=_die_with_parent
+            [sys.executable, "-m", "divmerge_worker.embedded"],
+            env=os.environ.copy(),
+            preexec_fn=_die_with_parent,
         )
         print(f"divmerge: embedded worker started (pid {worker.pid}); database {settings.db_url}", flush=True)
     try:

@@ -25,8 +25,10 @@ _MAX_REPORT_BYTES = 1_000_000
 async def validate(raw: bytes, content_type: str | None, settings: Settings, team: str) -> ValidationReport:
     try:
         body, notify = spec.split_notify(spec.load_body(raw, content_type))
+        body, devices = spec.split_devices(body)
         config = spec.parse(body)
         spec.check_notify(notify, settings)
+        spec.check_devices(devices, config, settings)
         spec.check_limits(config, settings)
         spec.check_paths(config, settings)
         await run_in_threadpool(spec.check_submit, config, settings, team)

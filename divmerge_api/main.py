@@ -14,7 +14,7 @@ from divmerge_service.config import Settings, get_settings
 
 from .errors import install_handlers
 from .metrics import Metrics
-from .routers import dashboard, health, merges, tokens
+from .routers import dashboard, health, merges, tokens, workers
 from .schemas import Notify
 
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(merges.router)
     app.include_router(tokens.admin)
     app.include_router(tokens.team)
+    app.include_router(workers.router)
     app.include_router(health.router)
     dashboard.install(app)
     _add_config_schema(app)
@@ -58,8 +59,19 @@ def _add_config_schema(app: FastAPI) -> None:
         comps["SubmitBody"] = {  # POST /v1/merges: a MergeConfig with notify beside its fields
             **cfg,
             "title": "SubmitBody",
-            "description": "A MergeConfig, with an optional `notify` (this job's webhook) beside its fields.",
-            "properties": {**cfg.get("properties", {}), "notify": {"$ref": "#/components/schemas/Notify"}},
+            "description": "A MergeConfig, with an optional `notify` (this job's webhook) and "
+            "`devices_per_job` beside its fields.",
+            "properties": {
+                **cfg.get("properties", {}),
+                "notify": {"$ref": "#/components/schemas/Notify"},
+                "devices_per_job": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": app.state.settings.max_devices_per_job,
+                    "description": "a learned merge's data-parallel devices; with dispatch by capability it "
+                    "goes only to workers with that many CUDA devices (default: the worker's setting)",
+                },
+            },
         }
         for param in schema["paths"]["/v1/merges"]["get"].get("parameters", []):
             if param["name"] == "limit":  # the bound is a setting, checked in the handler

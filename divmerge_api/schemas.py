@@ -160,6 +160,9 @@ class JobOut(BaseModel):
     result: JobResult | None = None
     cancel_requested: bool = False
     notify: Notify | None = Field(None, description="the job's own webhook (the team's applies if null)")
+    devices_per_job: int | None = Field(
+        None, description="data-parallel devices (null: the worker's setting)"
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -185,6 +188,7 @@ class JobOut(BaseModel):
             result=_result(job),
             cancel_requested=job.cancel_requested,
             notify=Notify(**job.notify) if job.notify else None,
+            devices_per_job=job.devices_per_job,
         )
 
 

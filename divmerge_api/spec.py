@@ -125,6 +125,42 @@ def split_notify(body: Any) -> tuple[Any, Any]:
     return body, None
 
 
+#: The submit body's other service-level field: a learned merge's data-parallel devices.
+DEVICES = "devices_per_job"
+
+
+def split_devices(body: Any) -> tuple[Any, Any]:
+    """(the rest of the body, ``devices_per_job`` or None), as :func:`split_notify`."""
+    if isinstance(body, dict) and DEVICES in body:
+        body = dict(body)
+        return body, body.pop(DEVICES)
+    return body, None
+
+
+def check_devices(value: Any, config: MergeConfig, settings: Settings) -> int | None:
+    """``devices_per_job``: an integer from 1 to ``DIVMERGE_MAX_DEVICES_PER_JOB``, for a learned method only
+    (422 ``invalid_config`` / ``limit_exceeded`` naming the field). None: the worker's setting applies."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(422, "invalid_config", "devices_per_job must be an integer of at least 1", DEVICES)
+    if value > settings.max_devices_per_job:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"devices_per_job is {value}, the limit is {settings.max_devices_per_job}",
+            DEVICES,
+        )
+    if value > 1 and not config.method.learned:
+        raise ApiError(
+            422,
+            "invalid_config",
+            f"devices_per_job applies to learned methods, not {config.merge_method!r}",
+            DEVICES,
+        )
+    return value
+
+
 def check_notify(notify: Any, settings: Settings) -> dict | None:
     """The job's webhook as stored ({url, events}); 422 ``invalid_notify`` naming the field
     (``notify.url``, ``notify.events``) when the URL is not http(s), holds credentials, or its host is not on
@@ -146,10 +182,13 @@ def check_notify(notify: Any, settings: Settings) -> dict | None:
     return {"url": notify["url"], "events": events}
 
 
-def submit_hash(stored: dict, notify: dict | None) -> str:
-    """The idempotency hash of a submit: the spec's, with the notify when there is one (so a job submitted
-    without notify hashes as before)."""
-    return spec_hash(stored if notify is None else {**stored, NOTIFY: notify})
+def submit_hash(stored: dict, notify: dict | None, devices: int | None = None) -> str:
+    """The idempotency hash of a submit: the spec's, with the notify and devices_per_job when there are
+    (so a job submitted without them hashes as before)."""
+    extra = ({NOTIFY: notify} if notify is not None else {}) | (
+        {DEVICES: devices} if devices is not None else {}
+    )
+    return spec_hash({**stored, **extra})
 
 
 def normalise(config: MergeConfig) -> dict:

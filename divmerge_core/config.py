@@ -21,7 +21,9 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     create_model,
     field_validator,
@@ -296,6 +298,105 @@ class EvaluationSpec(_Strict):
     base: bool = Field(False, description="score the base model too")
 
 
+#: ``tokenizer_source`` / ``tokenizer.source`` values that are not a model reference.
+TOKENIZER_KINDS = ("base", "union")
+
+
+def check_tokenizer_source(value: str) -> str:
+    """'base', 'union' or a model reference (mergekit's; ``model:<ref>`` is accepted for the same ref)."""
+    value = value.strip()
+    if value in TOKENIZER_KINDS:
+        return value
+    ref = value.removeprefix("model:").strip()
+    try:
+        return check_model_ref(ref)
+    except ValueError as err:
+        raise ValueError(f"is 'base', 'union' or a model reference: {err}") from None
+
+
+class ZeroEmbedding(_Strict):
+    """A new token's row is all zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    """A new token's row is another token's row in one model (by token text or id in that model)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _check_ref(cls, value: str) -> str:
+        return check_model_ref(value)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+def _token_source_kind(value: Any) -> str:
+    """A token's embedding source: a model reference (a string) or a ``kind`` block."""
+    if isinstance(value, str):
+        return "model"
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in ("zero", "model_token") else "model_token"
+
+
+class TokenEmbeddingSpec(_Strict):
+    """mergekit's per-token embedding source: a model of the merge (its row of this token), a
+    ``model_token`` or ``zero``; ``force`` gives that row to every model, even those that have the token."""
+
+    source: (
+        Annotated[
+            Annotated[ZeroEmbedding, Tag("zero")]
+            | Annotated[ModelTokenEmbedding, Tag("model_token")]
+            | Annotated[str, Tag("model")],
+            Discriminator(_token_source_kind),
+        ]
+        | None
+    ) = None
+    force: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _check_ref(cls, value: Any) -> Any:
+        return check_model_ref(value) if isinstance(value, str) else value
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and how rows of tokens a model lacks are filled."""
+
+    source: str = Field(
+        "union", description="'union' (every model's tokens), 'base' (the base model's) or a model reference"
+    )
+    tokens: dict[str, TokenEmbeddingSpec] | None = Field(
+        None, description="token -> where its row comes from (tokens not in the vocabulary are added)"
+    )
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="pad the vocabulary size up to a multiple of this (padding rows: the mean row)",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        return check_tokenizer_source(value)
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, value: dict[str, TokenEmbeddingSpec] | None) -> dict[str, TokenEmbeddingSpec] | None:
+        if value is not None and any(not t for t in value):
+            raise ValueError("a token is the empty string")
+        return value
+
+
 class MergeConfig(_Strict):
     merge_method: Method = Field(validation_alias=AliasChoices("merge_method", "method"))
     base_model: Annotated[str, Field(min_length=1)] | None = None
@@ -310,6 +411,31 @@ class MergeConfig(_Strict):
     evaluation: EvaluationSpec | None = Field(
         None, description="compare methods and select the best (needs 'eval' on the models)"
     )
+    tokenizer_source: str | None = Field(
+        None,
+        description="merge models with different vocabularies: 'base', 'union' or a model reference "
+        "(mergekit's; the same as tokenizer: {source: ...})",
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        None, description="mergekit's tokenizer block: source, per-token embedding sources, padding"
+    )
+    chat_template: str | None = Field(
+        None,
+        description="the output tokenizer's chat template: 'auto' (the most common among the models), "
+        "'chatml', 'llama3' or a Jinja template",
+    )
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _check_tokenizer_source(cls, value: str | None) -> str | None:
+        return None if value is None else check_tokenizer_source(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str | None) -> str | None:
+        from .chat_templates import check_chat_template
+
+        return None if value is None else check_chat_template(value)
 
     @field_validator("base_model")
     @classmethod
@@ -373,6 +499,7 @@ class MergeConfig(_Strict):
                     f"merge_method {name!r} learns from unlabelled inputs: models {missing} have no 'data'",
                 )
         _check_evaluation(self)
+        _check_tokenizer(self)
         if relayered:
             _check_relayering_slices(self.slices)
         elif self.slices is not None:
@@ -419,6 +546,13 @@ class MergeConfig(_Strict):
             )
             for s in self.slices
         ]
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """``tokenizer``, or ``tokenizer_source`` as a block with that source; None without either."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
     @property
     def output_dtype(self) -> str:
@@ -468,6 +602,33 @@ def _check_evaluation(config: MergeConfig) -> None:
             compare_config(config, c)
         except ValidationError as err:
             _fail(("evaluation", "compare", i), format_validation_error(err, c.merge_method))
+
+
+def _check_tokenizer(config: MergeConfig) -> None:
+    """One tokenizer field at most, not with a learned method or a layer-rebuilding merge, and every
+    model a token's row comes from is a model of the merge."""
+    if config.tokenizer_source is not None and config.tokenizer is not None:
+        _fail(("tokenizer",), "give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
+    field = "tokenizer" if config.tokenizer is not None else "tokenizer_source"
+    spec = config.tokenizer_spec
+    if spec is None:
+        return
+    if config.method.learned:
+        _fail(
+            (field,),
+            f"'{field}' is not supported with merge_method {config.merge_method!r}: a learned merge "
+            "needs experts that share one vocabulary",
+        )
+    if config.method.relayers and config.slices is not None:
+        _fail((field,), f"'{field}' is not supported with passthrough 'slices' (frankenmerges)")
+    refs = set(([config.base_model] if config.base_model else []) + [m.model for m in config.models])
+    for token, t in (spec.tokens or {}).items():
+        source = t.source.model if isinstance(t.source, ModelTokenEmbedding) else t.source
+        if isinstance(source, str) and source not in refs:
+            where = ("tokenizer", "tokens", token, "source") + (
+                ("model",) if not isinstance(t.source, str) else ()
+            )
+            _fail(where, f"token {token!r} takes its row from {source!r}, which is not a model of the merge")
 
 
 def compare_config(config: MergeConfig, compare: CompareSpec) -> MergeConfig:

@@ -99,10 +99,13 @@ def estimate(plan: MergePlan, device: str = "cpu") -> dict[str, Any]:
     )
     with open_model(plan.reference, plan.options) as ref:
         sources = plan.layout.sources if plan.layout else {}
-        elements = sum(
-            math.prod(ref.shape(sources[name].name if name in sources else name))
-            for name in plan.tensor_names
-        )
+        vocab = set(plan.vocab.names) if plan.vocab is not None else set()
+
+        def shape(name: str) -> tuple[int, ...]:
+            s = ref.shape(sources[name].name if name in sources else name)
+            return (plan.vocab.size, *s[1:]) if name in vocab else s  # a tokenizer source's rows
+
+        elements = sum(math.prod(shape(name)) for name in plan.tensor_names)
     return {
         "tensors": len(plan.tensor_names),
         "parameters": elements,
@@ -121,16 +124,33 @@ def _learned_memory(plan: MergePlan, device: str) -> dict[str, Any] | None:
     return estimate_learned_memory(plan, resolve_device(device))
 
 
+def placements(config: MergeConfig, options: EngineOptions) -> dict[str, Any]:
+    """A learned merge's memory needs per placement on a CUDA and a CPU-only worker
+    (:func:`~divmerge_core.learned.memory.placement_needs`): the models are resolved and their headers read,
+    no data. ``{"ok": true, "needs": ...}`` or ``{"ok": false, "problems": [...]}``."""
+    from .learned.memory import placement_needs
+    from .pipeline import prepare
+
+    try:
+        return {"ok": True, "needs": placement_needs(prepare(config, options))}
+    except DivMergeError as err:
+        return {"ok": False, "problems": [{"code": err.code, "message": err.message, "field": err.field}]}
+
+
 def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 def main() -> int:
-    """stdin: {"config": {...}, "options": EngineOptions.to_json(), "device": "cpu"}; HF_TOKEN from the env."""
+    """stdin: {"config": {...}, "options": EngineOptions.to_json(), "device": "cpu"}; HF_TOKEN from the env.
+    With ``"mode": "placements"``: only :func:`placements`."""
     import os
 
     request = json.load(sys.stdin)
     options = EngineOptions.from_json(request.get("options", {}), hf_token=os.environ.get("HF_TOKEN"))
+    if request.get("mode") == "placements":
+        json.dump(placements(parse_config(request["config"]), options), sys.stdout)
+        return 0
     try:
         report = dry_run(parse_config(request["config"]), options, request.get("device", "cpu")).to_json()
     except DivMergeError as err:

@@ -30,7 +30,13 @@ from .errors import ConfigError, NumericalError
 from .io.loading import DTYPES
 from .io.lora import open_model
 from .io.modelcard import render_model_card
-from .io.output import check_output_dir, copy_tokenizer_files, staged_output, write_model_config
+from .io.output import (
+    check_output_dir,
+    copy_tokenizer_files,
+    save_tokenizer,
+    staged_output,
+    write_model_config,
+)
 from .io.refs import ResolvedModel, resolve_model
 from .io.writer import ShardedSafetensorsWriter, TensorSpec
 from .learned.apply import merged_tensor
@@ -119,12 +125,26 @@ def prepare(
         if model.ref.raw not in seen:  # the reference comes first: it is what the others are checked against
             seen.add(model.ref.raw)
             labelled.append((f"{role} {model.ref.raw!r}", model))
-    report = validate_models(labelled, options)
+    spec = config.tokenizer_spec
+    vocab_names = None
+    if spec is not None:
+        from .validation import read_header
+        from .vocab import vocab_tensor_names
+
+        names = list(read_header(labelled[0][0], reference, options).shapes)
+        vocab_names = vocab_tensor_names(reference.path, labelled[0][0], names)
+    report = validate_models(labelled, options, vocab_names)
     _check_parameters(config, specs, report.tensor_names)
     layout = model_config = None
     if config.method.relayers and config.slices is not None:
         layout = plan_layers(config, specs, report.tensor_names)
         model_config = relayered_config(report.model_config, layout)
+    model_config = model_config or report.model_config
+    vocab = None
+    if spec is not None:
+        assert vocab_names is not None
+        vocab = _build_vocabulary(config, spec, [m for _, m in labelled], base, vocab_names, options)
+        model_config = with_vocab_size(model_config, vocab.size)
     plan = MergePlan(
         config=config,
         options=options,
@@ -132,9 +152,11 @@ def prepare(
         models=models,
         specs=specs,
         reference=reference,
-        model_config=model_config or report.model_config,
+        model_config=model_config,
         tensor_names=layout.names if layout else report.tensor_names,
         layout=layout,
+        vocab=vocab,
+        chat_template=_chat_template(config, [m for _, m in labelled]),
     )
     if config.method.learned:
         from .learned import resolve_label_masks
@@ -144,6 +166,62 @@ def prepare(
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
     reporter.report("validate", 1, 1)
     return plan
+
+
+def _build_vocabulary(
+    config: MergeConfig,
+    spec: Any,
+    models: list[ResolvedModel],
+    base: ResolvedModel | None,
+    names: list[str],
+    options: EngineOptions,
+) -> Any:
+    """The output vocabulary of ``config``'s tokenizer source over ``models`` (the reference first)."""
+    from .io.loading import read_model_config
+    from .vocab import build_vocabulary
+
+    source = None
+    if spec.source not in ("base", "union"):
+        known = {m.ref.raw: m for m in models}
+        source = (known.get(spec.source) or resolve_model(spec.source, options)).path
+    return build_vocabulary(
+        spec,
+        [(m.ref.raw, m.path, read_model_config(m.path)) for m in models],
+        base.ref.raw if base is not None else None,
+        source,
+        names,
+    )
+
+
+def with_vocab_size(model_config: dict[str, Any], size: int) -> dict[str, Any]:
+    """config.json with ``vocab_size`` (top level, else its ``text_config``'s) set to ``size``."""
+    out = dict(model_config)
+    text = out.get("text_config")
+    if out.get("vocab_size") is None and isinstance(text, dict) and "vocab_size" in text:
+        out["text_config"] = {**text, "vocab_size": size}
+    else:
+        out["vocab_size"] = size
+    return out
+
+
+def _chat_template(config: MergeConfig, models: list[ResolvedModel]) -> str | None:
+    """The chat template the output tokenizer gets (None: its own is kept); ``auto`` reads the models'
+    tokenizers (the reference first; a model whose tokenizer cannot be read is skipped, as in mergekit)."""
+    from .chat_templates import choose_chat_template
+
+    if config.chat_template is None:
+        return None
+
+    def tokenizers() -> Iterator[Any]:
+        from .vocab import load_tokenizer
+
+        for m in models:
+            try:
+                yield load_tokenizer(m.path, m.ref.raw)
+            except ConfigError:
+                continue
+
+    return choose_chat_template(config.chat_template, tokenizers())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -188,14 +266,24 @@ class _Merger:
         self.odtype = DTYPES[self.config.output_dtype]
         self.method = self.config.method
         self.settings = tensor_settings(self.config, plan.specs, plan.tensor_names)
+        self.vocab = plan.vocab
+        self.vocab_names = set(plan.vocab.names) if plan.vocab is not None else set()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The output shape of ``name`` (a vocabulary tensor has the output vocabulary's rows)."""
+        shape = self.reference.shape(name)
+        if name in self.vocab_names:
+            assert self.vocab is not None
+            return (self.vocab.size, *shape[1:])
+        return shape
 
     def spec(self, name: str) -> TensorSpec:
         dtype = self.reference.dtype(name)
-        return TensorSpec(name, self.reference.shape(name), self.odtype if dtype.is_floating_point else dtype)
+        return TensorSpec(name, self.shape(name), self.odtype if dtype.is_floating_point else dtype)
 
     def input_bytes(self, name: str) -> int:
         """What reading ``name``'s inputs (base and task models, compute dtype) allocates."""
-        n = math.prod(self.reference.shape(name))
+        n = math.prod(self.shape(name))
         return n * (len(self.models) + 1) * torch.empty((), dtype=self.cdtype).element_size()
 
     def read(self, name: str, whole: bool = False) -> _TensorReads | None:
@@ -206,6 +294,8 @@ class _Merger:
         """
         if not self.reference.dtype(name).is_floating_point:
             return None
+        if name in self.vocab_names:
+            return self._read_vocab(name)
         use_base = self.base is not None and (self.coeffs is not None or self.method.base != "unused")
         base = self.base.get(name, self.cdtype, self.device) if use_base else None
         shape = self.reference.shape(name)
@@ -218,6 +308,23 @@ class _Merger:
             for m, row in zip(self.models, models, strict=True):
                 m.get_into(name, row)
         return _TensorReads(base, models)
+
+    def _read_vocab(self, name: str) -> _TensorReads:
+        """A vocabulary tensor: every model's copy (the base's too, when there is one, as mergekit reads it
+        for the rows of tokens other models lack), rows permuted into the output vocabulary."""
+        assert self.vocab is not None
+        opened = ([(self.plan.base, self.base)] if self.base is not None else []) + list(
+            zip(self.plan.models, self.models, strict=True)
+        )
+        raw: dict[str, torch.Tensor] = {}
+        for model, ckpt in opened:
+            if model.ref.raw not in raw:
+                raw[model.ref.raw] = ckpt.get(name, self.cdtype, self.device)
+        rows = self.vocab.permute(raw)
+        del raw
+        use_base = self.base is not None and (self.coeffs is not None or self.method.base != "unused")
+        base = rows[self.plan.base.ref.raw] if use_base and self.plan.base is not None else None
+        return _TensorReads(base, torch.stack([rows[m.ref.raw] for m in self.plan.models]))
 
     def merge(self, name: str, reads: _TensorReads | None = None) -> torch.Tensor:
         """Merge tensor ``name`` from ``reads`` (from :meth:`read`; read now when not given)."""
@@ -326,7 +433,18 @@ def write_metadata(
     """config.json, tokenizer files, README.md model card, merge_config.yaml, coefficients.json and, with
     ``evaluation``, evaluation.json."""
     files = [write_model_config(plan.model_config, folder, plan.config.output_dtype)]
-    files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
+    if plan.vocab is not None:  # the built tokenizer; generation_config.json still the reference's
+        files += save_tokenizer(plan.vocab.tokenizer, folder, plan.chat_template)
+        files += copy_tokenizer_files(
+            plan.reference.path, folder, plan.reference.allowed, ("generation_config.json",)
+        )
+    else:
+        files += copy_tokenizer_files(plan.reference.path, folder, plan.reference.allowed)
+        if plan.chat_template is not None:  # re-saved with the template, as mergekit does
+            from .vocab import load_tokenizer
+
+            tokenizer = load_tokenizer(folder, f"the tokenizer of {plan.reference.ref.raw!r}")
+            files = list(dict.fromkeys(files + save_tokenizer(tokenizer, folder, plan.chat_template)))
     (folder / "README.md").write_text(render_model_card(plan, coeffs, evaluation), encoding="utf-8")
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml(), encoding="utf-8")
     files += ["README.md", "merge_config.yaml"]
@@ -440,9 +558,7 @@ def run_merge(
     )
 
 
-def learn(
-    plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1
-) -> LearnedCoefficients:
+def learn(plan: MergePlan, device: torch.device, reporter: Reporter, devices: int = 1) -> LearnedCoefficients:
     """A learned method's coefficients: under ``torchrun`` as one of its ranks, with ``devices`` > 1 as a
     data-parallel job of that many processes, else in this process. Refuses NaN or inf."""
     from .learned import learn_coefficients

@@ -31,6 +31,10 @@ class MergePlan:
     tensor_names: list[str]
     #: Layer-rebuilding merges (passthrough with slices): each output tensor's source.
     layout: Relayering | None = None
+    #: A tokenizer source's output vocabulary (:class:`divmerge_core.vocab.Vocabulary`), None without one.
+    vocab: Any = None
+    #: The chat template the output tokenizer gets (``chat_template``), None to keep its own.
+    chat_template: str | None = None
 
     @property
     def resolved(self) -> dict[str, str | None]:

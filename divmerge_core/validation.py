@@ -67,23 +67,32 @@ def read_header(label: str, folder: Path | ResolvedModel, options: EngineOptions
 
 
 def validate_models(
-    models: Sequence[tuple[str, Path | ResolvedModel]], options: EngineOptions
+    models: Sequence[tuple[str, Path | ResolvedModel]],
+    options: EngineOptions,
+    vocab_tensors: Sequence[str] | None = None,
 ) -> ValidationReport:
     """Check that every model can be merged with the first one. ``models`` is (label, folder or resolved
-    model) pairs."""
+    model) pairs. ``vocab_tensors``: a tokenizer source aligns the vocabularies, so ``vocab_size`` may differ
+    and so may these tensors' first dimension (their token rows)."""
     headers = [read_header(label, folder, options) for label, folder in models]
-    problems = find_problems(headers)
+    problems = find_problems(headers, vocab_tensors)
     if problems:
+        if vocab_tensors is None and any("has vocab_size" in p for p in problems):
+            problems.append(
+                "the vocabularies differ: set 'tokenizer_source' (base, union or a model) to merge them, "
+                "as in mergekit"
+            )
         raise IncompatibleModelsError(problems)
     return ValidationReport(reference=headers[0])
 
 
-def find_problems(headers: Sequence[ModelHeader]) -> list[str]:
+def find_problems(headers: Sequence[ModelHeader], vocab_tensors: Sequence[str] | None = None) -> list[str]:
     """Every mismatch between ``headers[0]`` and each other model, one readable line each."""
     ref, problems = headers[0], []
+    vocab = set(vocab_tensors) if vocab_tensors is not None else None
     for other in headers[1:]:
-        problems += _config_problems(ref, other)
-        problems += _tensor_problems(ref, other)
+        problems += _config_problems(ref, other, vocab is not None)
+        problems += _tensor_problems(ref, other, vocab or set())
     return problems
 
 
@@ -106,7 +115,7 @@ def _tied(config: dict[str, Any]) -> bool:
         return True
 
 
-def _config_problems(ref: ModelHeader, other: ModelHeader) -> list[str]:
+def _config_problems(ref: ModelHeader, other: ModelHeader, aligned: bool = False) -> list[str]:
     out = []
     checks = [
         ("architecture", lambda c: c.get("architectures")),
@@ -114,6 +123,8 @@ def _config_problems(ref: ModelHeader, other: ModelHeader) -> list[str]:
         ("vocab_size", _vocab_size),
         ("tie_word_embeddings", _tied),
     ]
+    if aligned:
+        checks.pop(2)  # a tokenizer source aligns the vocabularies
     if ref.config.get("model_type") == other.config.get("model_type") and not any(
         "tie_word_embeddings" in c for c in (ref.config, other.config)
     ):
@@ -135,7 +146,7 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
 
 
-def _tensor_problems(ref: ModelHeader, other: ModelHeader) -> list[str]:
+def _tensor_problems(ref: ModelHeader, other: ModelHeader, vocab: set[str]) -> list[str]:
     out = []
     missing = [n for n in ref.shapes if n not in other.shapes]
     extra = [n for n in other.shapes if n not in ref.shapes]
@@ -146,7 +157,9 @@ def _tensor_problems(ref: ModelHeader, other: ModelHeader) -> list[str]:
     for name, shape in ref.shapes.items():
         if name not in other.shapes:
             continue
-        if other.shapes[name] != shape:
+        if name in vocab and other.shapes[name][1:] == shape[1:] and len(other.shapes[name]) == len(shape):
+            pass  # token rows are aligned by the tokenizer source
+        elif other.shapes[name] != shape:
             out.append(
                 f"{other.label}: tensor {name!r} has shape {list(other.shapes[name])}, "
                 f"{ref.label} has {list(shape)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         description="learned merges: processes (GPUs with a cuda device) one job runs on, data-parallel",
     )
     hub_uploader: str = Field(
-        "divmerge_worker.upload:HubUploader", description="'module:Class' of the Hub uploader (tests swap a double)"
+        "divmerge_worker.upload:HubUploader",
+        description="'module:Class' of the Hub uploader (tests swap a double)",
     )
 
     # --- limits (413 for the body, 422 for the rest)
@@ -113,6 +114,36 @@ class Settings(BaseSettings):
         "(default: each method's own queue, from divmerge_core.methods.registry)",
     )
     step_delay_s: float = Field(0.0, description="testing only: sleep this long at each progress event")
+
+    # --- scheduling by capability (docs/service.md#scheduling-by-capability)
+    dispatch: Literal["method", "capability"] = Field(
+        "method",
+        description="learned jobs' queue: method (the gpu queue) or capability (the queue of the smallest "
+        "live worker class their memory estimate fits; 422 insufficient_memory when none does)",
+    )
+    worker_devices: str | None = Field(
+        None,
+        description="a worker's devices instead of detecting them: 'cuda:80GiB,cuda:80GiB' (total[/free] "
+        "each) or JSON [{kind, total, free}]",
+    )
+    worker_host_memory: str | None = Field(
+        None, description="a worker's host memory instead of /proc/meminfo: '256GiB' (total[/available])"
+    )
+    worker_heartbeat_s: float = Field(
+        15.0, gt=0, description="how often a worker reports its devices and memory (the workers table)"
+    )
+    worker_stale_s: float = Field(
+        60.0,
+        gt=0,
+        description="a worker not heard from for this long is not live (dispatch, GET /v1/workers)",
+    )
+    max_devices_per_job: int = Field(8, ge=1, description="upper bound of a job's devices_per_job")
+    max_placement_requeues: int = Field(
+        20,
+        ge=0,
+        description="a job its workers gave back this many times (it did not fit them) fails with "
+        "insufficient_memory",
+    )
 
     # --- webhooks (docs/service.md#webhooks)
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(

@@ -51,6 +51,7 @@ def create_job(
     queue: str,
     idempotency_key: str | None,
     notify: dict | None = None,
+    devices_per_job: int | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key, return the existing job instead (created=False).
     ``notify`` ({url, events}) is the job's webhook; ``spec_hash`` covers it (the caller's business)."""
@@ -68,6 +69,7 @@ def create_job(
         idempotency_key=idempotency_key,
         queue=queue,
         notify=notify,
+        devices_per_job=devices_per_job,
         attempts=0,
         cancel_requested=False,
         created_at=now,
@@ -359,6 +361,42 @@ def requeue(session: Session, c: Claim, delay_s: float, code: str, message: str)
             delay_s=delay_s,
         )
     return res.rowcount == 1
+
+
+def unclaim(session: Session, c: Claim, *, queue: str, delay_s: float, message: str, **data: Any) -> bool:
+    """Give back a job this worker claimed but cannot fit (the claim-time recheck): queued again on
+    ``queue`` after ``delay_s``, its attempt **not** counted (``attempts`` back to what it was before the
+    claim), with a ``not_placed`` event."""
+    now = utcnow()
+    values: dict[str, Any] = dict(
+        status=JobStatus.QUEUED,
+        attempts=c.attempt - 1,
+        queue=queue,
+        lease_expires_at=None,
+        worker_id=None,
+        run_after=now + timedelta(seconds=delay_s),
+        enqueued_at=now,
+    )
+    if c.attempt == 1:
+        values["started_at"] = None  # it never started (max_job_s counts from a real start)
+    res = session.execute(
+        update(Job).where(*c.fence()).values(**values).execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:
+        add_event(session, c.job_id, "not_placed", message, worker=c.worker_id, queue=queue, **data)
+    return res.rowcount == 1
+
+
+def times_not_placed(session: Session, job_id: str) -> int:
+    """How often workers gave the job back because it did not fit them (:func:`unclaim`)."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.kind == "not_placed")
+        )
+        or 0
+    )
 
 
 def load(session: Session, job_id: str) -> Job | None:

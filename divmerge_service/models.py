@@ -150,6 +150,9 @@ class Job(Base):
     kept: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     #: The submit body's ``notify`` ({url, events}), or None (the team's webhook applies, if it has one).
     notify: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    #: The submit body's ``devices_per_job`` (a learned merge's data-parallel devices), or None (the worker's
+    #: ``DIVMERGE_DEVICES_PER_JOB``).
+    devices_per_job: Mapped[int | None] = mapped_column(Integer, default=None)
     #: Learned methods: the loss at each optimisation step so far (bounded by ``max_stored_losses``).
     losses: Mapped[list[float] | None] = mapped_column(JSON, default=None)
     #: The last error: the reason of a failure, or of the retry the job is waiting for.
@@ -216,3 +219,23 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Worker(Base):
+    """A worker process as its last heartbeat reported it (``divmerge_worker.capacity``): what it consumes,
+    its devices and host memory. Live while ``last_seen`` is within ``worker_stale_s``."""
+
+    __tablename__ = "workers"
+
+    #: The Celery node name (``w1@host``).
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: Its class (``gpu-80g``, ``gpu-80g-x2``, ``cpu-64g``: :func:`divmerge_service.workers.class_of`).
+    worker_class: Mapped[str] = mapped_column(String(64))
+    #: The queues it consumes.
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: [{kind, index, name, total, free}] in bytes; a CPU-only worker reports one ``cpu`` device.
+    devices: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    host_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    host_available: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,7 @@ from divmerge_service import jobs
 from divmerge_service.config import Settings, get_settings
 from divmerge_service.db import session_scope
 
-from . import webhooks
+from . import capacity, webhooks
 from .runner import new_worker_id, purge_kept, run_job
 
 log = logging.getLogger("divmerge.embedded")
@@ -24,6 +24,11 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
     parent = os.getppid()
     log.info("embedded worker %s polling %s", worker_id, settings.db_url)
     webhooks.start(settings, stop)  # the outbox's deliverer, stopped with the worker
+    try:  # its devices and memory, for GET /v1/workers (it polls the database: no queue)
+        heartbeat = capacity.Heartbeat(settings, f"embedded@{worker_id}", ["embedded"]).start()
+    except Exception as err:  # noqa: BLE001 - a worker that cannot report itself still runs jobs
+        log.warning("the capacity heartbeat did not start: %s", type(err).__name__)
+        heartbeat = None
     purged_at = float("-inf")
     while not stop.is_set():
         if os.getppid() != parent:  # the server that started us is gone
@@ -40,6 +45,8 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
         except Exception as err:  # noqa: BLE001 - keep polling
             log.warning("embedded worker round failed: %s", type(err).__name__)
         stop.wait(settings.embedded_poll_s)
+    if heartbeat is not None:
+        heartbeat.stop()
 
 
 def main() -> None:

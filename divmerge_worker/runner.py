@@ -33,7 +33,7 @@ from divmerge_service.contracts import JobProgress, JobResult, Metrics
 from divmerge_service.db import is_unavailable, session_scope
 from divmerge_service.models import JobStatus, Team, utcnow
 
-from . import upload
+from . import capacity, upload
 from .bookkeeping import (
     DatabaseUnavailable,
     DeliveryJournal,
@@ -221,6 +221,7 @@ class _Job:
     settings: Settings
     lease: Lease
     progress: ProgressWriter
+    devices: int = 1  # data-parallel devices: the job's devices_per_job, else the worker's setting
 
 
 def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Outcome:
@@ -255,10 +256,11 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     def _load(s):
         job = jobs.load(s, job_id)
         assert job is not None
-        return job.spec, s.get(Team, job.team_id).name, job.kept, job.result, job.started_at
+        team = s.get(Team, job.team_id).name
+        return job.spec, team, job.kept, job.result, job.started_at, job.devices_per_job
 
     lease_end = time.monotonic() + settings.lease_s
-    spec, team, kept, record, started = with_db(settings, f"job {job_id}", _load, lease_end)
+    spec, team, kept, record, started, devices = with_db(settings, f"job {job_id}", _load, lease_end)
     journal = load_delivery(settings, job_id)
     if journal is not None:
         # delivered by an earlier attempt that could not record it (it died, or the database was down)
@@ -280,7 +282,8 @@ def run_job(job_id: str, settings: Settings, worker_id: str | None = None) -> Ou
     time_left = settings.max_job_s - (utcnow() - started).total_seconds() if started else settings.max_job_s
     with Lease(settings, claim, time_left) as lease:
         progress = ProgressWriter(settings, claim, lease)
-        ctx = _Job(claim, MergeConfig.model_validate(spec), team, settings, lease, progress)
+        devices = devices or settings.devices_per_job
+        ctx = _Job(claim, MergeConfig.model_validate(spec), team, settings, lease, progress, devices)
         progress.write("starting")
         try:
             kept_result = _kept_result(job_id, kept, record)
@@ -323,6 +326,9 @@ def _run_claimed(ctx: _Job) -> Outcome:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan = prepare(config, options, Reporter(ctx.progress, lease.should_stop))
+            put_back = capacity.recheck(settings, plan, claim, ctx.devices) if config.method.learned else None
+            if put_back is not None:
+                return Outcome("retry", put_back)  # does not fit here: given back, attempt not counted
             _write(ctx, resolved=dict(plan.resolved))
             dest = _local_dest(config, claim.job_id, settings, options)
             staged = (
@@ -342,7 +348,7 @@ def _run_claimed(ctx: _Job) -> Outcome:
                 progress=ctx.progress,
                 should_stop=lease.should_stop,
                 plan=plan,
-                devices=settings.devices_per_job,
+                devices=ctx.devices,
                 staged=False,  # ``staged`` is the one staging folder: written in place, renamed once
             )
         _record_warnings(ctx, caught)

@@ -1,4 +1,4 @@
-"""The web dashboard: three HTML pages (``/``, ``/jobs/{id}``, ``/new``) and their assets under ``/static``,
+"""The web dashboard: four HTML pages (``/``, ``/jobs/{id}``, ``/new``, ``/workers``) and their assets under ``/static``,
 all files of ``divmerge_api/dashboard/`` (no CDN, no build step). The pages hold no data: their scripts call the
 JSON API with the bearer token that the sign-in form keeps in the tab's sessionStorage."""
 
@@ -30,7 +30,12 @@ HEADERS = {
 }
 
 #: page name -> (title, script under static/js)
-PAGES = {"jobs": ("Merge jobs", "jobs.js"), "job": ("Merge job", "job.js"), "new": ("New merge", "new.js")}
+PAGES = {
+    "jobs": ("Merge jobs", "jobs.js"),
+    "job": ("Merge job", "job.js"),
+    "new": ("New merge", "new.js"),
+    "workers": ("Workers", "workers.js"),
+}
 
 router = APIRouter(include_in_schema=False)
 
@@ -72,6 +77,11 @@ def job_page(job_id: str) -> HTMLResponse:  # the script reads the id from the U
 @router.get("/new", response_class=HTMLResponse)
 def new_page() -> HTMLResponse:
     return _page("new")
+
+
+@router.get("/workers", response_class=HTMLResponse)
+def workers_page() -> HTMLResponse:  # admin: the script's GET /v1/workers answers 403 to other tokens
+    return _page("workers")
 
 
 @router.get("/dashboard/constants.js")

@@ -20,7 +20,7 @@ from divmerge_service.contracts import JobResult
 from divmerge_service.models import Job, JobStatus, Team
 from divmerge_service.queue import enqueue
 
-from .. import crud, dryrun, spec
+from .. import crud, dryrun, placement, spec
 from ..deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
 from ..errors import ApiError
 from ..schemas import (
@@ -88,7 +88,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
         413: {"description": "body or inline texts too large"},
         422: {
             "description": "invalid config, path outside the allowed roots, missing local model or data, "
-            "no Hub write token for the team, a limit exceeded, or a notify URL that is not allowed"
+            "no Hub write token for the team, a limit exceeded, a notify URL that is not allowed, or (dispatch "
+            "by capability) a job no live worker can hold (`insufficient_memory`)"
         },
     },
     openapi_extra=_SUBMIT_BODY,
@@ -107,12 +108,16 @@ async def create_merge(
     for the team, or a notify URL off the server's allow-list are refused before anything is queued."""
     raw = await _read_body(request, settings.max_body_bytes)
     body, notify = spec.split_notify(spec.load_body(raw, request.headers.get("content-type")))
+    body, devices = spec.split_devices(body)
     config = spec.parse(body)
     notify = spec.check_notify(notify, settings)
+    devices = spec.check_devices(devices, config, settings)
     spec.check_limits(config, settings)
     spec.check_paths(config, settings)
     await run_in_threadpool(spec.check_submit, config, settings, caller.team)
     stored = spec.normalise(config)
+    method_queue = settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config))
+    queue = await placement.choose_queue(config, settings, s, method_queue, devices)
 
     def _create():
         if notify is not None and not s.scalar(select(Team.webhook_secret).where(Team.id == caller.team_id)):
@@ -128,10 +133,11 @@ async def create_merge(
                 s,
                 team_id=caller.team_id,
                 spec=stored,
-                spec_hash=spec.submit_hash(stored, notify),
-                queue=settings.queue_for(*spec.methods_run(config), evaluates=spec.evaluates(config)),
+                spec_hash=spec.submit_hash(stored, notify, devices),
+                queue=queue,
                 idempotency_key=idempotency_key,
                 notify=notify,
+                devices_per_job=devices,
             )
         except jobs.IdempotencyConflict:
             raise ApiError(

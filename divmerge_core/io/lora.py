@@ -171,6 +171,22 @@ class LoraAdapter:
             out = out.T
         return out.mul_(d.scale)
 
+    def factors(
+        self, name: str, device: str | torch.device = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        """``(A, B, scale, transposed)`` of base tensor ``name``, A and B in float32 on ``device``: its delta is
+        ``scale * B @ A``, transposed (``.T``) when ``transposed`` (embeddings, ``fan_in_fan_out``), exactly
+        what :meth:`delta` forms."""
+        d = self.deltas[name]
+        a = self._file.get_tensor(d.a).to(device).float()
+        b = self._file.get_tensor(d.b).to(device).float()
+        return a, b, d.scale, d.embedding or d.fan_in_fan_out
+
+    def factor_numel(self, name: str) -> int:
+        """Elements of tensor ``name``'s two factors (read from the header only)."""
+        d = self.deltas[name]
+        return math.prod(self._shape(d.a)) + math.prod(self._shape(d.b))
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(self.full[name])
 

@@ -50,6 +50,10 @@ def front_matter(plan: MergePlan, evaluation: dict[str, Any] | None = None) -> d
     meta["parameters"] = config.parameters.model_dump(mode="json", by_alias=True, exclude_none=True)
     meta["dtype"] = config.dtype
     meta["out_dtype"] = config.output_dtype
+    spec = config.tokenizer_spec
+    if spec is not None and plan.vocab is not None:
+        meta["tokenizer_source"] = spec.source
+        meta["vocab_size"] = plan.vocab.size
     if evaluation is not None:
         from ..evaluation.table import model_index
 

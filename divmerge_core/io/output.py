@@ -79,17 +79,30 @@ def _umask() -> int:
     return mask
 
 
-def copy_tokenizer_files(src: Path, dst: Path, allowed: Sequence[Path] | None = None) -> list[str]:
+def copy_tokenizer_files(
+    src: Path,
+    dst: Path,
+    allowed: Sequence[Path] | None = None,
+    patterns: Sequence[str] = TOKENIZER_PATTERNS,
+) -> list[str]:
     """Copy the reference model's tokenizer and generation files; each must resolve under ``allowed``
     (checked again at copy time: the folder may have changed since it was resolved)."""
     copied: list[str] = []
-    for pattern in TOKENIZER_PATTERNS:
+    for pattern in patterns:
         for path in sorted(src.glob(pattern)):
             if path.is_file() and path.name not in copied:
                 real = check_file(path, allowed, "tokenizer file")
                 shutil.copyfile(real, dst / path.name)
                 copied.append(path.name)
     return copied
+
+
+def save_tokenizer(tokenizer: Any, dst: Path, chat_template: str | None = None) -> list[str]:
+    """Save a transformers tokenizer into ``dst`` (with ``chat_template`` when given); the files written."""
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    written = tokenizer.save_pretrained(str(dst))
+    return [Path(p).name for p in written if Path(p).is_file()]
 
 
 def write_model_config(config: dict[str, Any], dst: Path, out_dtype: str) -> str:

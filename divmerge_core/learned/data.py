@@ -168,7 +168,9 @@ def _read_hub(spec: DataSpec | EvalSpec, options: EngineOptions) -> tuple[Rows, 
 
 
 # --- columns and sampling --------------------------------------------------------------------------------
-def extractor(spec: DataSpec | EvalSpec, columns: list[str], source: str) -> Callable[[dict], TaskInput | None]:
+def extractor(
+    spec: DataSpec | EvalSpec, columns: list[str], source: str
+) -> Callable[[dict], TaskInput | None]:
     if spec.template is not None:
         template = spec.template
 

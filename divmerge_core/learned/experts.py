@@ -1,6 +1,7 @@
 """Stage 3 of a learned merge: one pass over the experts.
 
-Each expert's task vector goes to the placement (:mod:`.placement`) and, for divmerge, when its teacher must
+Each expert's task vector goes to the placement (:mod:`.placement`): a LoRA expert's, where it is low-rank
+(:mod:`.lowrank`), as the adapter's factors, never as a full tensor; and, for divmerge, when its teacher must
 run (a teacher-cache miss, a causal continuation, ``labels: auto``), its weights are written into the module
 in place (never K live models) and the teacher stage (:mod:`.teacher_store`) runs it on the expert's own
 task's inputs. The module holds theta_0 at the end.
@@ -16,6 +17,7 @@ from ..io.lora import LoraCheckpoint, open_model
 from ..plan import MergePlan
 from ..progress import Reporter
 from .inputs import LearnedInputs
+from .lowrank import DENSE, LOW_RANK, read_factors
 from .model import MergeModule
 from .placement import TaskVectors
 from .teacher_store import TeacherStage
@@ -38,7 +40,7 @@ def run_experts(
         for t in range(len(plan.models)):
             reporter.check()
             run_teacher = teachers is not None and teachers.begin(t)
-            if run_teacher or vectors.keeps_task_vectors:
+            if run_teacher or vectors.needs_expert(t):
                 _load_expert(plan, t, model, vectors, base_ck, device, into_module=run_teacher)
             if teachers is not None:
                 teachers.run(t, model.module)
@@ -64,7 +66,11 @@ def _load_expert(
         if missing:
             raise IncompatibleModelsError([f"{expert.ref.raw!r} has no tensor {m!r}" for m in missing[:20]])
         for n, slot in model.slots.items():
-            keep = vectors.keeps_task_vectors and n in vectors.names
+            kind = vectors.kind(t, n)
+            if kind == LOW_RANK:
+                assert isinstance(ck, LoraCheckpoint)
+                vectors.add_low_rank(t, n, read_factors(ck, n, device))
+            keep = vectors.keeps_task_vectors and kind == DENSE
             if not (keep or into_module):
                 continue
             w = ck.get(n, None, device)  # converted on the device, not on the host

@@ -6,7 +6,10 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 * weights: theta_0, plus the merged weights W (resident: the merged tensors the forward keeps for backward;
   offload/stream: the leaf W), plus dL/dW (resident: all of it; offload/stream: freed tensor by tensor);
 * task vectors: K x the merged tensors (resident: device; offload: host; stream: none), plus for
-  offload/stream a few fp32 copies of the largest tensor in transit;
+  offload/stream a few fp32 copies of the largest tensor in transit. A LoRA expert over the base
+  (:mod:`.lowrank`) counts its factors (fp32, on the device in every placement) and, as dense task
+  vectors, only the tensors its adapter replaces whole; the merged weights and dL/dW are counted only for
+  the tensors some expert changes (``touched``: all of them as soon as one expert is full-weight);
 * activations of one forward/backward (``micro_batch_size`` inputs, or the step's ``batch_size_per_task x K``)
   of ``max_length (+ max_new_tokens)`` tokens: the layers' saved tensors (one layer's worth plus each layer's
   input with ``gradient_checkpointing``), the logits and, for the scored positions, their fp32 copies;
@@ -27,6 +30,7 @@ from ..errors import InsufficientMemoryError
 from ..io.loading import DTYPES
 from ..io.lora import open_model
 from ..plan import MergePlan
+from .lowrank import dense_numel, expert_layouts, factor_bytes, touched
 from .objectives import objective_of
 from .placement import PLACEMENTS
 from .reference import CAUSAL, model_kind
@@ -68,6 +72,20 @@ def estimate_learned_memory(plan: MergePlan, device: torch.device | str) -> dict
     }
 
 
+def placement_needs(plan: MergePlan) -> dict[str, Any]:
+    """What each placement needs (bytes) on a CUDA worker and on a CPU-only one, with no free memory read:
+    the service matches it against the capacities its workers report (``divmerge_service.workers``)."""
+    params = plan.config.parameters
+    parts = _parts(plan, _tensor_sizes(plan), params.micro_batch_size, params.gradient_checkpointing)
+    return {
+        "unit": "bytes",
+        "placement": params.placement,
+        "order": list(PLACEMENTS),
+        "headroom": HEADROOM,
+        "needs": {k: {p: _needs(p, parts, torch.device(k)) for p in PLACEMENTS} for k in ("cuda", "cpu")},
+    }
+
+
 def choose_placement(plan: MergePlan, device: torch.device) -> tuple[str, dict[str, Any]]:
     """The configured placement, or with ``auto`` the fastest that fits; refuses when none fits."""
     estimate = estimate_learned_memory(plan, device)
@@ -99,6 +117,7 @@ def describe(estimate: dict[str, Any]) -> list[str]:
 def _tensor_sizes(plan: MergePlan) -> dict[str, int]:
     assert plan.base is not None
     merged = largest = other = 0
+    floats: dict[str, int] = {}
     with open_model(plan.base, plan.options) as ck:
         for n in plan.tensor_names:
             if n not in ck:
@@ -107,9 +126,19 @@ def _tensor_sizes(plan: MergePlan) -> dict[str, int]:
             if ck.dtype(n).is_floating_point:
                 merged += numel
                 largest = max(largest, numel)
+                floats[n] = numel
             else:
                 other += numel * 8
-    return {"merged": merged, "largest": largest, "other_bytes": other}
+    layouts = expert_layouts(plan)
+    return {
+        "merged": merged,
+        "largest": largest,
+        "other_bytes": other,
+        # elements of the dense task vectors over all experts, fp32 bytes of the low-rank factors
+        "dense_tau": sum(dense_numel(lay, floats) for lay in layouts),
+        "factor_bytes": factor_bytes(layouts),
+        "touched": sum(floats[n] for n in touched(layouts, list(floats))),
+    }
 
 
 def _cfg(config: dict[str, Any], *keys: str, default: int = 0) -> int:
@@ -175,10 +204,13 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
     else:
         outputs = sum(_n_inputs(plan)) * labels * store_b
     model = sizes["merged"] * b + sizes["other_bytes"]
+    del k  # the task vectors are counted per expert (a LoRA expert's are its factors)
     return {
         "model": model,
+        "touched": sizes["touched"] * b,
         "largest_tensor_fp32": sizes["largest"] * 4,
-        "task_vectors": k * sizes["merged"] * b,
+        "task_vectors": sizes["dense_tau"] * b,
+        "low_rank_factors": sizes["factor_bytes"],
         "activations": max(activations, teacher),
         "online_teacher_weights": model if online else 0,
         "teacher_outputs_disk": outputs,
@@ -188,16 +220,16 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
 
 
 def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[str, int]:
-    model, k_tau = parts["model"], parts["task_vectors"]
+    model, k_tau, changed = parts["model"], parts["task_vectors"], parts["touched"]
     # offload/stream: one tensor's task vector, base, expert, sum and dL/dW in fp32 at a time
     transit = 5 * parts["largest_tensor_fp32"]
     if placement == "resident":  # theta_0, the merged tensors, dL/dW, the task vectors
-        on_device, on_host = 3 * model + k_tau, 0
+        on_device, on_host = model + 2 * changed + k_tau, 0
     elif placement == "offload":  # theta_0 and W on the device, the task vectors on the host
-        on_device, on_host = 2 * model + transit, k_tau
+        on_device, on_host = model + changed + transit, k_tau
     else:  # stream: W only (theta_0 is read from the base's file too); one tensor's reads on the host
         on_device, on_host = model + transit, 2 * parts["largest_tensor_fp32"]
-    on_device += parts["activations"] + parts["online_teacher_weights"]
+    on_device += parts["low_rank_factors"] + parts["activations"] + parts["online_teacher_weights"]
     on_host += RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything
         on_host, on_device = on_host + on_device, 0

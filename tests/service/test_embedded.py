@@ -45,7 +45,9 @@ def test_serve_embedded_runs_a_job(svc, tmp_path):
 
     def worker_gone():
         ps = subprocess.run(
-            ["pgrep", "-g", str(server.proc.pid), "-f", "divmerge_worker.embedded"], capture_output=True, text=True
+            ["pgrep", "-g", str(server.proc.pid), "-f", "divmerge_worker.embedded"],
+            capture_output=True,
+            text=True,
         )
         return not ps.stdout.strip()
 

@@ -138,7 +138,9 @@ def test_every_field_round_trips_to_the_worker(svc):
     data = roots / "datasets" / "roundtrip.jsonl"
     data.write_text("".join(json.dumps({"text": t, "x": t}) + "\n" for t in ["a b c", "red blue", "cat dog"]))
     held_out = roots / "datasets" / "roundtrip-eval.jsonl"
-    held_out.write_text("".join(json.dumps({"x": t, "gold": i % 3}) + "\n" for i, t in enumerate(["up", "x y", "9"])))
+    held_out.write_text(
+        "".join(json.dumps({"x": t, "gold": i % 3}) + "\n" for i, t in enumerate(["up", "x y", "9"]))
+    )
     out = roots / "outputs" / "roundtrip"
     config = {
         "merge_method": "divmerge",
