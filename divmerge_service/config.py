@@ -152,7 +152,8 @@ class Settings(BaseSettings):
         "unset: every notify is refused",
     )
     webhook_secret_key: SecretStr | None = Field(
-        None, description="encrypts the teams' webhook secrets at rest; unset: they are stored as is"
+        None,
+        description="encrypts the teams' webhook secrets at rest (Fernet, key derived from it with HKDF-SHA256); unset: they are stored as is",
     )
     webhook_timeout_s: float = Field(
         5.0, gt=0, description="a webhook POST's connect, write and read timeouts (each)"
