@@ -37,7 +37,7 @@ async def validate(raw: bytes, content_type: str | None, settings: Settings, tea
             ok=False, problems=[Problem(code=err.code, message=err.message, field=err.field)]
         )
     request, env = dry_run_request(config, settings)
-    return await _run(json.dumps(request).encode(), env, settings.validate_timeout_s)
+    return await _run(request, env, settings.validate_timeout_s)
 
 
 def dry_run_request(config, settings: Settings) -> tuple[dict, dict[str, str]]:
@@ -56,7 +56,11 @@ def dry_run_request(config, settings: Settings) -> tuple[dict, dict[str, str]]:
     return request, env
 
 
-async def _run(stdin: bytes, env: dict[str, str], timeout_s: float) -> ValidationReport:
+async def spawn_dry_run(
+    request: dict, env: dict[str, str], timeout_s: float
+) -> tuple[int, bytes, bytes] | None:
+    """Run ``python -m divmerge_core.dryrun`` on ``request`` (its exit code, stdout, stderr); None when it did
+    not finish within ``timeout_s`` (then it is killed)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -67,10 +71,17 @@ async def _run(stdin: bytes, env: dict[str, str], timeout_s: float) -> Validatio
         env=env,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(request).encode()), timeout_s)
     except TimeoutError:
         proc.kill()
         await proc.wait()
+        return None
+    return proc.returncode if proc.returncode is not None else -1, out, err
+
+
+async def _run(request: dict, env: dict[str, str], timeout_s: float) -> ValidationReport:
+    done = await spawn_dry_run(request, env, timeout_s)
+    if done is None:
         return ValidationReport(
             ok=False,
             problems=[
@@ -80,9 +91,10 @@ async def _run(stdin: bytes, env: dict[str, str], timeout_s: float) -> Validatio
                 )
             ],
         )
-    if proc.returncode != 0 or len(out) > _MAX_REPORT_BYTES:
+    returncode, out, err = done
+    if returncode != 0 or len(out) > _MAX_REPORT_BYTES:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        log.error("dry run failed (exit %s): %s", proc.returncode, last[0][:300])
+        log.error("dry run failed (exit %s): %s", returncode, last[0][:300])
         raise ApiError(
             503, "unavailable", "the dry run could not run on this server (is the engine installed?)"
         )

@@ -11,10 +11,8 @@ the API cannot resolve, a timeout): the job keeps the method's queue and the wor
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import sys
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -23,7 +21,7 @@ from divmerge_core.config import MergeConfig
 from divmerge_service import workers
 from divmerge_service.config import Settings
 
-from .dryrun import dry_run_request
+from .dryrun import dry_run_request, spawn_dry_run
 from .errors import ApiError
 
 log = logging.getLogger("divmerge.api")
@@ -59,29 +57,16 @@ async def estimate_needs(config: MergeConfig, settings: Settings) -> dict | None
     """The job's needs per placement on a CUDA and a CPU-only worker, or None if they cannot be estimated."""
     request, env = dry_run_request(config, settings)
     request["mode"] = "placements"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "divmerge_core.dryrun",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(json.dumps(request).encode()), settings.validate_timeout_s
-        )
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+    done = await spawn_dry_run(request, env, settings.validate_timeout_s)
+    if done is None:
         log.warning(
             "memory estimate timed out after %.0fs: the job keeps its method's queue",
             settings.validate_timeout_s,
         )
         return None
+    returncode, out, err = done
     try:
-        report = json.loads(out) if proc.returncode == 0 else None
+        report = json.loads(out) if returncode == 0 else None
     except ValueError:
         report = None
     if not report or not report.get("ok"):
