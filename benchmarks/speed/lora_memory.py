@@ -154,8 +154,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Learned merges of LoRA experts: memory (issue 21, item 3)",
         "",
-        f"{meta['date']}, engine `{meta.get('engine_commit')}`, {meta['cpus']} CPUs shared with another long "
-        f"CPU benchmark (timings are indicative only; memory is not affected), torch {meta.get('torch')}. "
+        f"{meta['date']}, engine `{meta.get('engine_commit')}`, {meta['cpus']} CPUs ("
+        f"{meta.get('conditions') or 'conditions not recorded'}), torch {meta.get('torch')}. "
         f"Command: `{data['command']}`.",
         "",
         f"Layer-level DivMerge, K={data['k']} experts of the SmolLM2-135M base"
@@ -199,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--keep", action="store_true", help="keep the built experts under --work")
+    ap.add_argument(
+        "--conditions", default="", help="how busy the machine was, written into the report (e.g. 'quiet')"
+    )
     args = ap.parse_args(argv)
     base = build(args.base.resolve(), args.work, args.k, args.rank, args.layers)
     lora = [f"{base}+{args.work / f'lora{t}'}" for t in range(args.k)]
     full = [str(args.work / f"full{t}") for t in range(args.k)]
     data: dict[str, Any] = {
-        "meta": _meta(False, 0),
+        "meta": {**_meta(False, 0), "conditions": args.conditions},
         "command": "python -m benchmarks.speed.lora_memory "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "k": args.k,
