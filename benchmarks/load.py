@@ -49,6 +49,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+# the same loopback process helpers as the service tests (127.0.0.1 only)
+from tests.service.procs import free_port, port_open, wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -57,32 +60,6 @@ HOST = "127.0.0.1"  # loopback only: every server binds here and every client co
 POOL_SIZE, MAX_OVERFLOW = 5, 5
 ROUTES = ("POST /v1/merges", "GET /v1/merges/{id}", "GET /v1/merges", "GET /v1/merges/{id}/events")
 APP_API, APP_WORKER, APP_SAMPLER = "divmerge-load-api", "divmerge-load-worker", "divmerge-load-sampler"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((HOST, port)) == 0
-
-
-def _wait_until(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def git_commit() -> str:
@@ -149,13 +126,13 @@ class Topology:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
         self.db_created = True
-        self.redis_port = _free_port()
+        self.redis_port = free_port()
         self.redis = subprocess.Popen(
             ["redis-server", "--port", str(self.redis_port), "--bind", HOST, "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
             stdout=self._log("redis"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        _wait_until(lambda: _port_open(self.redis_port), 20, "redis-server")
+        wait_until(lambda: port_open(self.redis_port), 20, what="redis-server")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DIVMERGE_", "HF_", "PG"))}
         env.update(
             DIVMERGE_HOME=str(self.workdir / "home"),
@@ -177,7 +154,7 @@ class Topology:
         migrate(self.db_url)
         self._make_tokens()
         get_engine(self.db_url).dispose()  # this process's connections are not the service's
-        self.api_port = _free_port()
+        self.api_port = free_port()
         say(f"starting uvicorn --workers {self.api_workers} and {self.celery_workers} Celery workers")
         self.api = subprocess.Popen(
             [str(BIN / "uvicorn"), "--factory", "divmerge_api.main:create_app", "--host", HOST,
@@ -241,7 +218,7 @@ class Topology:
 
     def _wait_logged(self, pred, timeout: float, what: str, log: str) -> None:
         try:
-            _wait_until(pred, timeout, what)
+            wait_until(pred, timeout, what=what)
         except TimeoutError as err:
             tail = (self.workdir / f"{log}.log").read_text(errors="replace")[-2000:]
             raise TimeoutError(f"{err}; the end of {log}.log:\n{tail}") from None
@@ -501,7 +478,7 @@ def drain(topo: Topology, timeout: float) -> float:
             return n == 0
 
         with contextlib.suppress(TimeoutError):
-            _wait_until(done, timeout, "every job to finish", interval=0.5)
+            wait_until(done, timeout, interval=0.5, what="every job to finish")
     return time.monotonic() - start
 
 
