@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu.run import RESULTS, ROOT, _meta
+from benchmarks.speed.learned_memory import runtime_rss_gib
 
 GiB = float(1 << 30)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -137,16 +138,6 @@ def _params(folder: Path) -> int:
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-
-
-def runtime_rss_gib() -> float:
-    code = (
-        "import resource, torch, transformers, divmerge_core.learned, divmerge_core.pipeline; "
-        "from transformers import AutoModelForCausalLM; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
 def render(data: dict[str, Any]) -> str:
