@@ -85,17 +85,46 @@ def test_tokenizer_gives_exact_sequence_length(family):
     assert model(**enc).logits.shape == (3, 2)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", list(configs.METHOD_SPECS))
 def test_classic_config_is_valid_for_our_schema(family, tmp_path, method):
     from divmerge_core.config import load_config
+    from divmerge_core.methods.registry import METHODS
 
     base, experts = family
+    spec = configs.METHOD_SPECS[method]
     cfg = configs.classic_config(method, base, experts)
-    assert ("base_model" in cfg) == (method != "linear")
-    assert all(("density" in m["parameters"]) == (method == "ties") for m in cfg["models"])
+    assert ("base_model" in cfg) == spec.base
+    assert all(("density" in m.get("parameters", {})) == ("density" in spec.per_model) for m in cfg["models"])
     parsed = load_config(configs.write_yaml(cfg, tmp_path / "c.yaml"))
     assert parsed.merge_method == method
-    assert len(parsed.task_models()) == 2
+    assert len(cfg["models"]) == (spec.n_models or len(experts))
+    assert METHODS[method].name == method
+
+
+def test_every_classic_method_has_a_benchmark_spec():
+    from divmerge_core.methods.registry import METHODS
+
+    learned = {"divmerge", "adamerging"}
+    assert set(configs.METHOD_SPECS) == set(METHODS) - learned
+
+
+def test_floor_reads_every_input_and_writes_the_first(family, tmp_path):
+    import subprocess
+
+    base, experts = family
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed.floor", "--inputs", str(base), *map(str, experts),
+         "--out", str(tmp_path / "f")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    sizes = sum((d / "model.safetensors").stat().st_size for d in (base, *experts))
+    assert data["inputs"] == 3 and 0.9 * sizes < data["read_bytes"] <= sizes
+    assert compare_checkpoints(tmp_path / "f", base)["max_abs_diff"] == 0
+    rows = [{"size": "tiny", "k": 2, "rc": 0, "wall_s": 2.0, "user_s": 1.0, "sys_s": 0.1,
+             "max_rss_mb": 100.0, "floor": data}]  # fmt: skip
+    assert report.floor_summary(rows)["wall_s"] == 2.0
+    assert "| tiny | 3 |" in "\n".join(report.floor_table(rows))
 
 
 def test_divmerge_config_is_valid(family):
@@ -219,6 +248,26 @@ def test_report_and_verdict_render():
     md = report.render_markdown(data)
     assert "| tiny | 2 | task_arithmetic | divmerge | 1.00 |" in md and "failed: boom" in md
     assert report.summarise_runs([{"rc": 1, "stderr_tail": "bad"}]) == {"ok": False, "n": 0, "error": "bad"}
+
+
+def test_methods_table_puts_each_method_beside_mergekit_and_the_floor():
+    ties = _row("divmerge", 3.0, 100.0, wall_ratio=0.15, cpu_ratio=0.2, rss_ratio=0.3, anon_ratio=0.3)
+    ties.update(
+        method="ties", k_used=2, vs_mergekit={"max_abs_diff": 0.0, "only_in_first": [], "only_in_second": []}
+    )
+    dare = dict(_row("divmerge", 9.0, 100.0), method="dare_ties", k_used=2, vs_mergekit={"note": "random"})
+    floor_rows = [{"size": "tiny", "k": 2, "rc": 0, "wall_s": 2.0, "user_s": 1.0, "sys_s": 0.0, "max_rss_mb": 50.0,
+                   "floor": {"import_s": 1.0, "read_s": 0.5, "write_s": 0.2, "read_bytes": 10**9}}]  # fmt: skip
+    data = {"meta": {"date": "now", "engine_commit": "abc"}, "floor": floor_rows,
+            "methods": [ties, dict(_row("mergekit", 20.0, 300.0), method="ties"), dare],
+            "section_runs": {"methods": {"engine_commit": "abc"}, "floor": {"engine_commit": "old", "date": "d"}}}  # fmt: skip
+    md = report.render_markdown(data)
+    assert "| ties | 2 | 3.00 | 20.00 | 0.15 |" in md and "| 1.50 | 0 |" in md  # 3 s over the 2 s floor
+    assert "| dare_ties | 2 | 9.00 | — |" in md and "random masks: not compared" in md
+    assert "_From an earlier run: engine old, d._" in md  # the floor section came from another engine
+    lines = verdict(data)
+    assert any("ties (methods table): wall ours/mergekit 0.15 (target <= 0.1: MISSED)" in v for v in lines)
+    assert any("1 of 2 methods; over it: dare_ties 4.5x" in v for v in lines)
 
 
 def test_quick_plan_is_small():

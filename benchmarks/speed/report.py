@@ -81,6 +81,82 @@ def learned_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def floor_summary(rows: list[dict]) -> dict[str, Any] | None:
+    """Median process wall / CPU / RSS and in-process read+write seconds of the floor runs."""
+    ok = [r for r in rows if r.get("rc") == 0 and r.get("floor")]
+    if not ok:
+        return None
+    return {
+        "size": ok[0]["size"],
+        "k": ok[0]["k"],
+        "n": len(ok),
+        "wall_s": median([r["wall_s"] for r in ok]),
+        "cpu_s": median([(r.get("user_s") or 0.0) + (r.get("sys_s") or 0.0) for r in ok]),
+        "max_rss_mb": median([r["max_rss_mb"] or 0.0 for r in ok]),
+        "import_s": median([r["floor"]["import_s"] for r in ok]),
+        "read_write_s": median([r["floor"]["read_s"] + r["floor"]["write_s"] for r in ok]),
+        "read_gb": ok[0]["floor"]["read_bytes"] / 1e9,
+    }
+
+
+def floor_table(rows: list[dict]) -> list[str]:
+    f = floor_summary(rows)
+    if f is None:
+        return ["The floor run failed: see the results .json."]
+    return [
+        "| size | K+1 inputs read | GB read | process wall s (median) | runs | in-process read + write s "
+        "| torch import s | CPU s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {f['size']} | {f['k'] + 1} | {f['read_gb']:.2f} | {_fmt(f['wall_s'])} | {f['n']} | "
+        f"{_fmt(f['read_write_s'])} | {_fmt(f['import_s'])} | {_fmt(f['cpu_s'])} | {_fmt(f['max_rss_mb'], 0)} |",
+    ]
+
+
+def _check(c: dict | None) -> str:
+    if not c:
+        return "—"
+    if "error" in c:
+        return f"error: {c['error']}"
+    if "note" in c:
+        return "random masks: not compared"
+    only = len(c["only_in_first"]) + len(c["only_in_second"])
+    return f"{c['max_abs_diff']:.3g}" + (f" ({only} names on one side)" if only else "")
+
+
+def methods_table(rows: list[dict], floor_rows: list[dict]) -> list[str]:
+    """One line per method: ours and mergekit side by side, ours over the I/O floor, the cross-check."""
+    f = floor_summary(floor_rows)
+    by = {(r["method"], r["tool"]): r for r in rows}
+    lines = [
+        "| method | K used | ours wall s | mergekit wall s | wall ours/mk | ours CPU s | mergekit CPU s "
+        "| ours RSS MiB | mergekit RSS MiB | RSS ours/mk | ours / I/O floor | max abs diff vs mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ours, mk = by.get((method, "divmerge")), by.get((method, "mergekit"))
+        o = ours["summary"] if ours else {}
+        m = mk["summary"] if mk else {}
+        k_used = (ours or mk or {}).get("k_used", "—")
+        over_floor = ratio(o.get("wall_s"), f["wall_s"]) if f and o.get("ok") else None
+        lines.append(
+            f"| {method} | {k_used} | {_fmt(o.get('wall_s')) if o.get('ok') else 'failed'} | "
+            f"{_fmt(m.get('wall_s')) if m.get('ok') else ('failed' if mk else '—')} | "
+            f"{_fmt(ours.get('wall_ratio') if ours else None)} | {_fmt(o.get('cpu_s'))} | {_fmt(m.get('cpu_s'))} | "
+            f"{_fmt(o.get('max_rss_mb'), 0)} | {_fmt(m.get('max_rss_mb'), 0)} | "
+            f"{_fmt(ours.get('rss_ratio') if ours else None)} | {_fmt(over_floor)} | "
+            f"{_check(ours.get('vs_mergekit') if ours else None)} |"
+        )
+    return lines
+
+
+def _stamp(results: dict[str, Any], section: str) -> list[str]:
+    run = results.get("section_runs", {}).get(section)
+    engine = results.get("meta", {}).get("engine_commit")
+    if not run or run.get("engine_commit") == engine:
+        return []
+    return [f"_From an earlier run: engine {run.get('engine_commit')}, {run.get('date')}._", ""]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     out = ["# Speed and memory benchmark", ""]
@@ -94,15 +170,39 @@ def render_markdown(results: dict[str, Any]) -> str:
     out.append("")
     if results.get("headline"):
         out += ["## Classic merges: ours vs mergekit (same checkpoints, same config)", ""]
+        out += _stamp(results, "headline")
         out += classic_table(results["headline"])
         out.append("")
+    if results.get("floor"):
+        out += ["## The I/O floor: read the K+1 inputs once, write one output, merge nothing", ""]
+        out += _stamp(results, "floor")
+        out += floor_table(results["floor"])
+        out.append("")
+    if results.get("methods"):
+        f = floor_summary(results.get("floor", []))
+        shape = f"{results['methods'][0]['size']}, K={results['methods'][0]['k']} experts built"
+        out += [f"## Every classic method, ours vs mergekit ({shape}; one fresh process per run)", ""]
+        out += _stamp(results, "methods")
+        out += methods_table(results["methods"], results.get("floor", []))
+        out.append("")
+        if f:
+            out.append(
+                f"'ours / I/O floor' divides our wall time by the floor's process wall time "
+                f"({f['wall_s']:.2f} s, of which {f['import_s']:.2f} s import torch): both are fresh processes on "
+                "the same warm page cache. Methods that take fewer experts ('K used') read fewer inputs than the floor."
+            )
+            out.append("")
     if results.get("correctness"):
         out += ["## Correctness cross-check vs mergekit (max |ours − mergekit| over all tensors)", ""]
+        out += _stamp(results, "correctness")
         out += [
             "| method | size | K | tensors | max abs diff | max rel diff | worst tensor | names only on one side |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in results["correctness"]:
+            if "note" in c:
+                out.append(f"| {c['method']} | {c.get('size')} | {c.get('k')} | {c['note']} | | | | |")
+                continue
             if "error" in c:
                 out.append(
                     f"| {c['method']} | {c.get('size')} | {c.get('k')} | error: {c['error']} | | | | |"
@@ -116,6 +216,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append("")
     if results.get("learned"):
         out += ["## Learned merging: DivMerge step vs FusionBench layer-wise AdaMerging step", ""]
+        out += _stamp(results, "learned")
         out += learned_table(results["learned"])
         out.append("")
         for note in results.get("learned_notes", []):
@@ -123,10 +224,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append("")
     if results.get("scaling"):
         out += ["## Scaling of the classic merge (task_arithmetic) with K and model size", ""]
+        out += _stamp(results, "scaling")
         out += classic_table(results["scaling"])
         out.append("")
     if results.get("learned_scaling"):
         out += ["## DivMerge step time vs K", ""]
+        out += _stamp(results, "learned_scaling")
         out += learned_table(results["learned_scaling"])
         out.append("")
     if results.get("verdict"):

@@ -15,12 +15,15 @@ from typing import Any
 from .checkpoints import CACHE, SIZES, make_family
 from .classic import MERGEKIT_VENV, ROOT, engine_env, engine_snapshot, mergekit_available, run_classic
 from .compare import compare_checkpoints
+from .configs import METHOD_SPECS
 from .measure import median
-from .report import plot, ratio, render_markdown, summarise_runs
+from .report import floor_summary, plot, ratio, render_markdown, summarise_runs
 
 RESULTS = ROOT / "benchmarks" / "results"
 FUSIONBENCH_VENV = ROOT / "benchmarks" / ".venvs" / "fusionbench"
-SECTIONS = ("headline", "correctness", "learned", "scaling", "learned_scaling")
+SECTIONS = ("headline", "floor", "methods", "correctness", "learned", "scaling", "learned_scaling")
+#: Every classic method, in the order of the per-method table.
+CLASSIC_METHODS = list(METHOD_SPECS)
 #: The frozen engine copy every measurement of this run uses (set by main()).
 SNAPSHOT: Path | None = None
 ENGINE_SHA: str | None = None
@@ -33,6 +36,8 @@ def plan_for(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "headline": {"size": "25M", "k": 4, "methods": ["task_arithmetic", "ties"], "reps": 1},
+            "floor": {"size": "25M", "k": 4, "reps": 1},
+            "methods": {"size": "25M", "k": 4, "methods": CLASSIC_METHODS, "reps": 1},
             "correctness": {"size": "25M", "k": 4, "methods": ["linear", "task_arithmetic", "ties"]},
             "learned": {"size": "25M", "k": 2, "batch": 2, "seq_len": 32, "steps": 3},
             "scaling": {"sizes": ["25M"], "ks": [2, 4], "reps": 1, "mergekit": True},
@@ -46,6 +51,9 @@ def plan_for(quick: bool) -> dict[str, Any]:
             "reps": 3,
             "reps_by_method": {"ties": 2},
         },
+        "floor": {"size": "gpt2-124M", "k": 4, "reps": 3},
+        # every classic method on the headline's shape, one run each, with its cross-check vs mergekit
+        "methods": {"size": "gpt2-124M", "k": 4, "methods": CLASSIC_METHODS, "reps": 1},
         "correctness": {"size": "gpt2-124M", "k": 4, "methods": ["linear", "task_arithmetic", "ties"]},
         "learned": {"size": "100M", "k": 4, "batch": 4, "seq_len": 64, "steps": 4},
         "scaling": {
@@ -151,6 +159,7 @@ def classic_rows(
                 "size": size,
                 "params_m": round(SIZES[size].n_params / 1e6, 1),
                 "k": k,
+                "k_used": min(k, METHOD_SPECS[method].n_models or k),
                 "method": method,
                 "tool": tool,
                 "summary": summaries[tool],
@@ -189,6 +198,53 @@ def correctness(res: Results, size: str, k: int, methods: list[str]) -> None:
             cmp.update({"method": method, "size": size, "k": k})
             print(f"  correctness {method}: max abs diff {cmp.get('max_abs_diff')}", flush=True)
             res.add("correctness", cmp)
+
+
+def floor(res: Results, size: str, k: int, reps: int) -> None:
+    """The I/O floor (:mod:`benchmarks.speed.floor`): the K+1 inputs read once, one output written."""
+    from .classic import warm_cache
+    from .measure import run_measured
+
+    base, experts = make_family(size, k)
+    for rep in range(reps):
+        out = CACHE / "runs" / f"floor-{size}-K{k}"
+        cmd = [sys.executable, "-m", "benchmarks.speed.floor", "--inputs", str(base), *map(str, experts)]
+        warm_cache([base, *experts])
+        subprocess.run(["sync"], check=False)
+        m = run_measured([*cmd, "--out", str(out)], env=engine_env(None), cwd=ROOT, timeout=1800)
+        line = next((ln for ln in reversed(m.stdout.splitlines()) if ln.startswith("{")), None)
+        row: dict[str, Any] = {"size": size, "k": k, "rep": rep, **m.to_json()}
+        row["floor"] = json.loads(line) if m.rc == 0 and line else None
+        print(
+            f"  floor {size} K={k} rep {rep + 1}/{reps}: rc={m.rc} wall={m.wall_s:.1f}s {row['floor']}",
+            flush=True,
+        )
+        res.add("floor", row)
+
+
+def methods(res: Results, size: str, k: int, names: list[str], reps: int, tools: list[str]) -> None:
+    """Every method side by side with mergekit, each output cross-checked against mergekit's."""
+    for method in names:
+        rows = classic_rows(res, "methods", size, k, [method], reps, tools)
+        if "mergekit" not in tools:
+            continue
+        ours_row = next(r for r in rows if r["tool"] == "divmerge")
+        outs = [Path(r["runs"][-1]["extra"]["out"]) for r in rows if r["runs"]]
+        if not all(r["summary"].get("ok") for r in rows):
+            check: dict[str, Any] = {"error": "a tool failed"}
+        elif METHOD_SPECS[method].randomised:
+            check = {"note": RANDOMISED_NOTE}
+        else:
+            check = compare_checkpoints(*outs)
+            print(f"  vs mergekit {method}: max abs diff {check.get('max_abs_diff')}", flush=True)
+        ours_row["vs_mergekit"] = check  # the row object res holds: saved below
+        res.save()
+
+
+RANDOMISED_NOTE = (
+    "randomised masks (mergekit draws from torch's global generator, we from a per-tensor seed): "
+    "not compared tensor by tensor; tests/test_mergekit_compat.py checks the kept fraction and rescaling"
+)
 
 
 # --- learned -------------------------------------------------------------------------------------------
@@ -255,6 +311,8 @@ def learned(res: Results, spec: dict, fusionbench: bool) -> None:
 # --- verdict -------------------------------------------------------------------------------------------
 #: The engine's stated targets (issue 12): (wall ratio, peak-RSS ratio) ours/mergekit; other methods: parity.
 CLASSIC_TARGETS = {"task_arithmetic": (0.3, 0.3), "ties": (0.1, 0.3)}
+#: Issue 21: every classic method within this factor of the I/O floor's wall time.
+FLOOR_TARGET = 2.0
 
 
 def verdict(data: dict[str, Any]) -> list[str]:
@@ -271,6 +329,30 @@ def verdict(data: dict[str, Any]) -> list[str]:
             f"peak RSS ours/mergekit = {row['rss_ratio']:.2f} (target <= {max_rss}: "
             f"{'met' if ok_m else 'MISSED'}; anonymous-memory ratio {row['anon_ratio']:.2f})"
         )
+    f = floor_summary(data.get("floor", []))
+    for row in data.get("methods", []):
+        if row["tool"] != "divmerge" or not row["summary"].get("ok"):
+            continue
+        if row["method"] in CLASSIC_TARGETS and row.get("wall_ratio") is not None:
+            max_wall, max_rss = CLASSIC_TARGETS[row["method"]]
+            out.append(
+                f"{row['method']} (methods table): wall ours/mergekit {row['wall_ratio']:.2f} (target <= {max_wall}: "
+                f"{'met' if row['wall_ratio'] <= max_wall else 'MISSED'}), RSS {row['rss_ratio']:.2f} "
+                f"(target <= {max_rss}: {'met' if row['rss_ratio'] <= max_rss else 'MISSED'})"
+            )
+    if f:
+        over = {
+            r["method"]: r["summary"]["wall_s"] / f["wall_s"]
+            for r in data.get("methods", [])
+            if r["tool"] == "divmerge" and r["summary"].get("ok")
+        }
+        if over:
+            missed = sorted((m for m, v in over.items() if v > FLOOR_TARGET), key=over.get)
+            out.append(
+                f"within {FLOOR_TARGET}x of the I/O floor ({f['wall_s']:.2f} s): "
+                f"{len(over) - len(missed)} of {len(over)} methods"
+                + (f"; over it: {', '.join(f'{m} {over[m]:.1f}x' for m in missed)}" if missed else "")
+            )
     learned_rows = [r for r in data.get("learned", []) if r.get("ok")]
     fb = next((r for r in learned_rows if r["tool"] == "fusionbench"), None)
     for r in learned_rows:
@@ -308,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--reuse-mergekit", type=Path, default=None, help="reuse mergekit runs from this results .json"
     )
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods section's methods")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md/.png from the results .json")
     args = ap.parse_args(argv)
     if args.render_only:
@@ -322,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps:
         plan["headline"]["reps"] = args.reps
         plan["headline"].pop("reps_by_method", None)
+    if args.methods:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in METHOD_SPECS]
+        if unknown:
+            ap.error(f"unknown methods {unknown}; known: {', '.join(METHOD_SPECS)}")
+        plan["methods"]["methods"] = chosen
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
@@ -335,11 +424,22 @@ def main(argv: list[str] | None = None) -> int:
                 res.data[key] = old[key]
         res.data["meta"]["earlier_runs"] = [*old["meta"].get("earlier_runs", []), old["meta"]]
         res.data["notes"] = old.get("notes", [])
+        res.data["section_runs"] = {
+            key: run for key, run in old.get("section_runs", {}).items() if key not in sections
+        }
+        for key in SECTIONS:  # sections of runs older than this record: stamped with that run's meta
+            if key in old and key not in sections and key not in res.data["section_runs"]:
+                res.data["section_runs"][key] = {
+                    "engine_commit": old["meta"].get("engine_commit"),
+                    "date": old["meta"].get("date"),
+                }
     res.data["plan"] = plan
     global SNAPSHOT, ENGINE_SHA
     SNAPSHOT, sha = engine_snapshot(args.engine_ref)
     ENGINE_SHA = sha
     res.data["meta"]["engine_commit"] = sha
+    stamp = {"engine_commit": sha, "date": res.data["meta"]["date"]}
+    res.data.setdefault("section_runs", {}).update({key: stamp for key in sections})
     print(f"engine: divmerge_core at {sha} (frozen copy in {SNAPSHOT})", flush=True)
     if args.reuse_mergekit and args.reuse_mergekit.exists():
         old_data = json.loads(args.reuse_mergekit.read_text(encoding="utf-8"))
@@ -362,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         classic_rows(
             res, "headline", h["size"], h["k"], h["methods"], h["reps"], tools, h.get("reps_by_method")
         )
+    if "floor" in sections:
+        f = plan["floor"]
+        print(f"[floor] {f}", flush=True)
+        floor(res, f["size"], f["k"], f["reps"])
+    if "methods" in sections:
+        m = plan["methods"]
+        print(f"[methods] {m}", flush=True)
+        methods(res, m["size"], m["k"], m["methods"], m["reps"], tools)
     if "correctness" in sections and have_mk:
         c = plan["correctness"]
         print(f"[correctness] {c}", flush=True)
