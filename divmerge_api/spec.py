@@ -12,7 +12,14 @@ from typing import Any
 
 import yaml
 
-from divmerge_core.config import LEARNED_METHODS, MergeConfig, compare_config, parse_config
+from divmerge_core.config import (
+    LEARNED_METHODS,
+    TOKENIZER_KINDS,
+    MergeConfig,
+    ModelTokenEmbedding,
+    compare_config,
+    parse_config,
+)
 from divmerge_core.errors import ConfigError, DivMergeError
 from divmerge_core.io.paths import check_folder, check_local_path, strip_scheme
 from divmerge_core.io.refs import is_local_model, split_lora
@@ -224,9 +231,27 @@ def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
     it: :func:`divmerge_core.io.refs.is_local_model`, so a bare folder name meets the allow-list here)."""
     models = [("base_model", config.base_model)] if config.base_model else []
     models += [(f"models.{i}.model", m.model) for i, m in enumerate(config.models)]
+    models += _tokenizer_models(config)
     # a LoRA expert 'base+adapter': each side checked on its own
     parts = [(field, part) for field, raw in models for part in _lora_parts(raw)]
     return [(field, raw) for field, raw in parts if is_local_model(raw)]
+
+
+def _tokenizer_models(config: MergeConfig) -> list[tuple[str, str]]:
+    """(field, reference) of the models the tokenizer settings read: a ``tokenizer_source`` /
+    ``tokenizer.source`` model and each ``model_token`` embedding's model (they need not be merged)."""
+    out = []
+    field = "tokenizer_source" if config.tokenizer is None else "tokenizer.source"
+    spec = config.tokenizer_spec
+    if spec is not None and spec.source not in TOKENIZER_KINDS:
+        out.append((field, spec.source.removeprefix("model:").strip()))
+    for token, embedding in ((spec.tokens if spec is not None else None) or {}).items():
+        where = f"tokenizer.tokens.{token}.source"
+        if isinstance(embedding.source, str):  # a model of the merge: checked there too
+            out.append((where, embedding.source))
+        elif isinstance(embedding.source, ModelTokenEmbedding):
+            out.append((f"{where}.model", embedding.source.model))
+    return out
 
 
 def _lora_parts(raw: str) -> list[str]:
