@@ -1,7 +1,7 @@
 """The I/O floor of a classic merge: read K+1 checkpoints once, write one, merge nothing.
 
 ``python -m benchmarks.speed.floor --inputs BASE EXPERT... --out DIR`` reads every tensor of every input
-(safetensors, as both tools read them), writes the first input's tensors to ``DIR/model.safetensors`` and
+(safetensors, as both tools read them, each copied into memory once), writes the first input's tensors to ``DIR/model.safetensors`` and
 prints one JSON line: the seconds spent importing torch and safetensors, reading, writing and in all. No
 merge can be faster than this on the same files and page cache; ``run.py`` measures it in a fresh process
 like every merge, so the wall time includes interpreter start-up too.
@@ -29,10 +29,12 @@ def read_all(folder: Path, keep: bool) -> tuple[dict[str, torch.Tensor], int]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                t = h.get_tensor(name)
+                # a copy: get_tensor may hand back a view of the file's mapping, which reads nothing yet
+                t = h.get_tensor(name).clone()
                 n_bytes += t.numel() * t.element_size()
                 if keep:
                     kept[name] = t
+                del t
     return kept, n_bytes
 
 
