@@ -16,7 +16,6 @@ from divmerge_core.config import (
     LEARNED_METHODS,
     TOKENIZER_KINDS,
     MergeConfig,
-    ModelTokenEmbedding,
     compare_config,
     parse_config,
 )
@@ -238,20 +237,13 @@ def _local_models(config: MergeConfig) -> list[tuple[str, str]]:
 
 
 def _tokenizer_models(config: MergeConfig) -> list[tuple[str, str]]:
-    """(field, reference) of the models the tokenizer settings read: a ``tokenizer_source`` /
-    ``tokenizer.source`` model and each ``model_token`` embedding's model (they need not be merged)."""
-    out = []
-    field = "tokenizer_source" if config.tokenizer is None else "tokenizer.source"
+    """(field, reference) of a ``tokenizer_source`` / ``tokenizer.source`` model: it need not be merged.
+    (A ``tokens`` row's model must be a model of the merge: the config refuses any other.)"""
     spec = config.tokenizer_spec
-    if spec is not None and spec.source not in TOKENIZER_KINDS:
-        out.append((field, spec.source.removeprefix("model:").strip()))
-    for token, embedding in ((spec.tokens if spec is not None else None) or {}).items():
-        where = f"tokenizer.tokens.{token}.source"
-        if isinstance(embedding.source, str):  # a model of the merge: checked there too
-            out.append((where, embedding.source))
-        elif isinstance(embedding.source, ModelTokenEmbedding):
-            out.append((f"{where}.model", embedding.source.model))
-    return out
+    if spec is None or spec.source in TOKENIZER_KINDS:
+        return []
+    field = "tokenizer_source" if config.tokenizer is None else "tokenizer.source"
+    return [(field, spec.source.removeprefix("model:").strip())]
 
 
 def _lora_parts(raw: str) -> list[str]:
