@@ -157,6 +157,11 @@ def _stamp(results: dict[str, Any], section: str) -> list[str]:
     return [f"_From an earlier run: engine {run.get('engine_commit')}, {run.get('date')}._", ""]
 
 
+def _section(results: dict[str, Any], key: str, title: str, body: list[str]) -> list[str]:
+    """A titled section: its earlier-run stamp, its lines and a blank line."""
+    return [title, "", *_stamp(results, key), *body, ""]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     out = ["# Speed and memory benchmark", ""]
@@ -169,15 +174,19 @@ def render_markdown(results: dict[str, Any]) -> str:
             out.append(f"- **{k}**: {meta[k]}")
     out.append("")
     if results.get("headline"):
-        out += ["## Classic merges: ours vs mergekit (same checkpoints, same config)", ""]
-        out += _stamp(results, "headline")
-        out += classic_table(results["headline"])
-        out.append("")
+        out += _section(
+            results,
+            "headline",
+            "## Classic merges: ours vs mergekit (same checkpoints, same config)",
+            classic_table(results["headline"]),
+        )
     if results.get("floor"):
-        out += ["## The I/O floor: read the K+1 inputs once, write one output, merge nothing", ""]
-        out += _stamp(results, "floor")
-        out += floor_table(results["floor"])
-        out.append("")
+        out += _section(
+            results,
+            "floor",
+            "## The I/O floor: read the K+1 inputs once, write one output, merge nothing",
+            floor_table(results["floor"]),
+        )
     if results.get("methods"):
         f = floor_summary(results.get("floor", []))
         shape = f"{results['methods'][0]['size']}, K={results['methods'][0]['k']} experts built"
@@ -223,15 +232,19 @@ def render_markdown(results: dict[str, Any]) -> str:
             out.append(f"- {note}")
         out.append("")
     if results.get("scaling"):
-        out += ["## Scaling of the classic merge (task_arithmetic) with K and model size", ""]
-        out += _stamp(results, "scaling")
-        out += classic_table(results["scaling"])
-        out.append("")
+        out += _section(
+            results,
+            "scaling",
+            "## Scaling of the classic merge (task_arithmetic) with K and model size",
+            classic_table(results["scaling"]),
+        )
     if results.get("learned_scaling"):
-        out += ["## DivMerge step time vs K", ""]
-        out += _stamp(results, "learned_scaling")
-        out += learned_table(results["learned_scaling"])
-        out.append("")
+        out += _section(
+            results,
+            "learned_scaling",
+            "## DivMerge step time vs K",
+            learned_table(results["learned_scaling"]),
+        )
     if results.get("verdict"):
         out += ["## Targets", ""]
         out += [f"- {v}" for v in results["verdict"]]
