@@ -11,9 +11,11 @@ from benchmarks.quality.harness import merge_config, run_key
 from benchmarks.quality.llm import (
     ANSWERS,
     INSTRUCTIONS,
+    LLM_RECIPES,
     LlmRecipe,
     answer_loss,
     eval_set,
+    for_device,
     instruction,
     prompt_ids,
 )
@@ -174,3 +176,17 @@ def test_the_track_scores_a_folder_through_the_engine(tmp_path) -> None:
     assert scores.n == 3 and len(scores.correct) == len(scores.unparsed) == 3
     # the tiny vocabulary has neither answer word: every answer is unparsed, hence wrong
     assert scores.unparsed == [True] * 3 and scores.correct == [False] * 3
+
+
+def test_bf16_autocast_only_where_the_cpu_runs_it_natively(monkeypatch) -> None:
+    """Emulated CPU bf16 is 13-17x slower than fp32: the recipe falls back to fp32, under its own cache key."""
+    recipe = LLM_RECIPES["cpu"]
+    assert recipe.bf16
+    cpu = torch.device("cpu")
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)  # a CPU without native bf16 (hardware probe)
+    plain = for_device(recipe, cpu, log=lambda _: None)
+    assert not plain.bf16 and plain.key("base") != recipe.key("base")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert for_device(recipe, cpu, log=lambda _: None) == recipe
+    assert for_device(LLM_RECIPES["quick"], cpu, log=lambda _: None) == LLM_RECIPES["quick"]
