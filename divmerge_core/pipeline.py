@@ -161,9 +161,11 @@ def prepare(
     if config.method.learned:
         from .learned import resolve_label_masks
         from .learned.reference import require_tokenizer
+        from .learned.trimming import check_plan
 
         require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
+        check_plan(plan)  # trimmed task vectors need dense ones (no LoRA factors)
     reporter.report("validate", 1, 1)
     return plan
 
