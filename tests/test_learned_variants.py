@@ -1,10 +1,11 @@
 """Learned-merge variants past the paper (docs/engine.md#learned-merge-variants): coefficients learned over
-trimmed or sign-resolved task vectors (``tau_sparsify``, ``tau_density``, ``tau_consensus``), on tiny BERT
-classifiers (CPU)."""
+trimmed or sign-resolved task vectors (``tau_sparsify``, ``tau_density``, ``tau_consensus``) and tensor
+coefficients pulled toward their layer's mean (``pull``), on tiny BERT classifiers (CPU)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from divmerge_core.io.loading import Checkpoint
 from divmerge_core.learned import learn_coefficients
 from divmerge_core.learned import placement as placement_mod
 from divmerge_core.learned.apply import merged_tensor
+from divmerge_core.learned.grouping import layer_group
+from divmerge_core.learned.pull import layer_pull, layer_spread
 from divmerge_core.learned.trimming import TauRule, tau_rule
 from divmerge_core.methods import sparsify as sp
 from divmerge_core.methods.learned_parameters import LearnedParameters
@@ -162,7 +165,7 @@ def test_every_placement_follows_the_resident_trajectory(family, placement):
 
 def test_none_none_is_the_plain_merge(family):
     default, default_grads = learn(family)
-    explicit, explicit_grads = learn(family, tau_sparsify="none", tau_consensus="none")
+    explicit, explicit_grads = learn(family, tau_sparsify="none", tau_consensus="none", pull=0.0)
     assert explicit.losses == default.losses and explicit.values == default.values
     assert explicit_grads == default_grads
     assert default.task_vectors is None and "task_vectors" not in default.to_json()
@@ -217,6 +220,32 @@ def test_run_merge_writes_the_merge_of_the_trimmed_task_vectors(family, tmp_path
     assert result.coefficients is not None and result.coefficients["task_vectors"]["sparsify"] == "random"
 
 
+# --- pull ------------------------------------------------------------------------------------------------
+def test_pull_term_is_the_mean_squared_distance_to_the_layer_mean():
+    groups = ["enc.layer.0.a", "enc.layer.0.b", "enc.layer.1.a", "classifier.weight"]
+    assert [layer_group(g) for g in groups] == ["enc.layer.0", "enc.layer.0", "enc.layer.1", "head"]
+    gamma = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [7.0, 1.0]], requires_grad=True)
+    # layer 0's means: (2, 1); the others are alone in their layer
+    expected = (1 + 1 + 1 + 1 + 0 + 0 + 0 + 0) / 8
+    penalty = layer_pull(groups, 2.0, CPU)
+    assert penalty is not None and layer_pull(groups, 0.0, CPU) is None
+    assert math.isclose(float(penalty(gamma).detach()), 2.0 * expected)
+    assert math.isclose(layer_spread(groups, gamma.tolist()), expected)
+    penalty(gamma).backward()  # d/dGamma of pull * mean((g - mean)^2), through the mean as well
+    assert torch.allclose(gamma.grad, torch.tensor([[-0.5, -0.5], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_pull_brings_the_tensor_coefficients_of_a_layer_together(family):
+    free, _ = learn(family, granularity="tensor", epochs=3)
+    pulled, _ = learn(family, granularity="tensor", epochs=3, pull=50.0)
+    spread_free = layer_spread(free.groups, free.values)
+    spread_pulled = layer_spread(pulled.groups, pulled.values)
+    assert spread_free > 1e-5
+    assert spread_pulled < 0.5 * spread_free
+    # the step loss counts the term; the first step's is the objective alone (Gamma starts uniform)
+    assert pulled.losses[0] == pytest.approx(free.losses[0], rel=1e-6)
+
+
 # --- validation --------------------------------------------------------------------------------------------
 def _config(**params):
     return {
@@ -230,6 +259,9 @@ def _config(**params):
 @pytest.mark.parametrize(
     ("params", "field", "words"),
     [
+        ({"pull": 1.0}, "parameters.pull", "granularity: tensor"),
+        ({"pull": 1.0, "granularity": "task"}, "parameters.pull", "granularity: tensor"),
+        ({"pull": -0.5, "granularity": "tensor"}, "parameters.pull", "greater than or equal to 0"),
         ({"tau_density": 0.0}, "parameters.tau_density", "greater than 0"),
         ({"tau_density": 1.5}, "parameters.tau_density", "less than or equal to 1"),
         ({"tau_sparsify": "topk"}, "parameters.tau_sparsify", "magnitude"),
@@ -245,6 +277,7 @@ def test_validation_names_the_field(params, field, words):
 
 
 def test_valid_variant_configs_load():
-    ok = parse_config(_config(tau_sparsify="random", tau_density=1.0))
-    assert ok.parameters.tau_density == 1.0
+    ok = parse_config(_config(granularity="tensor", pull=1.0, tau_sparsify="random", tau_density=1.0))
+    assert ok.parameters.pull == 1.0 and ok.parameters.tau_density == 1.0
+    assert parse_config(_config(pull=0.0)).parameters.granularity == "layer"  # pull 0 at any granularity
     assert parse_config(_config(teacher="online", tau_sparsify="none", tau_consensus="none"))

@@ -102,6 +102,7 @@ def learn_coefficients(
             on_gradient=on_gradient,
             ranks=ranks,
             tracker=tracker,
+            groups=groups,
         )
     finally:
         if teachers is not None:

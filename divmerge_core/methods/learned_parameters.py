@@ -124,6 +124,11 @@ class LearnedParameters(MethodParameters):
         description="sign: per entry keep only the task vectors whose sign is that of their sum over the "
         "tasks (TIES's sign election, after tau_sparsify), the others set to 0",
     )
+    pull: Annotated[FiniteFloat, Field(ge=0)] = Field(
+        0.0,
+        description="granularity: tensor only: adds pull x the mean over (tensor, task) of the squared "
+        "distance of each coefficient to the mean of its layer's tensors' coefficients (DAM-style)",
+    )
 
     @field_validator("tau_sparsify", "tau_consensus")
     @classmethod
@@ -132,5 +137,16 @@ class LearnedParameters(MethodParameters):
             raise ValueError(
                 f"{info.field_name}: {value} needs teacher: cached (online teachers are recomputed from the "
                 "task vectors, which this would trim)"
+            )
+        return value
+
+    @field_validator("pull")
+    @classmethod
+    def _pull_needs_tensors(cls, value: float, info: ValidationInfo) -> float:
+        granularity = info.data.get("granularity")
+        if value > 0 and granularity is not None and granularity != "tensor":
+            raise ValueError(
+                f"pull pulls each tensor's coefficient toward its layer's mean: it needs granularity: "
+                f"tensor (got {granularity})"
             )
         return value
