@@ -116,6 +116,7 @@ LLM_RECIPES = {
     ),
     "paper": LlmRecipe(),
 }
+LLM_RECIPES["variants"] = LLM_RECIPES["cpu"]  # the variants mode reuses the cpu mode's experts
 
 
 def clip(text: str, n: int) -> str:
