@@ -112,7 +112,7 @@ class LearnedParameters(MethodParameters):
     tau_sparsify: Literal["none", "magnitude", "random"] = Field(
         "none",
         description="sparsify each task vector, per tensor, before learning its coefficients: magnitude "
-        "keeps the tau_density share of largest |value| (TIES's trim), random keeps each entry with "
+        "keeps the tau_density share of largest magnitude (TIES's trim), random keeps each entry with "
         "probability tau_density and rescales by 1/tau_density (DARE's drop, seeded by seed); the final "
         "merge uses the same task vectors",
     )
