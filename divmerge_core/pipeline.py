@@ -16,7 +16,6 @@ import json
 import math
 import resource
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .io.writer import ShardedSafetensorsWriter, TensorSpec
 from .learned.apply import merged_tensor
 from .methods.base import TensorInputs
 from .methods.settings import TensorSettings, layer_index
+from .methods.sparsify import tensor_seed
 from .options import EngineOptions
 from .plan import LearnedCoefficients, MergePlan, MergeResult
 from .progress import ProgressCallback, Reporter, StopCheck
@@ -161,9 +161,11 @@ def prepare(
     if config.method.learned:
         from .learned import resolve_label_masks
         from .learned.reference import require_tokenizer
+        from .learned.trimming import check_plan
 
         require_tokenizer(reference.path, f"{'base model' if base else 'model'} {reference.ref.raw!r}")
         resolve_label_masks(plan, torch.device("cpu"))  # an unknown label fails here, before any data loads
+        check_plan(plan)  # trimmed task vectors need dense ones (no LoRA factors)
     reporter.report("validate", 1, 1)
     return plan
 
@@ -231,11 +233,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
     return dev
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed, so DARE's masks do not depend on which other tensors are merged or in what order."""
-    return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
 
 
 @dataclass

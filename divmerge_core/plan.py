@@ -93,6 +93,9 @@ class LearnedCoefficients:
     labels: dict[str, list[str | int]] | None = None
     #: the held-out record, best epoch and stopping of the run (None for coefficients made elsewhere).
     convergence: Convergence | None = None
+    #: how the task vectors were trimmed or sign-resolved (``tau_sparsify``, ``tau_consensus``:
+    #: :mod:`divmerge_core.learned.trimming`), applied again by the final merge; None: as they are.
+    task_vectors: dict[str, Any] | None = None
 
     def for_tensor(self, name: str) -> list[float]:
         return self.values[self.groups.index(self.group_of[name])]
@@ -110,6 +113,8 @@ class LearnedCoefficients:
             "group_of": self.group_of,
             "losses": self.losses,
         } | ({"labels": self.labels} if self.labels is not None else {})
+        if self.task_vectors is not None:
+            out["task_vectors"] = self.task_vectors
         return out | (self.convergence.to_json() if self.convergence is not None else {})
 
 

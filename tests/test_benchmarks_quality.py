@@ -14,10 +14,11 @@ from benchmarks.quality import data as qdata
 from benchmarks.quality.causal import CausalRecipe, clip_words, prompt, score_correctness
 from benchmarks.quality.evaluate import evaluate_folder
 from benchmarks.quality.harness import merge_config, run_items
-from benchmarks.quality.methods import LLM_ROWS, Mode, method_specs, mode_rows, sample_combos
+from benchmarks.quality.methods import LLM_ROWS, VARIANT_ROWS, Mode, method_specs, mode_rows, sample_combos
 from benchmarks.quality.metrics import anp, bootstrap_anp_ci, mean_ci, t975
 from benchmarks.quality.report import aggregate, write_report
-from benchmarks.quality.run import LLM_MODES, MODES
+from benchmarks.quality.run import CAUSAL_MODES, LLM_MODES, MODES
+from divmerge_core.config import parse_config
 from tests.tiny import make_bert_classifier, make_gpt2, make_tokenizer, perturbed, save
 
 SINGLE = [("a good cat", 1), ("a bad dog", 0), ("red up", 1), ("blue down", 0), ("yes", 1), ("no", 0)]
@@ -121,8 +122,27 @@ def test_sample_combos_prefix_stable() -> None:
 
 def test_method_rows() -> None:
     rows = {s.name: s for s in method_specs({"lr": 0.1, "epochs": 1})}
-    assert len(rows) == 12
+    assert len(rows) == 16
     assert rows["divmerge_layer_js_es"].parameters["patience"] == 1
+    assert rows["divmerge_layer_js_trim"].parameters == {
+        "lr": 0.1, "epochs": 1, "granularity": "layer", "divergence": "js",
+        "tau_sparsify": "magnitude", "tau_density": 0.2, "tau_consensus": "sign",
+    }  # fmt: skip
+    assert rows["divmerge_layer_js_dare"].parameters["tau_sparsify"] == "random"
+    assert rows["divmerge_layer_js_dare"].parameters["tau_density"] == 0.5
+    pull = rows["divmerge_tensor_js_pull"].parameters
+    assert pull["granularity"] == "tensor" and pull["pull"] == 1.0
+    assert rows["divmerge_layer_js_topk"].parameters["top_k"] == 32
+    for name in VARIANT_ROWS:  # every variant row is a valid engine config
+        model = {"model": "/e", "data": {"texts": ["x"]}}
+        parse_config(
+            {
+                "merge_method": "divmerge",
+                "base_model": "/b",
+                "models": [model],
+                "parameters": rows[name].parameters,
+            }
+        )
     assert rows["divmerge_layer_js"].parameters == {
         "lr": 0.1,
         "epochs": 1,
@@ -141,6 +161,35 @@ def test_mode_rows_run_variants_only_where_named() -> None:
     assert {s.name for s in mode_rows("llm", LLM_MODES["quick"], specs)} == set(LLM_ROWS)
     cpu = {s.name for s in mode_rows("llm", LLM_MODES["cpu"], specs)}
     assert cpu == set(LLM_ROWS) - {"divmerge_layer_kl"} | {"divmerge_layer_js_es"}
+    for modes in (MODES, CAUSAL_MODES, LLM_MODES):  # no other mode runs the new variants
+        for name, mode in modes.items():
+            if name != "variants":
+                got = {s.name for s in mode_rows("cls", mode, specs)}
+                assert not got & (set(VARIANT_ROWS) - {"divmerge_layer_js_es"}), name
+
+
+def test_variants_modes_run_the_variants_beside_their_references() -> None:
+    from benchmarks.quality.llm import LLM_RECIPES
+    from benchmarks.quality.run import report_stem
+
+    specs = method_specs({"lr": 0.1}, own_labels=True)
+    refs = {"ties", "task_arithmetic", "divmerge_layer_js", "divmerge_layer_js_es"}
+    new = {"divmerge_layer_js_trim", "divmerge_layer_js_dare", "divmerge_tensor_js_pull"}
+    cls = {s.name for s in mode_rows("cls", MODES["variants"], specs)}
+    assert cls == refs | new  # top-k only changes causal-LM teachers
+    for kind, modes in (("causal", CAUSAL_MODES), ("llm", LLM_MODES)):
+        assert {s.name for s in mode_rows(kind, modes["variants"], specs)} == refs | new | {
+            "divmerge_layer_js_topk"
+        }
+    assert MODES["variants"].ks == CAUSAL_MODES["variants"].ks == LLM_MODES["variants"].ks == (2, 3)
+    assert CAUSAL_MODES["variants"].tasks == CAUSAL_MODES["reduced"].tasks
+    llm = LLM_MODES["variants"]
+    assert llm.tasks == ("sst2", "snli", "qnli") and llm.combos_per_k == {2: 1, 3: 1}
+    assert (llm.eval_n, llm.num_samples, llm.learned) == (100, 40, LLM_MODES["cpu"].learned)
+    assert LLM_RECIPES["variants"] == LLM_RECIPES["cpu"]  # the cpu mode's experts, from the cache
+    assert [report_stem(k, "variants") for k in ("cls", "causal", "llm")] == [
+        "quality_variants", "quality_causal_variants", "quality_llm_variants"
+    ]  # fmt: skip
 
 
 class _TinyTrack:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from divmerge_core.config import parse_config
+from divmerge_core.errors import ConfigError
 from divmerge_core.learned import estimate_learned_memory, learn_coefficients
 from divmerge_core.learned import placement as placement_mod
 from divmerge_core.learned.lowrank import DENSE, LOW_RANK, ZERO, expert_layouts
@@ -277,3 +278,16 @@ def test_peak_rss_grows_with_k_far_less_for_lora_experts(tmp_path):
     # full: two more task vectors (2 models) at least; LoRA: two more sets of factors (~0)
     assert grow_full > 1.5 * model_mib, (l1, l3, f1, f3, model_mib)
     assert grow_lora < 0.5 * model_mib, (l1, l3, f1, f3, model_mib)
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"tau_sparsify": "magnitude"}, "parameters.tau_sparsify"),
+    ({"tau_consensus": "sign"}, "parameters.tau_consensus"),
+])  # fmt: skip
+def test_trimmed_task_vectors_refuse_lora_factors(llama, params, field):
+    """Trimming needs dense task vectors; LoRA experts over the base keep factors: refused at prepare, by name
+    (their merged full-weight copies are accepted)."""
+    with pytest.raises(ConfigError) as err:
+        _plan(llama / "base", _lora_refs(llama), **params)
+    assert err.value.field == field and "LoRA" in str(err.value) and "[0, 1]" in str(err.value)
+    assert _plan(llama / "base", _full_refs(llama), **params).config.parameters.tau_consensus is not None

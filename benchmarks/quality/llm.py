@@ -119,6 +119,7 @@ LLM_RECIPES = {
     ),
     "paper": LlmRecipe(),
 }
+LLM_RECIPES["variants"] = LLM_RECIPES["cpu"]  # the variants mode reuses the cpu mode's experts
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -56,6 +56,18 @@ def method_specs(learned: dict[str, Any], own_labels: bool = False) -> list[Meth
             True,
         )
     )
+    # past the paper (docs/engine.md#learned-merge-variants): learned coefficients over TIES-trimmed and
+    # sign-resolved task vectors (the density of the ties row), over DARE-dropped ones (dare_ties' density),
+    # tensor coefficients pulled toward their layer's mean, and top-k teacher distributions
+    variants = {
+        "divmerge_layer_js_trim": {"tau_sparsify": "magnitude", "tau_density": 0.2, "tau_consensus": "sign"},
+        "divmerge_layer_js_dare": {"tau_sparsify": "random", "tau_density": 0.5},
+        "divmerge_tensor_js_pull": {"granularity": "tensor", "pull": 1.0},
+        "divmerge_layer_js_topk": {"top_k": 32},
+    }
+    for name, extra in variants.items():
+        parameters = {**learned, "granularity": "layer", "divergence": "js", **extra}
+        rows.append(MethodSpec(name, "divmerge", parameters, True))
     if own_labels:
         for name in ("adamerging_layer", "divmerge_task_js", "divmerge_layer_js"):
             spec = next(r for r in rows if r.name == name)
@@ -64,7 +76,22 @@ def method_specs(learned: dict[str, Any], own_labels: bool = False) -> list[Meth
 
 
 #: Variant rows that run only where a mode names them (``Mode.rows``).
-VARIANT_ROWS = ("divmerge_layer_js_es",)
+VARIANT_ROWS = (
+    "divmerge_layer_js_es",
+    "divmerge_layer_js_trim",
+    "divmerge_layer_js_dare",
+    "divmerge_tensor_js_pull",
+    "divmerge_layer_js_topk",
+)
+#: The ``variants`` modes' rows: the references and the variants (top-k only where teachers are causal LMs).
+VARIANTS_BASELINES = ("ties", "task_arithmetic", "divmerge_layer_js", "divmerge_layer_js_es")
+VARIANTS_CLS = (
+    *VARIANTS_BASELINES,
+    "divmerge_layer_js_trim",
+    "divmerge_layer_js_dare",
+    "divmerge_tensor_js_pull",
+)
+VARIANTS_CAUSAL = (*VARIANTS_CLS, "divmerge_layer_js_topk")
 
 #: The rows of the llm track (the paper's table): no task-level AdaMerging, KL only at layer level.
 LLM_ROWS = (

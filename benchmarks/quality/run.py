@@ -22,7 +22,7 @@ import torch
 
 from .data import GLUE_TASKS
 from .harness import expert_accuracies, run_items
-from .methods import LLM_ROWS, Mode, method_specs, mode_rows
+from .methods import LLM_ROWS, VARIANTS_CAUSAL, VARIANTS_CLS, Mode, method_specs, mode_rows
 from .report import aggregate, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +63,18 @@ MODES: dict[str, Mode] = {
         num_samples=64,
         learned=_learned(2, 64),
     ),
+    # the learned-merge variants (trimmed / DARE task vectors, tensor + pull) beside their references, on
+    # the reduced mode's experts and budget, k = 2 and 3 only
+    "variants": Mode(
+        "variants",
+        GLUE_TASKS,
+        (2, 3),
+        {2: 3, 3: 2},
+        eval_n=100,
+        num_samples=24,
+        learned=_learned(2, 64),
+        rows=VARIANTS_CLS,
+    ),
 }
 #: Causal-track modes (smaller: fewer tasks and combinations).
 CAUSAL_MODES: dict[str, Mode] = {
@@ -92,6 +104,16 @@ CAUSAL_MODES: dict[str, Mode] = {
         eval_n=300,
         num_samples=32,
         learned=_learned(2, 128, max_new_tokens=4),
+    ),
+    "variants": Mode(
+        "variants",
+        ("sst2", "qnli", "qqp", "mnli"),
+        (2, 3),
+        {2: 2, 3: 1},
+        eval_n=200,
+        num_samples=24,
+        learned=_learned(2, 128, max_new_tokens=4),
+        rows=VARIANTS_CAUSAL,
     ),
 }
 
@@ -132,6 +154,17 @@ LLM_MODES: dict[str, Mode] = {
         num_samples=200,
         layer_num_samples=400,
         learned=_learned(4, 512, max_new_tokens=4),
+    ),
+    # the variants beside their references on the cpu mode's experts (its recipe) and learned budget
+    "variants": Mode(
+        "variants",
+        ("sst2", "snli", "qnli"),
+        (2, 3),
+        {2: 1, 3: 1},
+        eval_n=100,
+        num_samples=40,
+        learned={"epochs": 4, "batch_size_per_task": 2, "max_length": 128, "max_new_tokens": 4},
+        rows=VARIANTS_CAUSAL,
     ),
 }
 

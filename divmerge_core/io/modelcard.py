@@ -76,6 +76,25 @@ def _table(coeffs: LearnedCoefficients) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def _task_vectors(coeffs: LearnedCoefficients) -> list[str]:
+    """How the task vectors were trimmed or sign-resolved before learning (nothing when they were not)."""
+    tv = coeffs.task_vectors
+    if tv is None:
+        return []
+    parts = []
+    if tv.get("sparsify") == "magnitude":
+        parts.append(f"trimmed to the {tv['density']:g} share of largest magnitude (TIES)")
+    elif tv.get("sparsify") == "random":
+        parts.append(f"randomly dropped to a {tv['density']:g} share, rescaled by 1/{tv['density']:g} (DARE)")
+    if tv.get("consensus") == "sign":
+        parts.append("sign-resolved (entries disagreeing with the sign of the sum over tasks set to 0)")
+    return [
+        f"The task vectors were {', then '.join(parts)} before the coefficients were learned, and the merge "
+        "uses the same task vectors (`task_vectors` in `coefficients.json`).",
+        "",
+    ]
+
+
 def _convergence(coeffs: LearnedCoefficients) -> list[str]:
     """The held-out record: a sentence on convergence and the per-epoch held-out table."""
     c = coeffs.convergence
@@ -142,6 +161,7 @@ def render_model_card(
             "Each entry is the coefficient of a task vector in a parameter group "
             "(all of them are in `coefficients.json`).",
             "",
+            *_task_vectors(coeffs),
             _table(coeffs),
             "",
             *_convergence(coeffs),

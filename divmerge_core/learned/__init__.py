@@ -38,6 +38,7 @@ from .ranks import SINGLE, Ranks
 from .reference import model_kind
 from .schedule import initial_value
 from .teacher_store import OnlineTeachers, teacher_stage
+from .trimming import check_plan, tau_rule
 
 
 def learn_coefficients(
@@ -63,13 +64,15 @@ def learn_coefficients(
     kind = model_kind(plan.model_config)
     n_tasks = len(plan.models)
 
+    check_plan(plan)  # trimmed task vectors and LoRA factors: refused before anything is loaded
     placement, _ = choose_placement(plan, device)  # refuses before anything is loaded when nothing fits
     inputs = load_inputs(plan, kind, device, reporter)
     model = build_merge_module(plan, kind, dtype, device, inputs.tokenizer)
     groups, group_of = coefficient_groups(plan, model.aliases)
     group_index = {g: i for i, g in enumerate(groups)}
     rows = {n: group_index[group_of[n]] for n in model.merged_names}
-    vectors = make_task_vectors(placement, plan, model, rows, dtype, device)
+    rule = tau_rule(params, model.aliases)
+    vectors = make_task_vectors(placement, plan, model, rows, dtype, device, rule=rule)
     teachers = None
     try:
         if objective.teachers:
@@ -99,6 +102,7 @@ def learn_coefficients(
             on_gradient=on_gradient,
             ranks=ranks,
             tracker=tracker,
+            groups=groups,
         )
     finally:
         if teachers is not None:
@@ -116,6 +120,7 @@ def learn_coefficients(
         labels=label_names(plan, inputs.label_masks),
         placement=placement,
         convergence=tracker.to_plan(),
+        task_vectors=rule.to_json() if rule is not None else None,
     )
 
 

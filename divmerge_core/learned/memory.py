@@ -6,7 +6,8 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 * weights: theta_0, plus the merged weights W (resident: the merged tensors the forward keeps for backward;
   offload/stream: the leaf W), plus dL/dW (resident: all of it; offload/stream: freed tensor by tensor);
 * task vectors: K x the merged tensors (resident: device; offload: host; stream: none), plus for
-  offload/stream a few fp32 copies of the largest tensor in transit. A LoRA expert over the base
+  offload/stream a few fp32 copies of the largest tensor in transit (stream with ``tau_consensus: sign``:
+  K more, the signs are elected over one tensor's K task vectors). A LoRA expert over the base
   (:mod:`.lowrank`) counts its factors (fp32, on the device in every placement) and, as dense task
   vectors, only the tensors its adapter replaces whole; the merged weights and dL/dW are counted only for
   the tensors some expert changes (``touched``: all of them as soon as one expert is full-weight);
@@ -204,7 +205,9 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
     else:
         outputs = sum(_n_inputs(plan)) * labels * store_b
     model = sizes["merged"] * b + sizes["other_bytes"]
-    del k  # the task vectors are counted per expert (a LoRA expert's are its factors)
+    # the task vectors are counted per expert (a LoRA expert's are its factors); stream with sign consensus
+    # reads one tensor's K task vectors at once
+    consensus = k * sizes["largest"] * 4 if getattr(params, "tau_consensus", "none") == "sign" else 0
     return {
         "model": model,
         "touched": sizes["touched"] * b,
@@ -214,6 +217,7 @@ def _parts(plan: MergePlan, sizes: dict[str, int], micro: int | None, checkpoint
         "activations": max(activations, teacher),
         "online_teacher_weights": model if online else 0,
         "teacher_outputs_disk": outputs,
+        "consensus_fp32": consensus,
         "micro_batch_inputs": batch,
         "tokens_per_input": length,
     }
@@ -228,7 +232,7 @@ def _needs(placement: str, parts: dict[str, int], device: torch.device) -> dict[
     elif placement == "offload":  # theta_0 and W on the device, the task vectors on the host
         on_device, on_host = model + changed + transit, k_tau
     else:  # stream: W only (theta_0 is read from the base's file too); one tensor's reads on the host
-        on_device, on_host = model + transit, 2 * parts["largest_tensor_fp32"]
+        on_device, on_host = model + transit + parts["consensus_fp32"], 2 * parts["largest_tensor_fp32"]
     on_device += parts["low_rank_factors"] + parts["activations"] + parts["online_teacher_weights"]
     on_host += RUNTIME_BYTES
     if device.type != "cuda":  # one memory: the host holds everything

@@ -20,6 +20,7 @@ from .inputs import LearnedInputs
 from .model import MergeModule
 from .objectives import loss_function
 from .placement import TaskVectors
+from .pull import layer_pull
 from .ranks import SINGLE, Ranks
 from .schedule import make_scheduler
 from .teacher_store import TeacherStore
@@ -44,6 +45,7 @@ def optimise(
     on_gradient: GradientHook | None = None,
     ranks: Ranks = SINGLE,
     tracker: Tracker | None = None,
+    groups: list[str] | None = None,
 ) -> list[float]:
     """Run every step in place on ``gamma``; return the loss of each step.
 
@@ -57,6 +59,9 @@ def optimise(
     in micro-batches (``micro_batch_size``) whose gradients add up to the whole batch's, and with several
     ranks each takes a share of every step's inputs and computes its part of that sum; Gamma's gradient and
     the loss are summed over the ranks, so every rank takes the same Adam step as a single process would.
+
+    With ``pull`` > 0 (``granularity: tensor``; ``groups`` are Gamma's rows) each step's loss adds the pull
+    toward the layer means (:mod:`.pull`), once (on rank 0); the held-out values do not.
     """
     n_tasks = len(inputs.examples)
     loss_fn = loss_function(objective, params, kind, store)
@@ -69,6 +74,10 @@ def optimise(
     scheduler = make_scheduler(optimiser, params, total)
     label_masks = inputs.label_masks
     record = tracker if tracker is not None else Tracker()
+    pull = float(getattr(params, "pull", 0.0))
+    if pull > 0 and (groups is None or len(groups) != gamma.shape[0]):
+        raise ValueError("pull needs the coefficient groups (Gamma's rows)")
+    penalty = layer_pull(groups, pull, device) if groups is not None else None
     record.start(
         params,
         steps_per_epoch=sampler.steps_per_epoch,
@@ -129,6 +138,10 @@ def optimise(
             loss = loss + part.detach()
             del per_example, part
         current = {}
+        if penalty is not None and ranks.is_main:  # counted once in the sum over ranks
+            term = penalty(gamma)
+            term.backward()
+            loss = loss + term.detach()
         vectors.gradient(gamma)
         if gamma.grad is None:
             gamma.grad = torch.zeros_like(gamma)

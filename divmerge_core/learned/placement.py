@@ -12,6 +12,10 @@ storage). As soon as backward has accumulated ``dL/dW_n`` a hook adds ``<dL/dW_n
 holds two models (theta_0 and W; ``stream`` reads theta_0 from the base's file too, so one) plus
 activations and a few copies of one tensor, whatever K is.
 
+Trimmed or sign-resolved task vectors (``tau_sparsify``, ``tau_consensus``: :mod:`.trimming`) are transformed
+where each placement forms them: resident and offload as the expert pass hands them over (signs resolved
+once over the stored stack in ``start``), stream each time it reads them.
+
 LoRA experts over the merge's base (:mod:`.lowrank`) keep, in every placement, their task vectors as the
 adapters' factors on the compute device (``add_low_rank``): only the tensors an adapter replaces whole have a
 dense task vector (placed as above), and tensors no expert changes are neither copied, nor made leaves,
@@ -33,6 +37,7 @@ from ..io.lora import open_model
 from ..plan import MergePlan
 from .lowrank import DENSE, FULL, LOW_RANK, ZERO, ExpertLayout, LowRank, expert_layouts, low_rank_sum
 from .model import MergeModule
+from .trimming import TauRule
 
 PLACEMENTS = ("resident", "offload", "stream")  # fastest first
 
@@ -52,9 +57,12 @@ class TaskVectors:
         dtype: torch.dtype,
         device: torch.device,
         layouts: list[ExpertLayout] | None = None,
+        rule: TauRule | None = None,
     ):
         self.model, self.rows, self.n_tasks = model, rows, n_tasks
         self.dtype, self.device = dtype, device
+        #: how the task vectors are trimmed / sign-resolved (None: as they are)
+        self.rule = rule
         self.names = list(model.merged_names)
         self.layouts = layouts or [FULL] * n_tasks
         #: name -> each task's kind of task vector (dense, low_rank, zero)
@@ -119,8 +127,9 @@ class Resident(TaskVectors):
         dtype: torch.dtype,
         device: torch.device,
         layouts: list[ExpertLayout] | None = None,
+        rule: TauRule | None = None,
     ):
-        super().__init__(model, rows, n_tasks, dtype, device, layouts)
+        super().__init__(model, rows, n_tasks, dtype, device, layouts, rule)
         self.tau = {
             n: torch.empty((len(ts), *model.slots[n].shape), dtype=dtype, device=device)
             for n, ts in self.dense_tasks.items()
@@ -135,9 +144,15 @@ class Resident(TaskVectors):
         self.theta0: dict[str, torch.Tensor] = {}
 
     def add(self, t: int, name: str, expert: torch.Tensor, base: torch.Tensor) -> None:
-        self.tau[name][self.dense_pos[name][t]] = (expert - base).to(self.dtype)
+        if self.rule is None:
+            self.tau[name][self.dense_pos[name][t]] = (expert - base).to(self.dtype)
+        else:
+            self.tau[name][self.dense_pos[name][t]] = self.rule.form(name, t, expert - base, self.dtype)
 
     def start(self, gamma: torch.Tensor) -> None:
+        if self.rule is not None:
+            for stack in self.tau.values():
+                self.rule.resolve_(stack)
         self.theta0 = {n: self.model.slots[n].detach() for n in self.names}
         self._low_index = {
             n: torch.tensor(sorted(f), device=self.device) for n, f in self.factors.items() if f
@@ -189,8 +204,9 @@ class _Rebuilt(TaskVectors):
         dtype: torch.dtype,
         device: torch.device,
         layouts: list[ExpertLayout] | None = None,
+        rule: TauRule | None = None,
     ):
-        super().__init__(model, rows, n_tasks, dtype, device, layouts)
+        super().__init__(model, rows, n_tasks, dtype, device, layouts, rule)
         self.theta0: dict[str, torch.Tensor] = {}
         self.merged: dict[str, torch.Tensor] = {}
         self._grad: torch.Tensor | None = None
@@ -302,8 +318,9 @@ class Offload(_Rebuilt):
         dtype: torch.dtype,
         device: torch.device,
         layouts: list[ExpertLayout] | None = None,
+        rule: TauRule | None = None,
     ):
-        super().__init__(model, rows, n_tasks, dtype, device, layouts)
+        super().__init__(model, rows, n_tasks, dtype, device, layouts, rule)
         pin = device.type == "cuda"
         self.tau = {
             n: torch.empty((len(ts), *model.slots[n].shape), dtype=dtype, pin_memory=pin)
@@ -312,7 +329,16 @@ class Offload(_Rebuilt):
         }
 
     def add(self, t: int, name: str, expert: torch.Tensor, base: torch.Tensor) -> None:
-        self.tau[name][self.dense_pos[name][t]].copy_((expert - base).to(self.dtype))
+        if self.rule is None:
+            self.tau[name][self.dense_pos[name][t]].copy_((expert - base).to(self.dtype))
+        else:
+            self.tau[name][self.dense_pos[name][t]].copy_(self.rule.form(name, t, expert - base, self.dtype))
+
+    def start(self, gamma: torch.Tensor) -> None:
+        if self.rule is not None:  # on the host stack, once
+            for stack in self.tau.values():
+                self.rule.resolve_(stack)
+        super().start(gamma)
 
     def dense_vectors(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
         for t in self.dense_tasks[name]:
@@ -339,8 +365,9 @@ class Stream(_Rebuilt):
         device: torch.device,
         plan: MergePlan,
         layouts: list[ExpertLayout] | None = None,
+        rule: TauRule | None = None,
     ):
-        super().__init__(model, rows, n_tasks, dtype, device, layouts)
+        super().__init__(model, rows, n_tasks, dtype, device, layouts, rule)
         assert plan.base is not None
         self.base = open_model(plan.base, plan.options)
         self.experts = [open_model(m, plan.options) for m in plan.models]
@@ -352,8 +379,24 @@ class Stream(_Rebuilt):
         if not tasks:
             return
         base = self.base.get(name, None, self.device).float()
+        if self.rule is not None:
+            yield from zip(tasks, self._formed(name, tasks, base), strict=True)
+            return
         for t in tasks:
             yield t, (self.experts[t].get(name, None, self.device).float() - base).to(self.dtype)
+
+    def _formed(self, name: str, tasks: list[int], base: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The tasks' transformed vectors of ``name`` (:mod:`.trimming`), as resident stores them: one at a
+        time, or with consensus all of them at once (the signs are elected over the tasks)."""
+        assert self.rule is not None
+        formed = (
+            self.rule.form(name, t, self.experts[t].get(name, None, self.device).float() - base, self.dtype)
+            for t in tasks
+        )
+        if not self.rule.sign:
+            yield from formed
+            return
+        yield from self.rule.resolve_(torch.stack(list(formed)))
 
     def theta0_of(self, name: str) -> torch.Tensor:
         if name not in self.touched:
@@ -361,6 +404,8 @@ class Stream(_Rebuilt):
         return self.base.get(name, None, self.device).to(self.dtype)
 
     def dense_vector(self, name: str, t: int) -> torch.Tensor:
+        if self.rule is not None:
+            return dict(self.dense_vectors(name))[t]
         base = self.base.get(name, None, self.device).float()
         return (self.experts[t].get(name, None, self.device).float() - base).to(self.dtype)
 
@@ -378,16 +423,17 @@ def make_task_vectors(
     dtype: torch.dtype,
     device: torch.device,
     layouts: list[ExpertLayout] | None = None,
+    rule: TauRule | None = None,
 ) -> TaskVectors:
     """The placement's task vectors; ``layouts`` (default: :func:`.lowrank.expert_layouts`) says which
-    experts keep low-rank ones."""
+    experts keep low-rank ones, ``rule`` how they are trimmed or sign-resolved (:mod:`.trimming`)."""
     n_tasks = len(plan.models)
     if layouts is None:
         layouts = expert_layouts(plan)
     if placement == "resident":
-        return Resident(model, rows, n_tasks, dtype, device, layouts)
+        return Resident(model, rows, n_tasks, dtype, device, layouts, rule)
     if placement == "offload":
-        return Offload(model, rows, n_tasks, dtype, device, layouts)
+        return Offload(model, rows, n_tasks, dtype, device, layouts, rule)
     if placement == "stream":
-        return Stream(model, rows, n_tasks, dtype, device, plan, layouts)
+        return Stream(model, rows, n_tasks, dtype, device, plan, layouts, rule)
     raise ValueError(f"unknown placement {placement!r}")

@@ -124,6 +124,7 @@ def merge_task_vectors(
     """One tensor of a task-vector method (``x.models`` may be a one-buffer iterable when no consensus)."""
     import torch
 
+    from . import sparsify as sp
     from .task_vectors import add_to_base
 
     if x.params.get("variant") == "peft":
@@ -152,21 +153,12 @@ def merge_task_vectors(
         _sparsify_(row, p, sparsification, rescale, x.generator)
         if w != 1.0:
             row.mul_(w)
-    if consensus == "sum":
-        majority = stacked.sum(dim=0).ge_(0)
-    else:
-        majority = torch.zeros_like(stacked[0])
-        for row in stacked:
-            majority.add_(row.sign())
-        majority = majority.ge_(0)
-    majority = majority.to(stacked.dtype).mul_(2).sub_(1)  # +1 / -1 (NaN: -1), mergekit's majority sign
+    majority = sp.elected_sign(stacked, consensus)  # +1 / -1 (NaN: -1), mergekit's majority sign
     keep = torch.empty(stacked.shape[1:], dtype=torch.bool, device=stacked.device)
     scratch = torch.empty_like(majority)
     divisor = torch.zeros_like(majority)
     for row, w in zip(stacked, weights, strict=True):
-        # sign(row) == majority, as row * majority > 0 (zero and NaN fail both)
-        torch.gt(torch.mul(row, majority, out=scratch), 0, out=keep)
-        row.mul_(keep)
+        row.mul_(sp.agrees(row, majority, keep, scratch))  # sign(row) == majority (zero and NaN fail)
         divisor.add_(keep, alpha=w)
     del majority, scratch, keep
     mixed = stacked.sum(dim=0)

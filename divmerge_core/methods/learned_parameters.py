@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import Field, FiniteFloat
+from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
 
 from .base import MergeMethod, MethodParameters
 
@@ -108,3 +108,45 @@ class LearnedParameters(MethodParameters):
         description="cached: teacher outputs computed once into the worker's teacher cache (on disk, shared "
         "across jobs); online: recomputed at every step from theta_0 + tau_t, nothing stored",
     )
+    # --- variants past the paper (docs/engine.md#learned-merge-variants) ---
+    tau_sparsify: Literal["none", "magnitude", "random"] = Field(
+        "none",
+        description="sparsify each task vector, per tensor, before learning its coefficients: magnitude "
+        "keeps the tau_density share of largest magnitude (TIES's trim), random keeps each entry with "
+        "probability tau_density and rescales by 1/tau_density (DARE's drop, seeded by seed); the final "
+        "merge uses the same task vectors",
+    )
+    tau_density: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.2, description="share of each task vector's entries tau_sparsify keeps"
+    )
+    tau_consensus: Literal["none", "sign"] = Field(
+        "none",
+        description="sign: per entry keep only the task vectors whose sign is that of their sum over the "
+        "tasks (TIES's sign election, after tau_sparsify), the others set to 0",
+    )
+    pull: Annotated[FiniteFloat, Field(ge=0)] = Field(
+        0.0,
+        description="granularity: tensor only: adds pull x the mean over (tensor, task) of the squared "
+        "distance of each coefficient to the mean of its layer's tensors' coefficients (DAM-style)",
+    )
+
+    @field_validator("tau_sparsify", "tau_consensus")
+    @classmethod
+    def _dense_teachers(cls, value: str, info: ValidationInfo) -> str:
+        if value != "none" and info.data.get("teacher") == "online":
+            raise ValueError(
+                f"{info.field_name}: {value} needs teacher: cached (online teachers are recomputed from the "
+                "task vectors, which this would trim)"
+            )
+        return value
+
+    @field_validator("pull")
+    @classmethod
+    def _pull_needs_tensors(cls, value: float, info: ValidationInfo) -> float:
+        granularity = info.data.get("granularity")
+        if value > 0 and granularity is not None and granularity != "tensor":
+            raise ValueError(
+                f"pull pulls each tensor's coefficient toward its layer's mean: it needs granularity: "
+                f"tensor (got {granularity})"
+            )
+        return value

@@ -3,16 +3,26 @@
 The first part is peft's arithmetic (the ``variant: peft`` of ties and DARE): same pruning, same sign
 election, same random draw, so for equal densities and the same seed it gives bit-identical task-vector
 mixes to peft's. The second part (``mk_*``) is mergekit 0.1.5's sparsification, which the generalized
-task arithmetic (:mod:`.generalized`) uses by default.
+task arithmetic (:mod:`.generalized`) uses by default. The sign election and the agreement test
+(:func:`elected_sign`, :func:`agrees`) are written once here for both, and for the learned methods' trimmed
+or sign-resolved task vectors (:mod:`divmerge_core.learned.trimming`), which also take
+:func:`mk_magnitude_`, :func:`dare_drop_` and :func:`sign_consensus_` from here.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 Tensor = torch.Tensor
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so DARE's masks do not depend on which other tensors are merged or in what order."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
 
 
 def weights_like(weights: Sequence[float], stacked: Tensor) -> Tensor:
@@ -127,9 +137,61 @@ def random_prune_(
     return tensor.div_(density) if rescale else tensor
 
 
+def elected_sign(stacked: Tensor, consensus: Literal["sum", "count"] = "sum") -> Tensor:
+    """TIES sign election over the tasks of ``stacked`` ``[K, ...]``: +1 / -1 (NaN: -1) in its dtype.
+
+    ``sum``: the sign of the total mass (the sum over tasks, >= 0 is +1), as peft and mergekit's ``sum``;
+    ``count``: the sign of the majority of the entries' signs (mergekit's ``count``).
+    """
+    if consensus == "sum":
+        majority = stacked.sum(dim=0).ge_(0)
+    else:
+        votes = torch.zeros_like(stacked[0])
+        for row in stacked:
+            votes.add_(row.sign())
+        majority = votes.ge_(0)
+    return majority.to(stacked.dtype).mul_(2).sub_(1)
+
+
+def agrees(row: Tensor, majority: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """``out`` (bool) = where ``sign(row) == majority``, as ``row * majority > 0``: multiplying by +-1 is
+    exact, zero and NaN fail both tests. ``scratch`` is a buffer of ``majority``'s shape and dtype."""
+    return torch.gt(torch.mul(row, majority, out=scratch), 0, out=out)
+
+
 def majority_sign(stacked: Tensor) -> Tensor:
     """TIES sign election by total mass: +1 where the sum over tasks is >= 0, else -1 (NaN: -1), as peft."""
-    return stacked.sum(dim=0).ge_(0).to(stacked.dtype).mul_(2).sub_(1)
+    return elected_sign(stacked, "sum")
+
+
+def sign_consensus_(stacked: Tensor) -> Tensor:
+    """TIES's sign election without the merge, in place on ``[K, ...]``: every entry whose sign is not the
+    elected one (:func:`elected_sign` by total mass, the sum taken in float32) becomes 0; zeros stay 0."""
+    total = stacked if stacked.dtype == torch.float32 else stacked.float()
+    majority = elected_sign(total, "sum").to(stacked.dtype)
+    del total
+    keep = torch.empty(stacked.shape[1:], dtype=torch.bool, device=stacked.device)
+    scratch = torch.empty_like(majority)
+    for row in stacked:
+        row.mul_(agrees(row, majority, keep, scratch))
+    return stacked
+
+
+def dare_drop_(tensor: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
+    """DARE's drop with rescale 1/density, in place, its mask drawn on the host.
+
+    The draw is :func:`random_prune_`'s for a float32 CPU tensor (one ``Bernoulli(density)`` per entry from
+    ``generator``, which must be a CPU generator), and so is the arithmetic (``x * mask / density``): on a
+    float32 CPU tensor the two give the same bits. The mask is made on the host whatever ``tensor``'s
+    device, so the entries kept do not depend on the device the task vector is formed on.
+    """
+    if density >= 1:
+        return tensor
+    mask = torch.full(tensor.shape, density, dtype=torch.float32)
+    torch.bernoulli(mask, generator=generator, out=mask)
+    tensor.mul_(mask.to(tensor.device, non_blocking=True))
+    del mask
+    return tensor.div_(density)
 
 
 def elect_and_merge_(stacked: Tensor, weights: Sequence[float], mean: bool) -> Tensor:
@@ -149,7 +211,7 @@ def elect_and_merge_(stacked: Tensor, weights: Sequence[float], mean: bool) -> T
     )
     # the weights rounded to the tensors' dtype, as peft's weight tensor multiplies them
     for row, w in zip(stacked, weights_like(weights, stacked).reshape(-1).tolist(), strict=True):
-        torch.gt(torch.mul(row, majority, out=scratch), 0, out=keep)
+        agrees(row, majority, keep, scratch)
         if w != 1.0:  # x * 1.0 is x exactly: skip the pass
             row.mul_(w)
         row.mul_(keep)
