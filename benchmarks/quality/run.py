@@ -22,7 +22,7 @@ import torch
 
 from .data import GLUE_TASKS
 from .harness import expert_accuracies, run_items
-from .methods import LLM_ROWS, VARIANTS_CAUSAL, VARIANTS_CLS, Mode, method_specs, mode_rows
+from .methods import VARIANTS_CAUSAL, VARIANTS_CLS, Mode, method_specs, mode_rows
 from .report import aggregate, write_report
 
 REPO = Path(__file__).resolve().parents[2]
