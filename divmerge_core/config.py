@@ -115,11 +115,14 @@ class DataSpec(_TaskSource):
     """Unlabelled inputs of one task (the learned methods' merge inputs)."""
 
     num_samples: int = Field(200, ge=1, description="how many inputs to use (seeded sample)")
-    labels: list[str | int] | Literal["auto"] | None = Field(
+    labels: list[str | int] | Literal["auto", "all"] | None = Field(
         None,
         description="sequence classification with one head shared by several tasks: this task's labels "
         "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
-        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs",
+        "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs. "
+        "'all': every label of the head. Unset (learned merges with teachers): the labels the expert "
+        "predicts when no other task's expert predicts any of them (the tasks use separate slices of one "
+        "head), else every label",
     )
 
     @field_validator("labels")

@@ -89,7 +89,8 @@ class LearnedCoefficients:
     resolved_datasets: dict[str, str | None] = field(default_factory=dict)
     #: where the task vectors lived while learning (resident, offload or stream).
     placement: str = "resident"
-    #: task -> the labels it was scored on, for tasks that set ``data.labels`` (explicit or ``auto``).
+    #: task -> the labels it was scored on, for tasks that set ``data.labels`` (explicit or ``auto``) or that
+    #: the default restricted (experts on separate slices of one head).
     labels: dict[str, list[str | int]] | None = None
     #: the held-out record, best epoch and stopping of the run (None for coefficients made elsewhere).
     convergence: Convergence | None = None

@@ -162,6 +162,21 @@ def test_classification_argmax_is_restricted_to_the_tasks_labels(bert, tmp_path,
     assert not any("models.1.eval" in w and "optimistic" in w for w in ev["warnings"])
 
 
+def test_unset_labels_restrict_the_argmax_where_tasks_use_separate_classes(bert, tmp_path, options):
+    """Without ``data.labels`` a task whose gold classes no other task uses is scored on them (the tasks sit
+    on separate slices of one head); ``labels: all`` keeps the whole head."""
+    gold1, gold2 = [2 if i % 2 else 1 for i in range(len(TEXTS))], [0] * len(TEXTS)
+    acc = lambda p: sum(a == b for a, b in zip(p, gold1, strict=True)) / len(gold1)  # noqa: E731
+    restricted, free = cls_predictions(bert["e1"], TEXTS, allowed=[1, 2]), cls_predictions(bert["e1"], TEXTS)
+    assert acc(restricted) != acc(free)
+    for data, expected in ((None, restricted), ({"texts": TEXTS, "labels": "all"}, free)):
+        cfg = cls_config(bert, {"e1": gold1, "e2": gold2}, e1={"data": data} if data else {})
+        ev = run_merge(
+            parse_config(cfg), tmp_path / str(data is None), options=options, device="cpu"
+        ).evaluation
+        assert ev["tasks"]["e1"]["expert"] == pytest.approx(acc(expected), abs=1e-4)
+
+
 def test_causal_generation_and_answer_words(gpt2, tmp_path, options):
     answers1 = greedy_answers(gpt2["e1"], TEXTS, 6)
     words = {"yes": "yes", "no": "no", "cat": ["cat", "dog"], "red": ["red", "blue"]}

@@ -198,9 +198,31 @@ def test_labels_auto_are_what_each_expert_predicts(shared_head, tmp_path):
     assert auto.to_json()["labels"] == auto.labels
     explicit = run(predicted)
     assert auto.losses == pytest.approx(explicit.losses, rel=1e-6)
-    assert run([None, None]).losses[0] != pytest.approx(auto.losses[0], rel=1e-3)
+    assert run(["all", "all"]).losses[0] != pytest.approx(auto.losses[0], rel=1e-3)
     online = run(["auto", "auto"], teacher="online")
     assert online.labels == auto.labels and online.losses == pytest.approx(auto.losses, rel=1e-5)
+
+
+def test_unset_labels_follow_the_experts_slices_of_a_shared_head(shared_head, tmp_path):
+    """Without ``labels`` a task is scored on its expert's labels when no other expert predicts any of them
+    (separate slices of one head), with cached and online teachers alike, and on every label otherwise."""
+    base_dir, expert_dirs, experts = shared_head
+
+    def run(dirs, labels, **kw):
+        data = [{"texts": t} | ({"labels": ls} if ls else {}) for t, ls in zip(TEXTS, labels, strict=True)]
+        plan = make_plan(base_dir, dirs, data, epochs=1, batch_size_per_task=7, granularity="task", **kw)
+        return learn_coefficients(with_cache(plan, tmp_path / "c"), device=CPU, reporter=Reporter())
+
+    auto, unset = run(expert_dirs, ["auto", "auto"]), run(expert_dirs, [None, None])
+    assert unset.labels == auto.labels and unset.losses == pytest.approx(auto.losses, rel=1e-6)
+    assert run(expert_dirs, [None, None], teacher="online").losses == pytest.approx(auto.losses, rel=1e-5)
+    # the other task listing this task's labels leaves nothing disjoint: the unset task keeps every label
+    first = [NAMES[i] for i in sorted(set(_label_logp(experts[0], TEXTS[0], None).argmax(-1).tolist()))]
+    assert list(run(expert_dirs, [None, first]).labels) == [str(expert_dirs[1])]
+    assert list(run(expert_dirs, [None, list(NAMES.values())[2:]]).labels) == [str(d) for d in expert_dirs]
+    # one expert for both tasks: the same labels on both, so neither is restricted (the former default)
+    same, every = run([expert_dirs[0]] * 2, [None, None]), run([expert_dirs[0]] * 2, ["all", "all"])
+    assert same.labels is None and same.losses == every.losses
 
 
 def test_labels_auto_needs_two_predicted_labels_and_a_classifier(shared_head, gpt2_setup, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from ..config import EvalSpec, ModelSpec
 from ..errors import ConfigError, DatasetError
 from ..learned.data import TaskInput, TaskInputs, extractor, read_rows, sample
-from ..learned.inputs import label_id, model_field, resolve_label_masks
+from ..learned.inputs import label_id, model_field, resolve_label_masks, separate_slices
 from ..learned.reference import CAUSAL, model_kind
 from ..plan import MergePlan
 from ..progress import Reporter
@@ -84,7 +84,24 @@ def load_eval_sets(plan: MergePlan, reporter: Reporter | None = None) -> list[Ev
         reporter.check()
         out.append(_load(plan, t, kind))
         reporter.report("eval_data", n + 1, len(tasks), message=f"{len(out[-1])} examples for {out[-1].name}")
+    if kind != CAUSAL:
+        _default_slices(plan, out)
     return out
+
+
+def _default_slices(plan: MergePlan, sets: list[EvalSet]) -> None:
+    """Tasks without ``data.labels`` whose gold classes no other task uses are scored on those classes, as the
+    learned methods score them on their expert's (the experts sit on separate slices of one head)."""
+    used = {es.task: set(es.allowed or es.gold_ids or ()) for es in sets}
+    unset = [
+        es.task
+        for es in sets
+        if es.gold_ids and (plan.specs[es.task].data is None or plan.specs[es.task].data.labels is None)
+    ]
+    chosen = set(separate_slices(used, unset))
+    for es in sets:
+        if es.task in chosen:
+            es.allowed = sorted(set(es.gold_ids))
 
 
 def _load(plan: MergePlan, t: int, kind: str) -> EvalSet:
@@ -177,7 +194,7 @@ def _allowed(plan: MergePlan, t: int, gold_ids: list[int] | None) -> list[int] |
     resolve them), or with ``labels: auto`` the classes of its gold labels; None (every class) otherwise."""
     data = plan.specs[t].data
     wanted = data.labels if data is not None else None
-    if wanted is None:
+    if wanted is None or wanted == "all":
         return None
     if wanted == "auto":
         return sorted(set(gold_ids)) if gold_ids else None

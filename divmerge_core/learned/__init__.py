@@ -117,7 +117,7 @@ def learn_coefficients(
         group_of=group_of,
         losses=losses,
         resolved_datasets={t.source: t.commit for t in inputs.tasks if t.source != "inline"},
-        labels=label_names(plan, inputs.label_masks),
+        labels=label_names(plan, inputs.label_masks, inputs.shared_head),
         placement=placement,
         convergence=tracker.to_plan(),
         task_vectors=rule.to_json() if rule is not None else None,

@@ -2,7 +2,7 @@
 
 Each expert's task vector goes to the placement (:mod:`.placement`): a LoRA expert's, where it is low-rank
 (:mod:`.lowrank`), as the adapter's factors, never as a full tensor; and, for divmerge, when its teacher must
-run (a teacher-cache miss, a causal continuation, ``labels: auto``), its weights are written into the module
+run (a teacher-cache miss, a causal continuation, online teachers deciding a classifier's labels), its weights are written into the module
 in place (never K live models) and the teacher stage (:mod:`.teacher_store`) runs it on the expert's own
 task's inputs. The module holds theta_0 at the end.
 """
@@ -44,6 +44,8 @@ def run_experts(
                 _load_expert(plan, t, model, vectors, base_ck, device, into_module=run_teacher)
             if teachers is not None:
                 teachers.run(t, model.module)
+        if teachers is not None:
+            teachers.finish()  # every expert's labels known: the default label restriction
         with torch.no_grad():
             for n, slot in model.slots.items():
                 slot.copy_(base_ck.get(n, None, device))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,9 @@ class LearnedInputs:
     examples: list[list[Example]]
     #: [n_tasks, num_labels] bool, or None when no task restricts its labels.
     label_masks: torch.Tensor | None
+    #: the tasks without ``data.labels`` that the teacher stage restricted to their expert's labels (the
+    #: experts use separate slices of one head)
+    shared_head: list[int] = field(default_factory=list)
 
 
 def load_inputs(plan: MergePlan, kind: str, device: torch.device, reporter: Reporter) -> LearnedInputs:
@@ -101,10 +104,12 @@ def label_id(label: Any, model_config: dict[str, Any], field: str, what: str = "
 def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor | None:
     """[n_tasks, num_labels] bool: the labels each task is scored on (``data.labels``), None if no task sets any.
 
-    A task without ``labels`` keeps every label. Names resolve through config.json ``id2label``. A task with
-    ``labels: auto`` keeps every label here; the teacher stage narrows it to what its expert predicts.
+    A task without ``labels`` or with ``labels: all`` keeps every label. Names resolve through config.json
+    ``id2label``. A task with ``labels: auto`` keeps every label here; the teacher stage narrows it to what its
+    expert predicts (and, for tasks without ``labels``, to it when the experts use separate slices of one head).
     """
     wanted = [spec.data.labels if spec.data is not None else None for spec in plan.specs]
+    wanted = [None if w == "all" else w for w in wanted]
     if all(w is None for w in wanted):
         return None
     kind = model_kind(plan.model_config)
@@ -124,14 +129,30 @@ def resolve_label_masks(plan: MergePlan, device: torch.device) -> torch.Tensor |
     return masks.to(device)
 
 
-def label_names(plan: MergePlan, masks: torch.Tensor | None) -> dict[str, list[str | int]] | None:
+def separate_slices(used: dict[int, set[int]], candidates: list[int]) -> list[int]:
+    """The ``candidates`` (tasks without ``data.labels``) to score on their own labels by default: those whose
+    labels ``used[t]`` are at least two and shared with no other task of ``used`` (the tasks sit on separate
+    slices of one head). ``used``: each task's labels, as its expert predicts them or as the config lists them."""
+    out = []
+    for t in candidates:
+        mine = used.get(t, set())
+        others = set().union(*(s for u, s in used.items() if u != t))
+        if len(mine) >= 2 and others and not mine & others:
+            out.append(t)
+    return out
+
+
+def label_names(
+    plan: MergePlan, masks: torch.Tensor | None, shared_head: list[int] = ()
+) -> dict[str, list[str | int]] | None:
     """Task reference -> the labels it is scored on (names from ``id2label``, else ids), for every task that
-    sets ``data.labels`` (explicit or ``auto``); None when none does."""
+    sets ``data.labels`` (a list or ``auto``) or that ``shared_head`` restricted; None when none is."""
     if masks is None:
         return None
     id2label = {int(k): str(v) for k, v in (plan.model_config.get("id2label") or {}).items()}
     out: dict[str, list[str | int]] = {}
     for t, row in enumerate(masks.cpu()):
-        if plan.specs[t].data is not None and plan.specs[t].data.labels is not None:
+        data = plan.specs[t].data
+        if t in shared_head or (data is not None and data.labels not in (None, "all")):
             out[plan.models[t].ref.raw] = [id2label.get(i, i) for i in row.nonzero().flatten().tolist()]
     return out

@@ -12,8 +12,12 @@ computes its share of each task's inputs (continuations and distributions) and t
 (cached: all ranks write their rows into one entry file that rank 0 then publishes).
 
 ``data.labels: auto`` (sequence classification) is resolved here: a task's labels are those its expert
-predicts (argmax) on that task's inputs. Classification entries hold the full, unrestricted distribution,
-so the label restriction is applied when targets are read and one entry serves every restriction.
+predicts (argmax) on that task's inputs. So is the default of a task without ``labels``: once every expert
+has run (:meth:`TeacherStage.finish`), it is restricted to the labels its expert predicts when those are
+at least two and no other task's expert predicts (or lists) any of them, i.e. the experts use separate
+slices of one head shared by several tasks; otherwise it keeps every label. Classification entries hold
+the full, unrestricted distribution, so the label restriction is applied when targets are read and one
+entry serves every restriction.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..plan import MergePlan
 from ..progress import Reporter
 from .batching import scored_rows
 from .encoding import Example
-from .inputs import LearnedInputs, model_field
+from .inputs import LearnedInputs, model_field, model_labels, separate_slices
 from .ranks import Ranks
 from .reference import CAUSAL, CLASSIFICATION
 from .teacher_cache import Entry, EntryWriter, TeacherCache, entry_key, expert_identity, tokenizer_identity
@@ -70,6 +74,14 @@ class TeacherStage:
         self.dtype, self.device, self.reporter, self.ranks = dtype, device, reporter, ranks
         self.batch_size = teacher_batch_size(self.params.batch_size_per_task)
         self.auto = [t for t, s in enumerate(plan.specs) if s.data is not None and s.data.labels == "auto"]
+        #: tasks without ``data.labels``: restricted by :meth:`finish` where the experts share one head
+        self.unset = (
+            [t for t, s in enumerate(plan.specs) if s.data is not None and s.data.labels is None]
+            if kind == CLASSIFICATION
+            else []
+        )
+        #: the labels each expert of ``auto`` and ``unset`` predicts on its own task's inputs
+        self.predicted: dict[int, set[int]] = {}
 
     def begin(self, t: int) -> bool:
         """Whether task ``t``'s expert must be loaded into the module for :meth:`run`."""
@@ -84,6 +96,31 @@ class TeacherStage:
 
     def close(self) -> None:
         """Let go of whatever the stage holds."""
+
+    def scans(self, t: int) -> bool:
+        """Whether task ``t``'s expert predictions decide its labels (``labels: auto`` or unset)."""
+        return t in self.auto or t in self.unset
+
+    def finish(self) -> None:
+        """After every expert ran: restrict each task without ``labels`` whose expert's predicted labels are at
+        least two and disjoint from the labels of every other task (predicted, or listed explicitly)."""
+        masks = self.inputs.label_masks
+        used: dict[int, set[int]] = dict(self.predicted)
+        if masks is not None:
+            for t, spec in enumerate(self.plan.specs):
+                if spec.data is not None and isinstance(spec.data.labels, list):
+                    used[t] = set(masks[t].nonzero().flatten().tolist())
+        chosen = separate_slices(used, self.unset)
+        if not chosen:
+            return
+        if masks is None:
+            _, n_labels = model_labels(self.plan.model_config)
+            masks = torch.ones((len(self.plan.specs), n_labels), dtype=torch.bool, device=self.device)
+            self.inputs.label_masks = masks
+        for t in chosen:  # a strict subset: the other tasks' labels are outside it
+            masks[t] = False
+            masks[t, sorted(used[t])] = True
+        self.inputs.shared_head.extend(chosen)
 
     # --- shared pieces ------------------------------------------------------------------------------------
     def _restricted(self, target: torch.Tensor, picked: list[Example], device: torch.device) -> torch.Tensor:
@@ -114,6 +151,13 @@ class TeacherStage:
             for i, ids, start, stop in part:
                 e = examples[i]
                 e.fields, e.start, e.stop = {"input_ids": list(ids)}, start, stop
+
+    def _predicted(self, t: int, predicted: set[int]) -> None:
+        """Task ``t``'s expert predicts ``predicted`` on its inputs: ``labels: auto`` takes them now, a task
+        without ``labels`` in :meth:`finish`."""
+        self.predicted[t] = predicted
+        if t in self.auto:
+            self._resolve_auto(t, predicted)
 
     def _resolve_auto(self, t: int, predicted: set[int]) -> None:
         """Restrict task ``t``'s label mask to the labels its expert predicts."""
@@ -254,9 +298,9 @@ class CachedTeachers(TeacherStage):
                 e.fields = {"input_ids": list(ids)}
             e.row, row = row, row + scored_rows(self.kind, e)
         self.entries[t] = entry
-        if t in self.auto:
+        if self.scans(t):
             logp, _ = entry.read(0, entry.rows)
-            self._resolve_auto(t, set(logp.argmax(-1).tolist()))
+            self._predicted(t, set(logp.argmax(-1).tolist()))
 
     def targets(
         self, picked: list[Example], device: torch.device
@@ -278,8 +322,8 @@ class CachedTeachers(TeacherStage):
 class OnlineTeachers(TeacherStage):
     """Nothing stored but the continuations: each step's targets come from theta_0 + tau_t (``teacher: online``).
 
-    The expert pass still runs each causal teacher once to continue its prompts (and each ``labels: auto``
-    classifier once to find the labels it predicts).
+    The expert pass still runs each causal teacher once to continue its prompts (and each classifier without
+    an explicit label list once, to find the labels it predicts).
     """
 
     def __init__(self, plan: MergePlan, kind: str, inputs: LearnedInputs, **kw: Any):
@@ -292,12 +336,12 @@ class OnlineTeachers(TeacherStage):
         self.module, self.vectors = module, vectors
 
     def begin(self, t: int) -> bool:
-        return self.kind == CAUSAL or t in self.auto
+        return self.kind == CAUSAL or self.scans(t)
 
     def run(self, t: int, module: torch.nn.Module) -> None:
         if self.kind == CAUSAL:
             self._continue(t, module)
-        if t in self.auto:
+        if self.scans(t):
             predicted: set[int] = set()
             mine = self._mine(t)
             for lo in range(0, len(mine), self.batch_size):
@@ -305,7 +349,7 @@ class OnlineTeachers(TeacherStage):
                 chunk = mine[lo : lo + self.batch_size]
                 logp = teacher_logp(module, self.kind, self.inputs.tokenizer, chunk, self.device)
                 predicted.update(logp.argmax(-1).tolist())
-            self._resolve_auto(t, set().union(*self.ranks.gather(predicted)))
+            self._predicted(t, set().union(*self.ranks.gather(predicted)))
         self.reporter.report("teacher", t + 1, len(self.plan.models), message="online")
 
     def targets(
