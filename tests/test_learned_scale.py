@@ -144,6 +144,51 @@ def test_auto_picks_the_fastest_placement_that_fits(families, monkeypatch):
     assert coeffs.placement == expected
 
 
+def _cgroup(tmp_path, files: dict[str, str], self_cgroup: str) -> int | None:
+    tmp_path.mkdir()
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "self").write_text(self_cgroup)
+    return memory_mod.cgroup_available(tmp_path / "fs", tmp_path / "self")
+
+
+def test_host_memory_is_the_containers_limit(tmp_path):
+    """A worker in a container may use its memory cgroup's limit minus its usage (page cache that can be
+    reclaimed not counted), not the host's MemAvailable; no limit reads as None."""
+    gib = 1 << 30
+    stat = f"anon 100\ninactive_file {gib}\n"
+    v2 = {
+        "fs/job/memory.max": str(8 * gib),
+        "fs/job/memory.current": str(3 * gib),
+        "fs/job/memory.stat": stat,
+    }
+    assert _cgroup(tmp_path / "a", v2, "0::/job\n") == 6 * gib
+    assert _cgroup(tmp_path / "b", {"fs/memory.max": "max\n"}, "0::/\n") is None
+    v1 = {
+        "fs/memory/memory.limit_in_bytes": str(4 * gib),
+        "fs/memory/memory.usage_in_bytes": str(gib),
+        "fs/memory/memory.stat": f"total_inactive_file {gib // 2}\n",
+    }  # Docker on cgroup v1 mounts the container's own cgroup at the root
+    assert _cgroup(tmp_path / "c", v1, "4:memory:/docker/abc\n0::/\n") == 3 * gib + gib // 2
+    unlimited = {
+        "fs/memory/memory.limit_in_bytes": "9223372036854771712",
+        "fs/memory/memory.usage_in_bytes": "5",
+    }
+    assert _cgroup(tmp_path / "d", unlimited, "4:memory:/\n") is None
+    assert _cgroup(tmp_path / "e", {}, "") is None
+
+
+def test_auto_respects_the_containers_limit(families, monkeypatch):
+    """free_memory takes the smaller of MemAvailable and the cgroup's room, so a container's limit makes
+    auto pick a placement that fits inside it."""
+    monkeypatch.setattr(memory_mod, "_mem_available", lambda: 1 << 40)
+    monkeypatch.setattr(memory_mod, "cgroup_available", lambda: 1 << 30)
+    assert memory_mod.free_memory(torch.device("cpu"))["host"] == 1 << 30
+    monkeypatch.setattr(memory_mod, "cgroup_available", lambda: None)
+    assert memory_mod.free_memory(torch.device("cpu"))["host"] == 1 << 40
+
+
 def test_nothing_fits_is_refused_before_loading_anything(families, monkeypatch):
     base, experts = families["gpt2"]
     monkeypatch.setattr(memory_mod, "free_memory", lambda device: {"device": 0, "host": 1 << 20})
