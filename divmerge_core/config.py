@@ -120,9 +120,9 @@ class DataSpec(_TaskSource):
         description="sequence classification with one head shared by several tasks: this task's labels "
         "(names from config.json id2label, or ids); the teacher's and the merged model's distributions "
         "are renormalised over them. 'auto': the labels the task's expert predicts on the task's inputs. "
-        "'all': every label of the head. Unset (learned merges with teachers): the labels the expert "
-        "predicts when no other task's expert predicts any of them (the tasks use separate slices of one "
-        "head), else every label",
+        "'all': every label of the head. Unset: the labels the expert predicts when no other task's expert "
+        "predicts any of them (the tasks use separate slices of one head), else every label (DivMerge; the "
+        "evaluation's argmax applies the same rule to the tasks' gold labels)",
     )
 
     @field_validator("labels")

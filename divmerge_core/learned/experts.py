@@ -2,9 +2,10 @@
 
 Each expert's task vector goes to the placement (:mod:`.placement`): a LoRA expert's, where it is low-rank
 (:mod:`.lowrank`), as the adapter's factors, never as a full tensor; and, for divmerge, when its teacher must
-run (a teacher-cache miss, a causal continuation, online teachers deciding a classifier's labels), its weights are written into the module
-in place (never K live models) and the teacher stage (:mod:`.teacher_store`) runs it on the expert's own
-task's inputs. The module holds theta_0 at the end.
+run (a teacher-cache miss, a causal continuation, online teachers finding a classifier's labels), its
+weights are written into the module in place (never K live models) and the teacher stage
+(:mod:`.teacher_store`) runs it on the expert's own task's inputs. Once every expert has run, the stage
+settles the default label restriction. The module holds theta_0 at the end.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +144,7 @@ def separate_slices(used: dict[int, set[int]], candidates: list[int]) -> list[in
 
 
 def label_names(
-    plan: MergePlan, masks: torch.Tensor | None, shared_head: list[int] = ()
+    plan: MergePlan, masks: torch.Tensor | None, shared_head: Collection[int] = ()
 ) -> dict[str, list[str | int]] | None:
     """Task reference -> the labels it is scored on (names from ``id2label``, else ids), for every task that
     sets ``data.labels`` (a list or ``auto``) or that ``shared_head`` restricted; None when none is."""
