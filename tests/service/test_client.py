@@ -26,6 +26,9 @@ def live(svc, tmp_path_factory):
         DIVMERGE_LOCAL_ROOTS=str(svc.models["base"].parent),
         PYTHONPATH=os.pathsep.join([str(REPO), str(plugins)]),
         OMP_NUM_THREADS="1",
+        # each progress event waits a little, so a tiny merge stays running across a few polls and
+        # --wait's progress bar has a stage to show (without it a fast machine finishes between two polls)
+        DIVMERGE_STEP_DELAY_S="0.05",
     )
     # the token first: it creates and migrates the SQLite database, which the server then finds ready
     token = svc.cli("token", "create", "--team", "client-team", env=env).strip().splitlines()[-1]
