@@ -32,7 +32,7 @@ def serve_forever(settings: Settings, stop: threading.Event) -> None:
     purged_at = float("-inf")
     while not stop.is_set():
         if os.getppid() != parent:  # the server that started us is gone
-            return
+            break
         try:
             with session_scope(settings.db_url) as s:
                 jobs.expire_lost(s, settings.max_attempts)
