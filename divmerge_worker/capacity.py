@@ -3,7 +3,8 @@ recheck: a learned job this worker cannot fit goes back to the queue of a class 
 not counted (docs/service.md#scheduling-by-capability, docs/reliability.md).
 
 Devices come from ``torch.cuda`` (total and free memory of each device), or one ``cpu`` device; host memory
-from ``/proc/meminfo`` (psutil where there is none). ``DIVMERGE_WORKER_DEVICES`` and
+from ``/proc/meminfo`` (psutil where there is none), capped by the worker's memory cgroup (a container's
+limit; :mod:`divmerge_core.host_memory`). ``DIVMERGE_WORKER_DEVICES`` and
 ``DIVMERGE_WORKER_HOST_MEMORY`` replace what is detected (operators without GPUs, the tests).
 """
 
@@ -14,6 +15,7 @@ import threading
 from typing import Any
 
 from divmerge_core.errors import InsufficientMemoryError
+from divmerge_core.host_memory import host_memory as machine_memory
 from divmerge_service import jobs, workers
 from divmerge_service.config import Settings
 from divmerge_service.db import session_scope
@@ -24,27 +26,10 @@ log = logging.getLogger("divmerge.worker")
 
 # --- what this machine has ---------------------------------------------------------------------------------
 def host_memory(settings: Settings) -> tuple[int, int]:
-    """(total, available) bytes of host memory."""
+    """(total, available) bytes of host memory (the configured figures, else what this process may use)."""
     if settings.worker_host_memory:
         return workers.parse_host(settings.worker_host_memory)
-    info: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("MemTotal", "MemAvailable"):
-                    info[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    if "MemTotal" not in info:
-        try:
-            import psutil
-
-            vm = psutil.virtual_memory()
-            return int(vm.total), int(vm.available)
-        except ImportError:
-            return 0, 0
-    return info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
+    return machine_memory() or (0, 0)
 
 
 def devices(settings: Settings, host: tuple[int, int]) -> list[dict[str, Any]]:

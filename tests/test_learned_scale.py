@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from divmerge_core import host_memory as host_mod
 from divmerge_core.errors import InsufficientMemoryError
 from divmerge_core.learned import estimate_learned_memory, learn_coefficients
 from divmerge_core.learned import memory as memory_mod
@@ -144,18 +145,18 @@ def test_auto_picks_the_fastest_placement_that_fits(families, monkeypatch):
     assert coeffs.placement == expected
 
 
-def _cgroup(tmp_path, files: dict[str, str], self_cgroup: str) -> int | None:
+def _cgroup(tmp_path, files: dict[str, str], self_cgroup: str) -> tuple[int, int] | None:
     tmp_path.mkdir()
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     (tmp_path / "self").write_text(self_cgroup)
-    return memory_mod.cgroup_available(tmp_path / "fs", tmp_path / "self")
+    return host_mod.cgroup_memory(tmp_path / "fs", tmp_path / "self")
 
 
 def test_host_memory_is_the_containers_limit(tmp_path):
     """A worker in a container may use its memory cgroup's limit minus its usage (page cache that can be
-    reclaimed not counted), not the host's MemAvailable; no limit reads as None."""
+    reclaimed not counted), not the host's MemAvailable: (limit, available); no limit reads as None."""
     gib = 1 << 30
     stat = f"anon 100\ninactive_file {gib}\n"
     v2 = {
@@ -163,14 +164,14 @@ def test_host_memory_is_the_containers_limit(tmp_path):
         "fs/job/memory.current": str(3 * gib),
         "fs/job/memory.stat": stat,
     }
-    assert _cgroup(tmp_path / "a", v2, "0::/job\n") == 6 * gib
+    assert _cgroup(tmp_path / "a", v2, "0::/job\n") == (8 * gib, 6 * gib)
     assert _cgroup(tmp_path / "b", {"fs/memory.max": "max\n"}, "0::/\n") is None
     v1 = {
         "fs/memory/memory.limit_in_bytes": str(4 * gib),
         "fs/memory/memory.usage_in_bytes": str(gib),
         "fs/memory/memory.stat": f"total_inactive_file {gib // 2}\n",
     }  # Docker on cgroup v1 mounts the container's own cgroup at the root
-    assert _cgroup(tmp_path / "c", v1, "4:memory:/docker/abc\n0::/\n") == 3 * gib + gib // 2
+    assert _cgroup(tmp_path / "c", v1, "4:memory:/docker/abc\n0::/\n") == (4 * gib, 3 * gib + gib // 2)
     unlimited = {
         "fs/memory/memory.limit_in_bytes": "9223372036854771712",
         "fs/memory/memory.usage_in_bytes": "5",
@@ -180,13 +181,20 @@ def test_host_memory_is_the_containers_limit(tmp_path):
 
 
 def test_auto_respects_the_containers_limit(families, monkeypatch):
-    """free_memory takes the smaller of MemAvailable and the cgroup's room, so a container's limit makes
-    auto pick a placement that fits inside it."""
-    monkeypatch.setattr(memory_mod, "_mem_available", lambda: 1 << 40)
-    monkeypatch.setattr(memory_mod, "cgroup_available", lambda: 1 << 30)
-    assert memory_mod.free_memory(torch.device("cpu"))["host"] == 1 << 30
-    monkeypatch.setattr(memory_mod, "cgroup_available", lambda: None)
-    assert memory_mod.free_memory(torch.device("cpu"))["host"] == 1 << 40
+    """The host's memory is the machine's capped by the cgroup's limit and room, for the placement choice
+    (free_memory: auto picks a placement that fits inside a container) and for the capacity a worker
+    advertises alike."""
+    from divmerge_service.config import Settings
+    from divmerge_worker import capacity
+
+    gib = 1 << 30
+    monkeypatch.setattr(host_mod, "meminfo", lambda: (2048 * gib, 1024 * gib))
+    monkeypatch.setattr(host_mod, "cgroup_memory", lambda: (2 * gib, gib))
+    assert memory_mod.free_memory(torch.device("cpu"))["host"] == gib
+    assert capacity.host_memory(Settings()) == (2 * gib, gib)
+    monkeypatch.setattr(host_mod, "cgroup_memory", lambda: None)
+    assert memory_mod.free_memory(torch.device("cpu"))["host"] == 1024 * gib
+    assert capacity.host_memory(Settings()) == (2048 * gib, 1024 * gib)
 
 
 def test_nothing_fits_is_refused_before_loading_anything(families, monkeypatch):

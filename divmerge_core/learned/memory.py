@@ -23,12 +23,12 @@ the parameters): nothing is loaded. The figures are deliberately rough upper bou
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InsufficientMemoryError
+from ..host_memory import host_memory
 from ..io.loading import DTYPES
 from ..io.lora import open_model
 from ..plan import MergePlan
@@ -254,77 +254,8 @@ def free_memory(device: torch.device) -> dict[str, int | None]:
     dev: int | None = 0
     if device.type == "cuda":
         dev = torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
-    host = [n for n in (_mem_available(), cgroup_available()) if n is not None]
-    return {"device": dev, "host": min(host) if host else None}
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
-
-
-#: cgroup v1 writes "no limit" as a page-aligned 2^63 - 1
-_V1_UNLIMITED = 1 << 62
-
-
-def cgroup_available(
-    root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
-) -> int | None:
-    """Bytes the process's memory cgroup still allows: its limit minus its usage, the reclaimable page cache
-    (``inactive_file``) not counted as used, as ``docker stats`` counts it; None without a limit.
-
-    cgroup v2 (``memory.max``) and v1 (``memory/memory.limit_in_bytes``), at the process's own cgroup path
-    (from ``/proc/self/cgroup``) or at the mount root, which is the container's cgroup inside Docker."""
-    paths: dict[str, str] = {}
-    try:
-        for line in self_cgroup.read_text(encoding="ascii").splitlines():
-            _, controllers, path = line.split(":", 2)
-            for c in controllers.split(",") if controllers else ["unified"]:
-                paths[c] = path.lstrip("/")
-    except (OSError, ValueError):
-        pass
-    v2 = [root / paths["unified"]] if "unified" in paths else []
-    for d in (*v2, root):
-        limit = _read_int(d / "memory.max")
-        if limit is not None:
-            return max(0, limit - _used(d, "memory.current", "inactive_file"))
-    v1 = [root / "memory" / paths["memory"]] if "memory" in paths else []
-    for d in (*v1, root / "memory"):
-        limit = _read_int(d / "memory.limit_in_bytes")
-        if limit is not None and limit < _V1_UNLIMITED:
-            return max(0, limit - _used(d, "memory.usage_in_bytes", "total_inactive_file"))
-    return None
-
-
-def _read_int(path: Path) -> int | None:
-    """The integer in a cgroup file; None when the file is missing, says ``max`` or is not a number."""
-    try:
-        return int(path.read_text(encoding="ascii").strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _used(d: Path, usage_file: str, inactive_key: str) -> int:
-    used = _read_int(d / usage_file) or 0
-    try:
-        for line in (d / "memory.stat").read_text(encoding="ascii").splitlines():
-            key, _, value = line.partition(" ")
-            if key == inactive_key:
-                return max(0, used - int(value))
-    except (OSError, ValueError):
-        pass
-    return used
+    host = host_memory()
+    return {"device": dev, "host": host[1] if host is not None else None}
 
 
 def _gib(n: int | None) -> str:
